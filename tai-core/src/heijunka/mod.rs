@@ -1,0 +1,92 @@
+//! Heijunka: level the load.
+//!
+//! Two keyed limiters guard the Signal side of the flow, before any policy or action runs:
+//!
+//! - [`RateLimiter`]: GCRA (the generic cell rate algorithm), a token bucket without timers. A key
+//!   may send `burst` requests at once, then one per `interval`. [`GcraLimiter`] keeps the state in
+//!   memory through `governor`; a Redis implementation runs the same algorithm in one Lua script
+//!   so that every replica shares a key's budget.
+//! - [`WindowCounter`]: counts events per key over a sliding window (a log of timestamps, exact,
+//!   not an approximation), answering with the count including the event just recorded. The fraud
+//!   policy's velocity rule reads it.
+//!
+//! Both answer with what a client needs to behave: allowed or not, how much is left, and when to
+//! retry, which the HTTP layer turns into `429`, `Retry-After` and `RateLimit-*` headers.
+
+mod gcra;
+mod window;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use gcra::GcraLimiter;
+pub use window::MemoryWindowCounter;
+
+use crate::backend::{BackendError, BoxFuture};
+
+/// The answer of a rate-limit check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateDecision {
+    /// Whether this request may go ahead (it has been counted if so).
+    pub allowed: bool,
+    /// The burst size: requests a key may make at once.
+    pub limit: u32,
+    /// Requests that could still go ahead right now.
+    pub remaining: u32,
+    /// When refused: how long until one request would be allowed.
+    pub retry_after: Option<Duration>,
+    /// How long until the full burst is available again.
+    pub reset_after: Duration,
+}
+
+/// A GCRA quota: `burst` at once, then one every `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Requests allowed at once (at least 1).
+    pub burst: u32,
+    /// The time one request's allowance takes to come back.
+    pub interval: Duration,
+}
+
+impl Quota {
+    /// `per_second` requests a second with a burst of the same size.
+    pub fn per_second(per_second: u32) -> Self {
+        let per_second = per_second.max(1);
+        Self {
+            burst: per_second,
+            interval: Duration::from_secs(1) / per_second,
+        }
+    }
+}
+
+/// A keyed rate limiter.
+pub trait RateLimiter: Send + Sync + std::fmt::Debug {
+    /// Checks (and, if allowed, counts) one request for `key`.
+    fn check<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<RateDecision, BackendError>>;
+    /// The quota every key gets.
+    fn quota(&self) -> Quota;
+}
+
+/// The answer of a window count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WindowDecision {
+    /// Events for the key inside the window, the one just recorded included.
+    pub count: u64,
+    /// Whether `count` is within the limit.
+    pub allowed: bool,
+    /// How many more events the window admits.
+    pub remaining: u64,
+    /// When over the limit: how long until the oldest event leaves the window.
+    pub retry_after: Option<Duration>,
+}
+
+/// A keyed sliding-window event counter.
+pub trait WindowCounter: Send + Sync + std::fmt::Debug {
+    /// Records one event for `key` now and returns the count in the window ending now.
+    fn hit<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<WindowDecision, BackendError>>;
+    /// The window's length.
+    fn window(&self) -> Duration;
+    /// The largest count that is still allowed.
+    fn limit(&self) -> u64;
+}

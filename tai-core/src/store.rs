@@ -1,0 +1,183 @@
+//! State: where records, idempotency keys and leases live.
+//!
+//! The Action side stores what it did (a payment record, a rollout's state) through a
+//! [`StateStore`]. Values are bytes (services store JSON); keys may expire. The operations are the
+//! ones that stay atomic on Redis too: a plain write, a write only if absent (idempotency keys,
+//! leases), and a compare-and-swap (state transitions under a fencing token).
+//! [`MemoryStore`] is the embedded default, on the injectable clock.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::backend::{BackendError, BoxFuture};
+use crate::clock::SharedClock;
+
+/// A key-value store with expiry.
+pub trait StateStore: Send + Sync + std::fmt::Debug {
+    /// The backend's name for `/status`: `memory` or `redis`.
+    fn backend(&self) -> &'static str;
+    /// Reads a key.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, BackendError>>;
+    /// Writes a key, replacing what was there; `ttl` of `None` keeps it forever.
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
+    /// Writes a key only if it is absent; answers whether it wrote.
+    fn put_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, BackendError>>;
+    /// Replaces the value only if it is currently `expected`; answers whether it wrote.
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: &'a [u8],
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, BackendError>>;
+    /// Removes a key; answers whether it existed.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BackendError>>;
+    /// Keys starting with `prefix`, sorted.
+    fn keys<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, BackendError>>;
+    /// Answers whether the backend is reachable (`/ready`).
+    fn ping(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+}
+
+/// The in-memory store.
+#[derive(Debug)]
+pub struct MemoryStore {
+    clock: SharedClock,
+    map: Mutex<BTreeMap<String, (Vec<u8>, Option<Instant>)>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new(clock: SharedClock) -> Self {
+        Self {
+            clock,
+            map: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn with_map<R>(&self, f: impl FnOnce(&mut BTreeMap<String, (Vec<u8>, Option<Instant>)>, Instant) -> R) -> R {
+        let now = self.clock.now();
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut map, now)
+    }
+
+    fn live(entry: Option<&(Vec<u8>, Option<Instant>)>, now: Instant) -> Option<&Vec<u8>> {
+        match entry {
+            Some((v, None)) => Some(v),
+            Some((v, Some(exp))) if *exp > now => Some(v),
+            _ => None,
+        }
+    }
+}
+
+fn ready<'a, T: Send + 'a>(v: T) -> BoxFuture<'a, T> {
+    Box::pin(std::future::ready(v))
+}
+
+impl StateStore for MemoryStore {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, BackendError>> {
+        ready(Ok(self.with_map(|m, now| Self::live(m.get(key), now).cloned())))
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        self.with_map(|m, now| m.insert(key.to_owned(), (value, ttl.map(|t| now + t))));
+        ready(Ok(()))
+    }
+    fn put_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, BackendError>> {
+        ready(Ok(self.with_map(|m, now| {
+            if Self::live(m.get(key), now).is_some() {
+                return false;
+            }
+            m.insert(key.to_owned(), (value, ttl.map(|t| now + t)));
+            true
+        })))
+    }
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: &'a [u8],
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, BackendError>> {
+        ready(Ok(self.with_map(|m, now| {
+            if Self::live(m.get(key), now).map(Vec::as_slice) != Some(expected) {
+                return false;
+            }
+            m.insert(key.to_owned(), (value, ttl.map(|t| now + t)));
+            true
+        })))
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BackendError>> {
+        ready(Ok(self.with_map(|m, now| {
+            let existed = Self::live(m.get(key), now).is_some();
+            m.remove(key);
+            existed
+        })))
+    }
+    fn keys<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, BackendError>> {
+        ready(Ok(self.with_map(|m, now| {
+            m.range(prefix.to_owned()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .filter(|(_, v)| match v.1 {
+                    Some(exp) => exp > now,
+                    None => true,
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
+        })))
+    }
+    fn ping(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    #[tokio::test]
+    async fn put_if_absent_cas_and_expiry() {
+        let clock = ManualClock::new();
+        let s = MemoryStore::new(clock.shared());
+        let ttl = Some(Duration::from_secs(10));
+        assert!(s.put_if_absent("k", b"a".to_vec(), ttl).await.expect("mem"));
+        assert!(!s.put_if_absent("k", b"b".to_vec(), ttl).await.expect("mem"));
+        assert_eq!(s.get("k").await.expect("mem"), Some(b"a".to_vec()));
+        assert!(!s.compare_and_swap("k", b"x", b"c".to_vec(), ttl).await.expect("mem"));
+        assert!(s.compare_and_swap("k", b"a", b"c".to_vec(), ttl).await.expect("mem"));
+        assert_eq!(s.get("k").await.expect("mem"), Some(b"c".to_vec()));
+        s.put("k2", b"z".to_vec(), None).await.expect("mem");
+        assert_eq!(s.keys("k").await.expect("mem"), vec!["k", "k2"]);
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(s.get("k").await.expect("mem"), None, "expired");
+        assert!(s.put_if_absent("k", b"d".to_vec(), None).await.expect("mem"));
+        assert!(s.delete("k2").await.expect("mem"));
+        assert!(!s.delete("k2").await.expect("mem"));
+    }
+}
