@@ -149,8 +149,9 @@ impl Andon {
     /// A board with `rules`, keeping the last 100 transitions; the gauge is registered in
     /// `registry` as `andon_level`.
     pub fn new(rules: Vec<AndonRule>, clock: SharedClock, registry: &prometheus::Registry) -> Self {
-        let gauge = prometheus::IntGauge::new("andon_level", "Andon level: 0 green, 1 yellow, 2 red")
-            .unwrap_or_else(|_| unreachable!("constant metric definition is valid"));
+        let gauge =
+            prometheus::IntGauge::new("andon_level", "Andon level: 0 green, 1 yellow, 2 red")
+                .unwrap_or_else(|_| unreachable!("constant metric definition is valid"));
         crate::kaizen::register(registry, gauge.clone());
         let (events, _) = broadcast::channel(64);
         let since = clock.wall();
@@ -213,7 +214,11 @@ impl Andon {
                 })
             })
             .collect();
-        let level = reasons.iter().map(|r| r.level).max().unwrap_or(Level::Green);
+        let level = reasons
+            .iter()
+            .map(|r| r.level)
+            .max()
+            .unwrap_or(Level::Green);
         let mut state = self.lock();
         if level != state.level {
             let transition = Transition {
@@ -224,7 +229,9 @@ impl Andon {
             };
             match level {
                 Level::Green => tracing::info!(from = ?state.level, "andon back to GREEN"),
-                _ => tracing::warn!(from = ?state.level, to = ?level, reasons = ?reasons.iter().map(|r| r.message.as_str()).collect::<Vec<_>>(), "andon level changed"),
+                _ => {
+                    tracing::warn!(from = ?state.level, to = ?level, reasons = ?reasons.iter().map(|r| r.message.as_str()).collect::<Vec<_>>(), "andon level changed")
+                }
             }
             state.level = level;
             state.since = transition.at;

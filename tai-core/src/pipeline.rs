@@ -111,7 +111,8 @@ impl<G, P, A> Pipeline<G, P, A> {
             .instrument(tracing::info_span!("facts", pipeline = self.name))
             .await
             .map_err(PipelineError::Facts)?;
-        self.kaizen.record_step(self.name, "facts", started.elapsed());
+        self.kaizen
+            .record_step(self.name, "facts", started.elapsed());
 
         let started = Instant::now();
         let verdict = {
@@ -134,7 +135,8 @@ impl<G, P, A> Pipeline<G, P, A> {
             span.record("reasons", reasons.join("; ").as_str());
             verdict
         };
-        self.kaizen.record_step(self.name, "policy", started.elapsed());
+        self.kaizen
+            .record_step(self.name, "policy", started.elapsed());
         self.kaizen
             .record_verdict(self.name, verdict.decision.as_str());
 
@@ -145,7 +147,8 @@ impl<G, P, A> Pipeline<G, P, A> {
             .instrument(tracing::info_span!("action", pipeline = self.name))
             .await
             .map_err(PipelineError::Action)?;
-        self.kaizen.record_step(self.name, "action", started.elapsed());
+        self.kaizen
+            .record_step(self.name, "action", started.elapsed());
         Ok(Outcome { verdict, output })
     }
 }
@@ -221,6 +224,8 @@ mod tests {
         assert!(matches!(p.run(&13).await, Err(PipelineError::Facts(_))));
         let text = kaizen.encode();
         assert!(text.contains(r#"tai_policy_verdicts_total{decision="deny",pipeline="demo"} 1"#));
-        assert!(text.contains(r#"tai_pipeline_step_duration_seconds_count{pipeline="demo",step="action"} 2"#));
+        assert!(text.contains(
+            r#"tai_pipeline_step_duration_seconds_count{pipeline="demo",step="action"} 2"#
+        ));
     }
 }

@@ -87,7 +87,12 @@ impl Verdict {
     /// Builds a verdict from reasons by summing their weights (capped at `cap`) and comparing the
     /// score with the review and deny thresholds (each inclusive: a score equal to the deny
     /// threshold denies).
-    pub fn scored(reasons: Vec<Reason>, cap: Decimal, review_at: Decimal, deny_at: Decimal) -> Self {
+    pub fn scored(
+        reasons: Vec<Reason>,
+        cap: Decimal,
+        review_at: Decimal,
+        deny_at: Decimal,
+    ) -> Self {
         let sum: Decimal = reasons.iter().map(|r| r.weight).sum();
         let score = sum.min(cap);
         let decision = if score >= deny_at {

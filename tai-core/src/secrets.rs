@@ -61,7 +61,10 @@ impl SecretSource for EnvSecrets {
         "env"
     }
     fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Secret>, BackendError>> {
-        let value = std::env::var(name).ok().filter(|v| !v.is_empty()).map(Secret);
+        let value = std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Secret);
         Box::pin(std::future::ready(Ok(value)))
     }
 }
@@ -75,7 +78,10 @@ mod tests {
         let s = Secret::new("sk_live_very_secret");
         assert_eq!(format!("{s:?}"), "Secret(****)");
         assert_eq!(format!("{s}"), "****");
-        assert_eq!(format!("{:?}", Some(vec![s.clone()])), "Some([Secret(****)])");
+        assert_eq!(
+            format!("{:?}", Some(vec![s.clone()])),
+            "Some([Secret(****)])"
+        );
         assert!(s.matches(b"sk_live_very_secret"));
         assert!(!s.matches(b"sk_live_very_secreT"));
         assert!(!s.matches(b"sk_live"));

@@ -49,11 +49,14 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     fn ping(&self) -> BoxFuture<'_, Result<(), BackendError>>;
 }
 
+/// A value and when it expires.
+type Entry = (Vec<u8>, Option<Instant>);
+
 /// The in-memory store.
 #[derive(Debug)]
 pub struct MemoryStore {
     clock: SharedClock,
-    map: Mutex<BTreeMap<String, (Vec<u8>, Option<Instant>)>>,
+    map: Mutex<BTreeMap<String, Entry>>,
 }
 
 impl MemoryStore {
@@ -65,7 +68,7 @@ impl MemoryStore {
         }
     }
 
-    fn with_map<R>(&self, f: impl FnOnce(&mut BTreeMap<String, (Vec<u8>, Option<Instant>)>, Instant) -> R) -> R {
+    fn with_map<R>(&self, f: impl FnOnce(&mut BTreeMap<String, Entry>, Instant) -> R) -> R {
         let now = self.clock.now();
         let mut map = self
             .map
@@ -74,7 +77,7 @@ impl MemoryStore {
         f(&mut map, now)
     }
 
-    fn live(entry: Option<&(Vec<u8>, Option<Instant>)>, now: Instant) -> Option<&Vec<u8>> {
+    fn live(entry: Option<&Entry>, now: Instant) -> Option<&Vec<u8>> {
         match entry {
             Some((v, None)) => Some(v),
             Some((v, Some(exp))) if *exp > now => Some(v),
@@ -92,7 +95,9 @@ impl StateStore for MemoryStore {
         "memory"
     }
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, BackendError>> {
-        ready(Ok(self.with_map(|m, now| Self::live(m.get(key), now).cloned())))
+        ready(Ok(
+            self.with_map(|m, now| Self::live(m.get(key), now).cloned())
+        ))
     }
     fn put<'a>(
         &'a self,
@@ -169,14 +174,26 @@ mod tests {
         assert!(s.put_if_absent("k", b"a".to_vec(), ttl).await.expect("mem"));
         assert!(!s.put_if_absent("k", b"b".to_vec(), ttl).await.expect("mem"));
         assert_eq!(s.get("k").await.expect("mem"), Some(b"a".to_vec()));
-        assert!(!s.compare_and_swap("k", b"x", b"c".to_vec(), ttl).await.expect("mem"));
-        assert!(s.compare_and_swap("k", b"a", b"c".to_vec(), ttl).await.expect("mem"));
+        assert!(
+            !s.compare_and_swap("k", b"x", b"c".to_vec(), ttl)
+                .await
+                .expect("mem")
+        );
+        assert!(
+            s.compare_and_swap("k", b"a", b"c".to_vec(), ttl)
+                .await
+                .expect("mem")
+        );
         assert_eq!(s.get("k").await.expect("mem"), Some(b"c".to_vec()));
         s.put("k2", b"z".to_vec(), None).await.expect("mem");
         assert_eq!(s.keys("k").await.expect("mem"), vec!["k", "k2"]);
         clock.advance(Duration::from_secs(10));
         assert_eq!(s.get("k").await.expect("mem"), None, "expired");
-        assert!(s.put_if_absent("k", b"d".to_vec(), None).await.expect("mem"));
+        assert!(
+            s.put_if_absent("k", b"d".to_vec(), None)
+                .await
+                .expect("mem")
+        );
         assert!(s.delete("k2").await.expect("mem"));
         assert!(!s.delete("k2").await.expect("mem"));
     }

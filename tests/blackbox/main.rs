@@ -1,1 +1,3 @@
+//! Black-box tests: the built binaries, real backends, HTTP only.
 
+mod foundation;

@@ -1,1 +1,265 @@
-//! wip
+//! The black-box harness: start the built binaries on free ports, talk to them over HTTP, and
+//! reach the real backends `scripts/test-env.sh` started (Redis, NATS JetStream, Prometheus).
+//!
+//! Every process a test starts is killed when its [`Proc`] is dropped, pass or fail. Binaries are
+//! taken from the workspace's target directory, so `cargo build --workspace --bins` must run
+//! first (`make test` does).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The target directory's profile folder (`target/debug`), found from this test binary's path.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("TAI_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/blackbox-<hash> -> target/debug
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A backend `scripts/test-env.sh` started; the tests need it, so its absence is an error.
+pub fn backend(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests through `make test`, which starts Redis, NATS and Prometheus")
+    })
+}
+
+/// A unique name for this test run and counter, for key prefixes, streams and labels.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A running service binary.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    /// The port it listens on.
+    pub port: u16,
+    /// Its log file (stdout and stderr).
+    pub log_path: PathBuf,
+    envs: Vec<(String, String)>,
+}
+
+/// Log files of this run live here; the card-number check reads them all.
+pub fn log_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tai-blackbox-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    dir
+}
+
+impl Proc {
+    /// Starts binary `name` on a free port with `envs` (and nothing else from the environment
+    /// but PATH and HOME), and waits until `/health` answers.
+    pub async fn start(name: &str, envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let port = free_port();
+        let envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut p = Self {
+            name: name.to_owned(),
+            child: None,
+            port,
+            log_path: log_dir().join(format!("{}.log", unique(name))),
+            envs,
+        };
+        p.spawn()?;
+        p.wait_healthy(Duration::from_secs(30)).await?;
+        Ok(p)
+    }
+
+    /// Starts binary `name` and returns at once, without waiting for health (for start-up refusals).
+    pub fn spawn_only(name: &str, envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut p = Self {
+            name: name.to_owned(),
+            child: None,
+            port: free_port(),
+            log_path: log_dir().join(format!("{}.log", unique(name))),
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let bin = bin_dir().join(&self.name);
+        if !bin.exists() {
+            bail!(
+                "{} not built: run `cargo build --workspace --bins` first (make test does)",
+                bin.display()
+            );
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .context("log file")?;
+        let mut cmd = Command::new(&bin);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::var("HOME").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("LISTEN_ADDR", format!("127.0.0.1:{}", self.port))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", bin.display()))?,
+        );
+        Ok(())
+    }
+
+    /// Starts the same binary again on the same port with the same settings.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()?;
+        self.wait_healthy(Duration::from_secs(30)).await
+    }
+
+    async fn wait_healthy(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        let client = client();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "{} exited with {status} before serving:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if let Ok(r) = client.get(self.url("/health")).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not serve /health within {within:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Everything it printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit; its exit code, or `None` on timeout (or a signal).
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An HTTP client with a timeout, so a hung server fails a test instead of hanging it.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -44,7 +44,10 @@ impl MemoryWindowCounter {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if keys.len() > 10_000 {
             // sweep keys whose every event has left the window
-            keys.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < self.window));
+            keys.retain(|_, q| {
+                q.back()
+                    .is_some_and(|t| now.duration_since(*t) < self.window)
+            });
         }
         let events = keys.entry(key.to_owned()).or_default();
         while events

@@ -69,8 +69,8 @@ fn failure_rate_below_threshold_over_full_window_stays_closed() {
     let b = breaker(&clock);
     // 9 failures out of 20, spread so that no 5 are consecutive
     let pattern = [
-        true, false, true, false, true, false, true, false, false, false, true, false, true,
-        false, true, false, true, false, false, true,
+        true, false, true, false, true, false, true, false, false, false, true, false, true, false,
+        true, false, true, false, false, true,
     ];
     assert_eq!(pattern.iter().filter(|f| **f).count(), 9);
     for fail in pattern {
@@ -173,7 +173,10 @@ fn a_dropped_trial_frees_its_slot_and_stale_results_are_ignored() {
     let _t3 = b.try_acquire().expect("trial");
     assert!(b.try_acquire().is_err());
     drop(dropped);
-    assert!(b.try_acquire().is_ok(), "the dropped trial's slot is free again");
+    assert!(
+        b.try_acquire().is_ok(),
+        "the dropped trial's slot is free again"
+    );
 }
 
 #[test]

@@ -11,7 +11,9 @@ mod window;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 pub use window::{RollingWindow, WindowStats};
 
@@ -45,7 +47,10 @@ impl Kaizen {
     pub fn new(service: &str, clock: SharedClock) -> Self {
         let registry = Registry::new();
         let http_requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "HTTP requests by route, method and status"),
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route, method and status",
+            ),
             &["route", "method", "status"],
         );
         let http_duration = HistogramVec::new(
@@ -177,7 +182,10 @@ pub fn encode(registry: &Registry) -> String {
 
 /// Registers a metric in `registry`, logging (not failing) on a duplicate name: metrics must
 /// never take a service down.
-pub fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+pub fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
     if let Err(e) = registry.register(Box::new(metric.clone())) {
         tracing::error!(error = %e, "registering a metric failed");
     }
@@ -195,8 +203,14 @@ mod tests {
         kaizen.record_http("/payment", "POST", 200, Duration::from_millis(3));
         kaizen.record_http("/payment", "POST", 503, Duration::from_millis(4));
         let text = kaizen.encode();
-        assert!(text.contains(r#"http_requests_total{method="POST",route="/payment",status="200"} 1"#));
-        assert!(text.contains(r#"http_request_duration_seconds_count{method="POST",route="/payment"} 2"#));
+        assert!(
+            text.contains(r#"http_requests_total{method="POST",route="/payment",status="200"} 1"#)
+        );
+        assert!(
+            text.contains(
+                r#"http_request_duration_seconds_count{method="POST",route="/payment"} 2"#
+            )
+        );
         let stats = kaizen.http_window().stats();
         assert_eq!((stats.count, stats.errors), (2, 1));
     }

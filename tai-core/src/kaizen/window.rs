@@ -113,7 +113,9 @@ impl RollingWindow {
 
     /// Records one event with its latency.
     pub fn record(&self, latency: Duration, error: bool) {
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+        let us = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         self.with_slice(|s| {
             s.count += 1;
             s.errors += u64::from(error);

@@ -303,7 +303,10 @@ mod tests {
         std::mem::forget(first); // the worker died without acking
         let b = q.try_pull().expect("b");
         b.ack().await.expect("ack");
-        assert!(q.try_pull().is_none(), "a is in flight until its ack time ends");
+        assert!(
+            q.try_pull().is_none(),
+            "a is in flight until its ack time ends"
+        );
         clock.advance(Duration::from_secs(10));
         let again = q.try_pull().expect("a again");
         assert_eq!((again.item.as_str(), again.attempt), ("a", 2));

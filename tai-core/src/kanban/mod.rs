@@ -160,7 +160,11 @@ pub async fn drain(queue: &dyn QueueStatus, grace: Duration) -> QueueDepth {
             return depth;
         }
         if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(queue = queue.name(), ?depth, "queue not drained within grace time");
+            tracing::warn!(
+                queue = queue.name(),
+                ?depth,
+                "queue not drained within grace time"
+            );
             return depth;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

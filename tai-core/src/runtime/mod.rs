@@ -1,1 +1,420 @@
-//! placeholder
+//! The runtime: one way to start any TAI service.
+//!
+//! [`Runtime::from_env`] reads the configuration ([`config`]), starts logging, and prints the
+//! effective configuration with secrets masked. The service then builds its parts on the
+//! runtime's clock and [`Kaizen`], registers what `/status` and `/ready` should show (breakers,
+//! queues, backends, readiness probes, Andon figures and rules) and its background workers, and
+//! hands its domain router to [`Runtime::serve`], which adds:
+//!
+//! - the common routes: `/health`, `/ready`, `/metrics`, `/status`, `/andon`, `/` and
+//!   `/openapi.json` (the service's OpenAPI document merged with the common one);
+//! - `x-request-id` (kept from the request or generated) and W3C `traceparent` on every response;
+//! - a body limit (64 KiB by default), a request timeout, Stripe-shaped JSON errors for every
+//!   rejection including the router's 404 and 405, RED metrics per matched route, and bearer-key
+//!   authentication on mutating routes when keys are configured;
+//! - graceful shutdown on SIGINT/SIGTERM: stop accepting, finish in-flight requests, signal the
+//!   workers, and drain every registered queue within the grace time.
+
+pub mod config;
+pub mod error;
+mod middleware;
+mod page;
+mod routes;
+pub mod trace;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tracing_subscriber::EnvFilter;
+use utoipa::OpenApi;
+
+pub use config::{ConfigError, LogFormat, Profile, RuntimeConfig};
+pub use error::{ApiError, ApiJson, ErrorType};
+pub use trace::TraceContext;
+
+use crate::andon::{Andon, AndonReport, AndonRule, Figures, Level};
+use crate::backend::{BackendError, BoxFuture};
+use crate::clock::SharedClock;
+use crate::jidoka::{BreakerState, CircuitBreaker};
+use crate::kaizen::Kaizen;
+use crate::kanban::QueueStatus;
+use crate::secrets::Secret;
+
+/// A readiness probe for `/ready`.
+type Probe = Arc<dyn Fn() -> BoxFuture<'static, Result<(), BackendError>> + Send + Sync>;
+
+/// Adds service figures for Andon.
+type FigureSource = Arc<dyn Fn(&mut Figures) + Send + Sync>;
+
+pub(crate) struct Readiness {
+    name: String,
+    probe: Probe,
+}
+
+/// What the common routes and middleware share.
+pub(crate) struct Common {
+    service: String,
+    version: &'static str,
+    profile: Profile,
+    started: Instant,
+    started_wall: chrono::DateTime<chrono::Utc>,
+    kaizen: Kaizen,
+    andon: Andon,
+    breakers: Vec<CircuitBreaker>,
+    queues: Vec<Arc<dyn QueueStatus>>,
+    readiness: Vec<Readiness>,
+    backends: BTreeMap<String, String>,
+    figure_sources: Vec<FigureSource>,
+    api_keys: Vec<Secret>,
+    request_timeout: std::time::Duration,
+    openapi_json: String,
+}
+
+impl Common {
+    /// The figures Andon judges: recent HTTP traffic, breakers, and the service's own.
+    fn figures(&self) -> Figures {
+        let stats = self.kaizen.http_window().stats();
+        let mut f = Figures::new();
+        f.insert("request_count".into(), stats.count as f64);
+        f.insert("rate_per_sec".into(), stats.rate_per_sec);
+        f.insert("error_rate".into(), stats.error_rate);
+        f.insert("p95_ms".into(), stats.p95_ms);
+        f.insert("p99_ms".into(), stats.p99_ms);
+        let open = self
+            .breakers
+            .iter()
+            .filter(|b| b.state() == BreakerState::Open)
+            .count();
+        f.insert("breakers_open".into(), open as f64);
+        for source in &self.figure_sources {
+            source(&mut f);
+        }
+        f
+    }
+
+    fn evaluate_andon(&self) -> AndonReport {
+        self.andon.evaluate(&self.figures())
+    }
+}
+
+/// The Andon rules every service starts with: 5xx share over 5% is RED, p99 over 5 s is
+/// YELLOW, an open circuit breaker is RED.
+pub fn default_andon_rules() -> Vec<AndonRule> {
+    vec![
+        AndonRule::new(
+            "error_rate_high",
+            "error_rate",
+            0.05,
+            Level::Red,
+            "5xx share of recent requests",
+        ),
+        AndonRule::new(
+            "latency_p99_high",
+            "p99_ms",
+            5000.0,
+            Level::Yellow,
+            "p99 latency of recent requests (ms)",
+        ),
+        AndonRule::new(
+            "breaker_open",
+            "breakers_open",
+            0.0,
+            Level::Red,
+            "circuit breakers open",
+        ),
+    ]
+}
+
+/// A service being assembled, then served.
+pub struct Runtime {
+    config: RuntimeConfig,
+    version: &'static str,
+    clock: SharedClock,
+    kaizen: Kaizen,
+    breakers: Vec<CircuitBreaker>,
+    queues: Vec<Arc<dyn QueueStatus>>,
+    readiness: Vec<Readiness>,
+    backends: BTreeMap<String, String>,
+    figure_sources: Vec<FigureSource>,
+    andon_rules: Vec<AndonRule>,
+    shutdown_tx: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("service", &self.config.service)
+            .field("version", &self.version)
+            .field("backends", &self.backends)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts logging per the configuration: `RUST_LOG` filters (default `info`), `LOG_FORMAT`
+/// picks pretty or JSON. A second call does nothing.
+pub fn init_tracing(config: &RuntimeConfig) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}
+
+impl Runtime {
+    /// Reads the configuration of `service` from the environment, starts logging, and prints
+    /// the effective configuration.
+    pub fn from_env(
+        service: &str,
+        version: &'static str,
+        default_listen: &str,
+    ) -> Result<Self, ConfigError> {
+        let config = RuntimeConfig::from_env(service, default_listen)?;
+        init_tracing(&config);
+        Ok(Self::new(config, version, crate::clock::system()))
+    }
+
+    /// A runtime over an explicit configuration and clock (tests).
+    pub fn new(config: RuntimeConfig, version: &'static str, clock: SharedClock) -> Self {
+        let described: Vec<String> = config
+            .describe()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        tracing::info!(service = %config.service, version, "effective configuration: {}", described.join(" "));
+        let kaizen = Kaizen::new(&config.service, clock.clone());
+        let (shutdown_tx, _) = watch::channel(false);
+        Self {
+            config,
+            version,
+            clock,
+            kaizen,
+            breakers: Vec::new(),
+            queues: Vec::new(),
+            readiness: Vec::new(),
+            backends: BTreeMap::new(),
+            figure_sources: Vec::new(),
+            andon_rules: default_andon_rules(),
+            shutdown_tx,
+            workers: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// The clock every part should read.
+    pub fn clock(&self) -> SharedClock {
+        self.clock.clone()
+    }
+
+    /// The service's metrics.
+    pub fn kaizen(&self) -> &Kaizen {
+        &self.kaizen
+    }
+
+    /// Shows `breaker` on `/status` and in the `breakers_open` Andon figure.
+    pub fn add_breaker(&mut self, breaker: CircuitBreaker) {
+        self.breakers.push(breaker);
+    }
+
+    /// Shows `queue` on `/status` and drains it on shutdown.
+    pub fn add_queue(&mut self, queue: Arc<dyn QueueStatus>) {
+        self.queues.push(queue);
+    }
+
+    /// Names the backend serving `role` (e.g. `state` -> `memory`) on `/status`.
+    pub fn set_backend(&mut self, role: &str, backend: &str) {
+        self.backends.insert(role.to_owned(), backend.to_owned());
+    }
+
+    /// Adds a probe `/ready` runs.
+    pub fn add_readiness<F>(&mut self, name: &str, probe: F)
+    where
+        F: Fn() -> BoxFuture<'static, Result<(), BackendError>> + Send + Sync + 'static,
+    {
+        self.readiness.push(Readiness {
+            name: name.to_owned(),
+            probe: Arc::new(probe),
+        });
+    }
+
+    /// Adds service figures for Andon to judge.
+    pub fn add_figures<F: Fn(&mut Figures) + Send + Sync + 'static>(&mut self, source: F) {
+        self.figure_sources.push(Arc::new(source));
+    }
+
+    /// Adds an Andon rule.
+    pub fn add_andon_rule(&mut self, rule: AndonRule) {
+        self.andon_rules.push(rule);
+    }
+
+    /// A receiver that turns `true` when shutdown begins; workers stop taking new work then.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+
+    /// Runs a background worker; shutdown waits for it (within the grace time).
+    pub fn spawn_worker<F: Future<Output = ()> + Send + 'static>(&mut self, worker: F) {
+        self.workers.push(tokio::spawn(worker));
+    }
+
+    fn into_parts(
+        self,
+        domain: Router,
+        api: utoipa::openapi::OpenApi,
+    ) -> (Router, Arc<Common>, Shutdown) {
+        let andon = Andon::new(self.andon_rules, self.clock.clone(), self.kaizen.registry());
+        let mut doc = routes::CommonApi::openapi();
+        doc.merge(api);
+        doc.info.title = self.config.service.clone();
+        doc.info.version = self.version.to_owned();
+        let openapi_json = doc.to_json().unwrap_or_else(|_| "{}".into());
+        let common = Arc::new(Common {
+            service: self.config.service.clone(),
+            version: self.version,
+            profile: self.config.profile,
+            started: Instant::now(),
+            started_wall: self.clock.wall(),
+            kaizen: self.kaizen,
+            andon,
+            breakers: self.breakers,
+            queues: self.queues,
+            readiness: self.readiness,
+            backends: self.backends,
+            figure_sources: self.figure_sources,
+            api_keys: self.config.api_keys.clone(),
+            request_timeout: self.config.request_timeout,
+            openapi_json,
+        });
+        let common_routes = Router::new()
+            .route("/health", get(routes::health))
+            .route("/ready", get(routes::ready))
+            .route("/metrics", get(routes::metrics))
+            .route("/status", get(routes::status))
+            .route("/andon", get(routes::andon))
+            .route("/", get(routes::index))
+            .route("/openapi.json", get(routes::openapi))
+            .with_state(common.clone());
+        let router = common_routes
+            .merge(domain)
+            .fallback(middleware::not_found)
+            .layer(axum::middleware::from_fn_with_state(
+                common.clone(),
+                middleware::authenticate,
+            ))
+            .layer(DefaultBodyLimit::max(self.config.body_limit))
+            .layer(axum::middleware::from_fn_with_state(
+                common.clone(),
+                middleware::observe,
+            ))
+            .layer(axum::middleware::from_fn(trace::trace_context))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+        let shutdown = Shutdown {
+            tx: self.shutdown_tx,
+            workers: self.workers,
+            grace: self.config.shutdown_grace,
+        };
+        (router, common, shutdown)
+    }
+
+    /// The full router without serving it (for in-process tests with `oneshot`).
+    pub fn into_router(self, domain: Router, api: utoipa::openapi::OpenApi) -> Router {
+        self.into_parts(domain, api).0
+    }
+
+    /// Serves `domain` with the common routes until SIGINT or SIGTERM, then shuts down
+    /// gracefully: in-flight requests finish, workers are told to stop, queues drain.
+    pub async fn serve(self, domain: Router, api: utoipa::openapi::OpenApi) -> std::io::Result<()> {
+        let addr = self.config.listen_addr;
+        let service = self.config.service.clone();
+        let (router, common, shutdown) = self.into_parts(domain, api);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        tracing::info!(%service, addr = %listener.local_addr()?, "listening");
+
+        // Andon is judged every second, so the gauge and history move even when nobody looks.
+        let ticker = {
+            let common = common.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    common.evaluate_andon();
+                }
+            })
+        };
+
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_requested())
+            .await?;
+        tracing::info!(%service, "stopped accepting; draining");
+        ticker.abort();
+        shutdown.run(&common).await;
+        tracing::info!(%service, "shut down");
+        Ok(())
+    }
+}
+
+struct Shutdown {
+    tx: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+    grace: std::time::Duration,
+}
+
+impl Shutdown {
+    async fn run(self, common: &Common) {
+        let _ = self.tx.send(true);
+        for queue in &common.queues {
+            let left = crate::kanban::drain(queue.as_ref(), self.grace).await;
+            tracing::info!(queue = queue.name(), ?left, "queue drained");
+        }
+        let deadline = tokio::time::Instant::now() + self.grace;
+        for worker in self.workers {
+            if tokio::time::timeout_at(deadline, worker).await.is_err() {
+                tracing::warn!("a worker did not stop within the grace time");
+            }
+        }
+    }
+}
+
+async fn shutdown_requested() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

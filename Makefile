@@ -1,0 +1,25 @@
+# The operator's entry points. The two a newcomer needs: `make run` and `make test`.
+.PHONY: run test check lint fmt build clean
+
+## Build and start both services on their embedded defaults (nothing to install). Ctrl-C stops both.
+run:
+	bash scripts/run.sh
+
+## Every test, against real Redis, NATS JetStream and Prometheus that this starts (installing
+## them where missing) on loopback ports of its own and stops afterwards. Also fmt and clippy.
+test:
+	bash scripts/test-env.sh bash scripts/check.sh
+
+## fmt and clippy only.
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+build:
+	cargo build --workspace --bins
+
+clean:
+	cargo clean

