@@ -1,33 +1,361 @@
 //! # payment-system
 //!
-//! The payment service on tai-core: `POST /payment` turns a payment request (the Signal) into a
-//! fraud verdict (the Policy) and a gateway charge (the Action). This crate is the library;
-//! `main.rs` only reads the configuration and serves.
+//! The payment service on tai-core. `POST /payment` runs the Signal -> Policy -> Action flow:
+//!
+//! - [`signal`]: parse and validate the request ([`money`] for exact amounts, [`card`] for cards);
+//! - Heijunka at the edge: a per-merchant GCRA rate limit and a global concurrency limit that
+//!   sheds load with 503;
+//! - [`idempotency`]: replay, 422 and 409 per the IETF draft;
+//! - [`fraud`]: gather facts, then the pure fraud policy gives an explained verdict;
+//! - [`action`]: charge through the gateway circuit breaker ([`gateway`]), store the
+//!   [`record`], queue the confirmation (Kanban) that a worker carries out;
+//! - [`metrics`]: API.md's metric names, and the fraud-rate figure Andon watches.
+//!
+//! `main.rs` only reads the configuration and serves; `bin/sandbox-gateway.rs` is the
+//! standalone sandbox gateway.
 
 #![warn(missing_docs)]
 
-use axum::Router;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use tai_core::runtime::{ApiError, ApiJson, ErrorType, Runtime};
+pub mod action;
+mod api;
+pub mod card;
+mod docs;
+pub mod fraud;
+pub mod gateway;
+pub mod idempotency;
+pub mod metrics;
+pub mod money;
+pub mod record;
+pub mod signal;
 
-/// Builds the service's routes and OpenAPI document on `runtime`.
-pub fn build(runtime: &mut Runtime) -> (Router, utoipa::openapi::OpenApi) {
-    runtime.set_backend("state", "memory");
-    let router = Router::new().route("/payment", post(create_payment));
-    (router, utoipa::openapi::OpenApiBuilder::new().build())
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use tai_core::andon::{AndonRule, Level};
+use tai_core::clock::SharedClock;
+use tai_core::heijunka::{GcraLimiter, MemoryWindowCounter, Quota, RateLimiter};
+use tai_core::jidoka::{BreakerConfig, CircuitBreaker};
+use tai_core::kanban::{MemoryQueue, QueueConfig, SharedQueue};
+use tai_core::pipeline::Pipeline;
+use tai_core::runtime::{ApiError, ConfigError, ErrorType, Runtime};
+use tai_core::secrets::Secret;
+use tai_core::store::{MemoryStore, StateStore};
+use tower::ServiceBuilder;
+use utoipa::OpenApi;
+
+use crate::action::PaymentAction;
+use crate::fraud::{FraudFactSource, FraudPolicy, FraudRules};
+use crate::gateway::Gateway;
+use crate::gateway::http::HttpGateway;
+use crate::gateway::sandbox::Sandbox;
+use crate::idempotency::Idempotency;
+use crate::metrics::PaymentMetrics;
+use crate::signal::{Limits, PaymentRequest};
+
+/// One payment attempt on its way through the pipeline.
+#[derive(Debug, Clone)]
+pub struct PaymentAttempt {
+    /// The validated request.
+    pub request: PaymentRequest,
+    /// `txn_` and 32 hex digits.
+    pub transaction_id: String,
+    /// The trace it belongs to.
+    pub trace_id: String,
+    /// The client's idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// When it arrived (monotonic, for the processing time).
+    pub received: Instant,
+    /// When it arrived (wall clock, for the record).
+    pub received_at: DateTime<Utc>,
 }
 
-async fn create_payment(
-    ApiJson(body): ApiJson<serde_json::Map<String, serde_json::Value>>,
-) -> Response {
-    let _ = body;
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        ErrorType::ApiError,
-        "not_implemented",
-        "payments are not processed yet",
+impl PaymentAttempt {
+    /// A new attempt with a fresh transaction id.
+    pub fn new(request: PaymentRequest, trace_id: String, idempotency_key: Option<String>) -> Self {
+        Self {
+            request,
+            transaction_id: format!("txn_{}", uuid::Uuid::new_v4().simple()),
+            trace_id,
+            idempotency_key,
+            received: Instant::now(),
+            received_at: Utc::now(),
+        }
+    }
+}
+
+/// Where things live in the state store.
+pub mod keys {
+    /// A payment record.
+    pub fn transaction(id: &str) -> String {
+        format!("pay:txn:{id}")
+    }
+    /// A blocklist entry.
+    pub fn blocklist(customer: &str) -> String {
+        format!("pay:blocklist:{customer}")
+    }
+    /// An idempotency key.
+    pub fn idempotency(key: &str) -> String {
+        format!("pay:idem:{key}")
+    }
+    /// Currencies a customer paid in recently.
+    pub fn currencies(customer: &str) -> String {
+        format!("pay:currencies:{customer}")
+    }
+}
+
+type PaymentPipeline = Pipeline<FraudFactSource, FraudPolicy, PaymentAction>;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub(crate) struct App {
+    pipeline: PaymentPipeline,
+    idempotency: Idempotency,
+    limiter: Arc<dyn RateLimiter>,
+    store: Arc<dyn StateStore>,
+    clock: SharedClock,
+    limits: Limits,
+    api_keys: Vec<Secret>,
+}
+
+/// The service could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A setting was invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The fraud rules file was unreadable or invalid.
+    #[error("fraud rules {path}: {message}")]
+    Rules {
+        /// The file.
+        path: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// The gateway client could not be built.
+    #[error("gateway: {0}")]
+    Gateway(#[from] gateway::GatewayError),
+    /// The store failed while seeding.
+    #[error(transparent)]
+    Backend(#[from] tai_core::backend::BackendError),
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        api::create_payment,
+        api::get_payment,
+        api::add_blocklist,
+        api::remove_blocklist,
+        api::list_blocklist
+    ),
+    components(schemas(
+        record::PaymentRecord,
+        record::PaymentStatus,
+        record::FailureInfo,
+        docs::PaymentRequestDoc,
+        docs::CardDoc
+    ))
+)]
+struct PaymentApi;
+
+/// Builds the payment service on `runtime`: its parts, background worker, routes and OpenAPI.
+pub async fn build(
+    runtime: &mut Runtime,
+) -> Result<(Router, utoipa::openapi::OpenApi), BuildError> {
+    let cfg = runtime.config().clone();
+    let clock = runtime.clock();
+
+    let rules_text = match cfg.setting("FRAUD_RULES_PATH") {
+        Some(path) => std::fs::read_to_string(&path).map_err(|e| BuildError::Rules {
+            path: path.clone(),
+            message: e.to_string(),
+        })?,
+        None => fraud::DEFAULT_RULES.to_owned(),
+    };
+    let rules = FraudRules::from_toml(&rules_text).map_err(|message| BuildError::Rules {
+        path: cfg
+            .setting("FRAUD_RULES_PATH")
+            .unwrap_or_else(|| "config/fraud_rules.toml (built in)".into()),
+        message,
+    })?;
+
+    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new(clock.clone()));
+    runtime.set_backend("state", store.backend());
+    for customer in &rules.blocklist {
+        store
+            .put(&keys::blocklist(customer), b"1".to_vec(), None)
+            .await?;
+    }
+
+    let gateway_timeout = Duration::from_millis(cfg.setting_or("GATEWAY_TIMEOUT_MS", 5000u64)?);
+    let gateway: Arc<dyn Gateway> = match cfg.setting("GATEWAY_URL") {
+        Some(url) => {
+            let http = HttpGateway::new(&url, gateway_timeout)?;
+            let probe = http.clone();
+            runtime.add_readiness("gateway", move || {
+                let probe = probe.clone();
+                Box::pin(async move {
+                    probe
+                        .ping()
+                        .await
+                        .map_err(|e| tai_core::backend::BackendError::Unavailable {
+                            backend: "gateway",
+                            message: e.to_string(),
+                        })
+                })
+            });
+            Arc::new(http)
+        }
+        None => Arc::new(Sandbox::new(
+            Duration::from_millis(cfg.setting_or("SANDBOX_LATENCY_MS", 0u64)?),
+            cfg.setting_or("SANDBOX_FAILURE_RATE", 0.0f64)?,
+        )),
+    };
+    runtime.set_backend(
+        "gateway",
+        if gateway.kind() == "http" {
+            "http gateway"
+        } else {
+            "sandbox"
+        },
+    );
+
+    let metrics = Arc::new(PaymentMetrics::new(runtime.kaizen(), clock.clone()));
+    let breaker_config = BreakerConfig {
+        open_for: Duration::from_secs_f64(
+            cfg.setting_or("GATEWAY_BREAKER_OPEN_SECS", 30.0f64)?
+                .max(0.0),
+        ),
+        slow_call: Some(gateway_timeout),
+        ..BreakerConfig::default()
+    };
+    let breaker = CircuitBreaker::new("payment-gateway", breaker_config, clock.clone())
+        .with_gauge(metrics.breaker_state.clone());
+    runtime.add_breaker(breaker.clone());
+
+    let queue_capacity = cfg.setting_or("CONFIRM_QUEUE_CAPACITY", 100_000usize)?;
+    let queue = MemoryQueue::<String>::new(
+        QueueConfig::new("payment-confirmations", queue_capacity),
+        clock.clone(),
     )
-    .into_response()
+    .with_gauges(runtime.kaizen().queue_depth());
+    runtime.add_queue(Arc::new(queue.clone()));
+    runtime.set_backend("queue", "local");
+    let confirmations: SharedQueue<String> = Arc::new(queue);
+    runtime.spawn_worker(action::confirmation_worker(
+        confirmations.clone(),
+        store.clone(),
+        clock.clone(),
+    ));
+
+    let velocity = Arc::new(MemoryWindowCounter::new(
+        rules.velocity_window(),
+        rules.rules.velocity.max_attempts,
+        clock.clone(),
+    ));
+    let facts = FraudFactSource::new(
+        velocity,
+        store.clone(),
+        clock.clone(),
+        rules.currency_window(),
+    );
+    let action = PaymentAction {
+        gateway,
+        breaker,
+        store: store.clone(),
+        confirmations,
+        metrics: metrics.clone(),
+        facts: facts.clone(),
+        clock: clock.clone(),
+        gateway_timeout,
+    };
+    let pipeline = Pipeline::new(
+        "payment",
+        facts,
+        FraudPolicy::new(rules),
+        action,
+        runtime.kaizen().clone(),
+    );
+
+    let per_sec = cfg.setting_or("MERCHANT_RATE_PER_SEC", 200u32)?;
+    let burst = cfg.setting_or("MERCHANT_BURST", per_sec)?;
+    let quota = Quota {
+        burst,
+        interval: Duration::from_secs(1) / per_sec.max(1),
+    };
+    let limiter: Arc<dyn RateLimiter> = Arc::new(GcraLimiter::new(quota, clock.clone()));
+    runtime.set_backend("rate_limits", "memory");
+
+    let max_amount: Decimal = cfg.setting_or("MAX_AMOUNT", Decimal::from(1_000_000))?;
+    let app = Arc::new(App {
+        pipeline,
+        idempotency: Idempotency::new(store.clone(), gateway_timeout + Duration::from_secs(30)),
+        limiter,
+        store,
+        clock,
+        limits: Limits { max_amount },
+        api_keys: cfg.api_keys.clone(),
+    });
+
+    // Andon: fraud over 2% of recent payments is RED (the breaker and error-rate rules are the
+    // runtime's defaults).
+    let fraud_metrics = metrics.clone();
+    runtime.add_figures(move |f| {
+        f.insert("fraud_rate".into(), fraud_metrics.fraud_rate());
+        f.insert(
+            "payments_p99_ms".into(),
+            fraud_metrics.window().stats().p99_ms,
+        );
+    });
+    runtime.add_andon_rule(AndonRule::new(
+        "fraud_rate_high",
+        "fraud_rate",
+        0.02,
+        Level::Red,
+        "share of recent payments blocked for fraud",
+    ));
+    runtime.add_andon_rule(AndonRule::new(
+        "payment_latency_high",
+        "payments_p99_ms",
+        5000.0,
+        Level::Yellow,
+        "p99 payment processing time (ms)",
+    ));
+
+    // Shed load instead of queueing without bound: past the limit, answer 503 at once.
+    let max_in_flight = cfg.setting_or("PAYMENT_MAX_CONCURRENCY", 1024usize)?;
+    let shed = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorType::ApiError,
+                "overloaded",
+                "Too many payments in flight; retry shortly.",
+            )
+            .with_retry_after(Duration::from_secs(1))
+            .into_response()
+        }))
+        .load_shed()
+        .concurrency_limit(max_in_flight);
+
+    let router = Router::new()
+        .route("/payment", post(api::create_payment).layer(shed))
+        .route("/payment/{transaction_id}", get(api::get_payment))
+        .route(
+            "/admin/blocklist",
+            post(api::add_blocklist).get(api::list_blocklist),
+        )
+        .route(
+            "/admin/blocklist/{customer_id}",
+            delete(api::remove_blocklist),
+        )
+        .with_state(app);
+    Ok((router, PaymentApi::openapi()))
 }

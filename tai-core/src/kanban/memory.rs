@@ -232,7 +232,7 @@ impl<T: Clone + Send + Sync + 'static> Acker for MemoryAcker<T> {
     }
 }
 
-impl<T: Clone + Send + Sync + 'static> QueueStatus for MemoryQueue<T> {
+impl<T: Clone + Send + Sync + std::fmt::Debug + 'static> QueueStatus for MemoryQueue<T> {
     fn name(&self) -> &str {
         &self.inner.config.name
     }
@@ -253,7 +253,7 @@ impl<T: Clone + Send + Sync + 'static> QueueStatus for MemoryQueue<T> {
     }
 }
 
-impl<T: Clone + Send + Sync + 'static> WorkQueue<T> for MemoryQueue<T> {
+impl<T: Clone + Send + Sync + std::fmt::Debug + 'static> WorkQueue<T> for MemoryQueue<T> {
     fn push(&self, item: T) -> BoxFuture<'_, Result<(), QueueError>> {
         Box::pin(std::future::ready(self.try_push(item)))
     }

@@ -57,7 +57,7 @@ pub struct QueueDepth {
 }
 
 /// What `/status` shows of a queue, whatever its item type.
-pub trait QueueStatus: Send + Sync {
+pub trait QueueStatus: Send + Sync + std::fmt::Debug {
     /// The queue's name.
     fn name(&self) -> &str;
     /// Its backend, e.g. `local` or `jetstream`.

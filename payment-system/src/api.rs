@@ -1,0 +1,360 @@
+//! The HTTP routes: `POST /payment`, `GET /payment/{id}`, and the blocklist admin routes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tai_core::heijunka::RateDecision;
+use tai_core::runtime::{ApiError, ApiJson, ErrorType, TraceContext};
+use tracing::Instrument;
+
+use crate::idempotency::{Claim, fingerprint, validate_key};
+use crate::record::PaymentRecord;
+use crate::{App, PaymentAttempt, keys, signal};
+
+fn rate_headers(d: &RateDecision) -> Vec<(HeaderName, HeaderValue)> {
+    let mut h = vec![
+        (
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderValue::from(d.limit),
+        ),
+        (
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderValue::from(d.remaining),
+        ),
+        (
+            HeaderName::from_static("ratelimit-reset"),
+            HeaderValue::from(d.reset_after.as_secs_f64().ceil() as u64),
+        ),
+    ];
+    if let Some(after) = d.retry_after {
+        h.push((
+            header::RETRY_AFTER,
+            HeaderValue::from(after.as_secs_f64().ceil().max(1.0) as u64),
+        ));
+    }
+    h
+}
+
+fn respond(status: u16, body: Value, extra: Vec<(HeaderName, HeaderValue)>) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (code, Json(body)).into_response();
+    for (k, v) in extra {
+        r.headers_mut().insert(k, v);
+    }
+    r
+}
+
+/// The response body of a payment: the record, plus Stripe's `error` object when it failed.
+fn payment_body(record: &PaymentRecord) -> Value {
+    let mut body = serde_json::to_value(record).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut body {
+        map.remove("http_status");
+        map.remove("card");
+        map.remove("metadata");
+        map.remove("description");
+        map.remove("confirmed_at");
+    }
+    body
+}
+
+/// Create a payment.
+#[utoipa::path(post, path = "/payment", tag = "payments",
+    request_body(content = crate::docs::PaymentRequestDoc, description = "A payment request"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same body; 422 for another body; 409 while in flight")),
+    responses(
+        (status = 200, description = "SUCCESS: the gateway approved the charge", body = PaymentRecord),
+        (status = 400, description = "Invalid request, naming the parameter"),
+        (status = 402, description = "FRAUD_BLOCKED, or FAILED with card_declined", body = PaymentRecord),
+        (status = 409, description = "Idempotency key in flight"),
+        (status = 422, description = "Idempotency key reused with another body"),
+        (status = 429, description = "Merchant rate limit, with Retry-After and RateLimit-* headers"),
+        (status = 502, description = "FAILED: gateway_error", body = PaymentRecord),
+        (status = 503, description = "FAILED: gateway_unavailable (breaker open), with Retry-After", body = PaymentRecord),
+    ))]
+pub(crate) async fn create_payment(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    trace: Option<axum::Extension<TraceContext>>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let request = tracing::info_span!("signal_received")
+        .in_scope(|| signal::parse(&body, app.clock.wall(), app.limits))?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().map_err(|_| {
+                ApiError::invalid(
+                    "idempotency_key_invalid",
+                    "Idempotency-Key",
+                    "Idempotency-Key must be visible ASCII.",
+                )
+            })?;
+            validate_key(k)?;
+            Some(k.to_owned())
+        }
+    };
+    let decision = app.limiter.check(&request.merchant_id).await.map_err(|e| {
+        ApiError::unavailable(
+            "rate_limiter_unavailable",
+            e.to_string(),
+            Some(Duration::from_secs(1)),
+        )
+    })?;
+    let limit_headers = rate_headers(&decision);
+    if !decision.allowed {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorType::RateLimitError,
+            "rate_limited",
+            format!(
+                "Merchant {} is over its rate limit of {} requests; retry later.",
+                request.merchant_id, decision.limit
+            ),
+        );
+        e.headers = limit_headers;
+        return Err(e);
+    }
+    let fp = fingerprint(&body);
+    if let Some(k) = &key {
+        match app.idempotency.claim(k, &fp).await? {
+            Claim::Proceed => {}
+            Claim::Replay { status, body } => {
+                let mut extra = limit_headers;
+                extra.push((
+                    HeaderName::from_static("idempotent-replayed"),
+                    HeaderValue::from_static("true"),
+                ));
+                return Ok(respond(status, body, extra));
+            }
+        }
+    }
+    let trace_id = trace
+        .map(|t| t.0.trace_id)
+        .unwrap_or_else(|| TraceContext::root().trace_id);
+    let attempt = PaymentAttempt::new(request, trace_id, key.clone());
+    // Run in its own task: a client that hangs up must not cancel a charge half-way.
+    let worker = {
+        let app = app.clone();
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                let outcome = app.pipeline.run(&attempt).await;
+                let answer = match outcome {
+                    Ok(o) => o.output,
+                    Err(e) => {
+                        if let Some(k) = &attempt.idempotency_key {
+                            let _ = app.idempotency.release(k).await;
+                        }
+                        return Err(ApiError::unavailable(
+                            "store_unavailable",
+                            format!("{e}"),
+                            Some(Duration::from_secs(1)),
+                        ));
+                    }
+                };
+                let body = payment_body(&answer.record);
+                if let Some(k) = &attempt.idempotency_key
+                    && let Err(e) = app
+                        .idempotency
+                        .complete(k, &fp, answer.record.http_status, &body)
+                        .await
+                {
+                    tracing::error!(error = %e, "could not store the idempotent answer");
+                }
+                Ok((answer, body))
+            }
+            .instrument(span),
+        )
+    };
+    let (answer, body) = worker.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorType::ApiError,
+            "internal_error",
+            format!("payment task failed: {e}"),
+        )
+    })??;
+    let mut extra = limit_headers;
+    if let Some(after) = answer.retry_after {
+        extra.retain(|(k, _)| k != header::RETRY_AFTER);
+        extra.push((
+            header::RETRY_AFTER,
+            HeaderValue::from(after.as_secs_f64().ceil().max(1.0) as u64),
+        ));
+    }
+    Ok(respond(answer.record.http_status, body, extra))
+}
+
+/// Read a payment.
+#[utoipa::path(get, path = "/payment/{transaction_id}", tag = "payments",
+    params(("transaction_id" = String, Path, description = "txn_…")),
+    responses((status = 200, description = "The stored record", body = PaymentRecord), (status = 404, description = "Unknown id")))]
+pub(crate) async fn get_payment(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let well_formed =
+        id.len() == 36 && id.starts_with("txn_") && id[4..].bytes().all(|b| b.is_ascii_hexdigit());
+    let unknown = || {
+        ApiError::not_found(format!(
+            "No such payment: {}",
+            id.chars().take(64).collect::<String>()
+        ))
+        .with_param("transaction_id")
+    };
+    if !well_formed {
+        return Err(unknown());
+    }
+    let bytes = app
+        .store
+        .get(&keys::transaction(&id))
+        .await
+        .map_err(|e| {
+            ApiError::unavailable(
+                "store_unavailable",
+                e.to_string(),
+                Some(Duration::from_secs(1)),
+            )
+        })?
+        .ok_or_else(unknown)?;
+    let record: PaymentRecord = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorType::ApiError,
+            "record_corrupt",
+            e.to_string(),
+        )
+    })?;
+    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut body {
+        m.insert("confirmed".into(), json!(record.confirmed_at.is_some()));
+    }
+    Ok(Json(body))
+}
+
+fn require_admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    if app.api_keys.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorType::AuthenticationError,
+            "admin_disabled",
+            "Admin routes need API keys: start the service with TAI_API_KEYS (or Vault) set.",
+        ));
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if app
+        .api_keys
+        .iter()
+        .fold(false, |ok, k| k.matches(presented.as_bytes()) | ok)
+    {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorType::AuthenticationError,
+            "invalid_api_key",
+            "A valid API key is required.",
+        ))
+    }
+}
+
+fn customer_param(id: &str) -> Result<String, ApiError> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(id.to_owned())
+    } else {
+        Err(ApiError::invalid(
+            "parameter_invalid",
+            "customer_id",
+            "Invalid customer_id: 1 to 64 characters of A-Z a-z 0-9 _ -.",
+        ))
+    }
+}
+
+/// Add a customer to the blocklist.
+#[utoipa::path(post, path = "/admin/blocklist", tag = "admin",
+    request_body(content = Object, description = r#"{"customer_id": "cust_…"}"#),
+    responses((status = 201, description = "Added"), (status = 401, description = "No valid key"), (status = 403, description = "No keys configured")))]
+pub(crate) async fn add_blocklist(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = match body.get("customer_id") {
+        Some(Value::String(s)) => customer_param(s)?,
+        _ => {
+            return Err(ApiError::invalid(
+                "parameter_missing",
+                "customer_id",
+                "Missing required parameter: customer_id.",
+            ));
+        }
+    };
+    app.store
+        .put(&keys::blocklist(&id), b"1".to_vec(), None)
+        .await
+        .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string(), None))?;
+    tracing::warn!(customer_id = %id, "customer added to the blocklist");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"customer_id": id, "blocklisted": true})),
+    )
+        .into_response())
+}
+
+/// Remove a customer from the blocklist.
+#[utoipa::path(delete, path = "/admin/blocklist/{customer_id}", tag = "admin",
+    params(("customer_id" = String, Path)),
+    responses((status = 200, description = "Removed"), (status = 404, description = "Not on the blocklist")))]
+pub(crate) async fn remove_blocklist(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = customer_param(&id)?;
+    let existed = app
+        .store
+        .delete(&keys::blocklist(&id))
+        .await
+        .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string(), None))?;
+    if !existed {
+        return Err(
+            ApiError::not_found(format!("{id} is not on the blocklist")).with_param("customer_id")
+        );
+    }
+    tracing::warn!(customer_id = %id, "customer removed from the blocklist");
+    Ok(Json(json!({"customer_id": id, "blocklisted": false})))
+}
+
+/// List the blocklist.
+#[utoipa::path(get, path = "/admin/blocklist", tag = "admin", responses((status = 200, description = "Blocklisted customers")))]
+pub(crate) async fn list_blocklist(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&app, &headers)?;
+    let prefix = keys::blocklist("");
+    let ids: Vec<String> = app
+        .store
+        .keys(&prefix)
+        .await
+        .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string(), None))?
+        .into_iter()
+        .map(|k| k[prefix.len()..].to_owned())
+        .collect();
+    Ok(Json(json!({"customers": ids})))
+}

@@ -1,0 +1,104 @@
+//! Gathering the facts the fraud policy decides over: the only I/O before the decision.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tai_core::backend::BackendError;
+use tai_core::clock::SharedClock;
+use tai_core::heijunka::WindowCounter;
+use tai_core::pipeline::FactSource;
+use tai_core::store::StateStore;
+
+use crate::PaymentAttempt;
+use crate::keys;
+
+/// What the policy needs to know about an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FraudFacts {
+    /// Attempts by this customer in the velocity window, this one included.
+    pub velocity_count: u64,
+    /// Whether the customer is on the blocklist.
+    pub blocklisted: bool,
+    /// Another currency this customer paid in within the currency window, if any.
+    pub other_recent_currency: Option<String>,
+}
+
+/// Reads the facts from the velocity counter and the state store.
+#[derive(Debug, Clone)]
+pub struct FraudFactSource {
+    velocity: Arc<dyn WindowCounter>,
+    store: Arc<dyn StateStore>,
+    clock: SharedClock,
+    currency_window: chrono::Duration,
+}
+
+impl FraudFactSource {
+    /// Facts from `velocity` and `store`.
+    pub fn new(
+        velocity: Arc<dyn WindowCounter>,
+        store: Arc<dyn StateStore>,
+        clock: SharedClock,
+        currency_window: std::time::Duration,
+    ) -> Self {
+        Self {
+            velocity,
+            store,
+            clock,
+            currency_window: chrono::Duration::from_std(currency_window)
+                .unwrap_or(chrono::Duration::hours(1)),
+        }
+    }
+
+    /// Remembers that `customer` paid in `currency` now (after a successful charge).
+    pub async fn remember_currency(
+        &self,
+        customer: &str,
+        currency: &str,
+    ) -> Result<(), BackendError> {
+        let key = keys::currencies(customer);
+        let mut seen = self.recent_currencies(customer).await?;
+        seen.insert(currency.to_owned(), self.clock.wall());
+        let bytes = serde_json::to_vec(&seen).unwrap_or_default();
+        let ttl = self.currency_window.to_std().ok();
+        self.store.put(&key, bytes, ttl).await
+    }
+
+    async fn recent_currencies(
+        &self,
+        customer: &str,
+    ) -> Result<BTreeMap<String, DateTime<Utc>>, BackendError> {
+        let now = self.clock.wall();
+        let raw = self.store.get(&keys::currencies(customer)).await?;
+        let mut seen: BTreeMap<String, DateTime<Utc>> = raw
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        seen.retain(|_, at| now - *at < self.currency_window);
+        Ok(seen)
+    }
+}
+
+impl FactSource<PaymentAttempt> for FraudFactSource {
+    type Facts = FraudFacts;
+    type Error = BackendError;
+
+    async fn gather(&self, attempt: &PaymentAttempt) -> Result<FraudFacts, BackendError> {
+        let req = &attempt.request;
+        let velocity = self.velocity.hit(&req.customer_id).await?;
+        let blocklisted = self
+            .store
+            .get(&keys::blocklist(&req.customer_id))
+            .await?
+            .is_some();
+        let other_recent_currency = self
+            .recent_currencies(&req.customer_id)
+            .await?
+            .into_keys()
+            .find(|c| c != req.currency.code());
+        Ok(FraudFacts {
+            velocity_count: velocity.count,
+            blocklisted,
+            other_recent_currency,
+        })
+    }
+}

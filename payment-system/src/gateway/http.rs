@@ -1,0 +1,113 @@
+//! A client of an HTTP gateway speaking the sandbox's form (`POST /v1/charges`).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tai_core::backend::BoxFuture;
+
+use super::{ChargeOutcome, ChargeRequest, Gateway, GatewayError};
+
+/// An HTTP gateway at a base URL, with a per-call timeout.
+#[derive(Debug, Clone)]
+pub struct HttpGateway {
+    base: String,
+    timeout: Duration,
+    client: reqwest::Client,
+}
+
+impl HttpGateway {
+    /// A client of the gateway at `base` (e.g. `http://127.0.0.1:3901`).
+    pub fn new(base: &str, timeout: Duration) -> Result<Self, GatewayError> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .build()
+            .map_err(|e| GatewayError::Unreachable(e.to_string()))?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            timeout,
+            client,
+        })
+    }
+
+    /// Answers whether the gateway's `/health` responds (for `/ready`).
+    pub async fn ping(&self) -> Result<(), GatewayError> {
+        let r = self
+            .client
+            .get(format!("{}/health", self.base))
+            .send()
+            .await
+            .map_err(|e| self.map_err(e))?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(GatewayError::Server {
+                status: r.status().as_u16(),
+                message: "health check failed".into(),
+            })
+        }
+    }
+
+    fn map_err(&self, e: reqwest::Error) -> GatewayError {
+        if e.is_timeout() {
+            GatewayError::Timeout(u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX))
+        } else if e.is_connect() {
+            GatewayError::Unreachable(e.to_string())
+        } else {
+            GatewayError::Protocol(e.to_string())
+        }
+    }
+}
+
+impl Gateway for HttpGateway {
+    fn kind(&self) -> &'static str {
+        "http"
+    }
+    fn charge<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<ChargeOutcome, GatewayError>> {
+        Box::pin(async move {
+            let mut body = json!({
+                // a string, so the amount crosses the wire exactly
+                "amount": request.amount.to_string(),
+                "currency": request.currency,
+                "reference": request.reference,
+            });
+            if let Some(card) = &request.card {
+                let mut c = json!({"number": card.number.expose(), "exp_month": card.exp_month, "exp_year": card.exp_year});
+                if let Some(cvc) = &card.cvc {
+                    c["cvc"] = json!(cvc.expose());
+                }
+                body["card"] = c;
+            }
+            let response = self
+                .client
+                .post(format!("{}/v1/charges", self.base))
+                .header("Idempotency-Key", &request.idempotency_key)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| self.map_err(e))?;
+            let status = response.status().as_u16();
+            let answer: Value = response.json().await.map_err(|e| self.map_err(e))?;
+            match status {
+                200 => answer["id"]
+                    .as_str()
+                    .map(|id| ChargeOutcome::Approved {
+                        gateway_id: id.to_owned(),
+                    })
+                    .ok_or_else(|| GatewayError::Protocol("approved charge without an id".into())),
+                402 => Ok(ChargeOutcome::Declined),
+                s if s >= 500 => Err(GatewayError::Server {
+                    status: s,
+                    message: answer["error"]
+                        .as_str()
+                        .unwrap_or("server error")
+                        .to_owned(),
+                }),
+                s => Err(GatewayError::Protocol(format!("unexpected status {s}"))),
+            }
+        })
+    }
+}

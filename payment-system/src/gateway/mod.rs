@@ -1,0 +1,75 @@
+//! The Action's dependency: a payment gateway behind a trait.
+//!
+//! Two implementations: the in-process [`sandbox::Sandbox`] (the embedded default, answering by
+//! card number as a card network's test mode does) and [`http::HttpGateway`], a client of any
+//! gateway speaking the sandbox's HTTP form at `GATEWAY_URL`, such as the standalone
+//! `sandbox-gateway` binary. Every call forwards an idempotency key, so a retried charge is never
+//! charged twice; every call goes through the gateway circuit breaker (see `crate::action`).
+
+pub mod http;
+pub mod sandbox;
+
+use rust_decimal::Decimal;
+use tai_core::backend::BoxFuture;
+
+use crate::card::Card;
+
+/// One charge.
+#[derive(Debug, Clone)]
+pub struct ChargeRequest {
+    /// Exact amount, major units.
+    pub amount: Decimal,
+    /// ISO 4217 code.
+    pub currency: &'static str,
+    /// The card, if any.
+    pub card: Option<Card>,
+    /// Our transaction id.
+    pub reference: String,
+    /// Sent as `Idempotency-Key`: the same key never charges twice.
+    pub idempotency_key: String,
+}
+
+/// What the gateway decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    /// Charged; the gateway's id.
+    Approved {
+        /// e.g. `gw_…`.
+        gateway_id: String,
+    },
+    /// The card was declined: the gateway works, the card does not.
+    Declined,
+}
+
+/// The gateway failed to decide.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// It could not be reached.
+    #[error("gateway unreachable: {0}")]
+    Unreachable(String),
+    /// It did not answer in time.
+    #[error("gateway timed out after {0} ms")]
+    Timeout(u64),
+    /// It answered with a server error.
+    #[error("gateway error {status}: {message}")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// What it said.
+        message: String,
+    },
+    /// It answered something we could not read.
+    #[error("gateway answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+/// A payment gateway.
+pub trait Gateway: Send + Sync + std::fmt::Debug {
+    /// `sandbox` or `http`.
+    fn kind(&self) -> &'static str;
+    /// Charges once per idempotency key.
+    fn charge<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<ChargeOutcome, GatewayError>>;
+}

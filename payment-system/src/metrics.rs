@@ -1,0 +1,97 @@
+//! Kaizen for payments: API.md's metric names, and a rolling window Andon reads.
+
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
+use tai_core::clock::SharedClock;
+use tai_core::kaizen::{Kaizen, LATENCY_BUCKETS, RollingWindow, register};
+
+use crate::record::PaymentStatus;
+
+/// The payment metrics.
+#[derive(Debug)]
+pub struct PaymentMetrics {
+    transactions: IntCounterVec,
+    fraud: IntCounterVec,
+    duration: Histogram,
+    /// `payment_gateway_circuit_breaker_state`: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGauge,
+    window: RollingWindow,
+}
+
+impl PaymentMetrics {
+    /// Registers the metrics in `kaizen`'s registry.
+    pub fn new(kaizen: &Kaizen, clock: SharedClock) -> Self {
+        let r = kaizen.registry();
+        let valid = "constant metric definitions are valid";
+        Self {
+            transactions: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new("payment_transaction_total", "Payments by outcome"),
+                    &["status"],
+                )
+                .expect(valid),
+            ),
+            fraud: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new("payment_fraud_detected_total", "Fraud rules fired, by rule"),
+                    &["rule"],
+                )
+                .expect(valid),
+            ),
+            duration: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "payment_processing_duration_seconds",
+                        "Time to answer a payment",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect(valid),
+            ),
+            breaker_state: register(
+                r,
+                IntGauge::new(
+                    "payment_gateway_circuit_breaker_state",
+                    "Gateway breaker: 0 closed, 1 open, 2 half-open",
+                )
+                .expect(valid),
+            ),
+            window: RollingWindow::new(Duration::from_secs(60), 12, clock),
+        }
+    }
+
+    /// Records one answered payment.
+    pub fn record(
+        &self,
+        status: PaymentStatus,
+        http_status: u16,
+        fired_rules: &[&str],
+        took: Duration,
+    ) {
+        self.transactions
+            .with_label_values(&[status.as_str()])
+            .inc();
+        for rule in fired_rules {
+            self.fraud.with_label_values(&[*rule]).inc();
+        }
+        self.duration.observe(took.as_secs_f64());
+        self.window.record(took, http_status >= 500);
+        if status == PaymentStatus::FraudBlocked {
+            self.window.tag("fraud_blocked");
+        }
+    }
+
+    /// The share of recent payments blocked for fraud.
+    pub fn fraud_rate(&self) -> f64 {
+        self.window.stats().tag_rate("fraud_blocked")
+    }
+
+    /// Recent payments.
+    pub fn window(&self) -> &RollingWindow {
+        &self.window
+    }
+}

@@ -1,0 +1,98 @@
+//! The stored payment record: every attempt, whatever its outcome, and the answer it got.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use tai_core::policy::Reason;
+
+use crate::card::CardSummary;
+
+/// A payment's outcome (API.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PaymentStatus {
+    /// The gateway approved the charge.
+    Success,
+    /// The fraud score reached the block threshold; the gateway was not called.
+    FraudBlocked,
+    /// Declined, gateway error, or gateway unavailable.
+    Failed,
+}
+
+impl PaymentStatus {
+    /// The label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentStatus::Success => "SUCCESS",
+            PaymentStatus::FraudBlocked => "FRAUD_BLOCKED",
+            PaymentStatus::Failed => "FAILED",
+        }
+    }
+}
+
+/// Why a payment failed, in Stripe's error shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FailureInfo {
+    /// e.g. `card_error`, `api_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// e.g. `card_declined`, `gateway_error`, `gateway_unavailable`, `fraud_blocked`.
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+/// One payment attempt as stored and returned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PaymentRecord {
+    /// `txn_…`.
+    pub transaction_id: String,
+    /// The outcome.
+    pub status: PaymentStatus,
+    /// Exact amount, as sent.
+    #[serde(with = "rust_decimal::serde::arbitrary_precision")]
+    #[schema(value_type = f64, example = 99.99)]
+    pub amount: Decimal,
+    /// Upper-case ISO 4217.
+    pub currency: String,
+    /// Who paid.
+    pub customer_id: String,
+    /// Who was paid.
+    pub merchant_id: String,
+    /// When the attempt was received.
+    pub timestamp: DateTime<Utc>,
+    /// Time from receipt to answer.
+    pub processing_time_ms: u64,
+    /// The fraud score, exact.
+    #[serde(with = "rust_decimal::serde::arbitrary_precision")]
+    #[schema(value_type = f64, example = 0.0)]
+    pub fraud_score: Decimal,
+    /// Every fraud rule that fired, with the value that fired it.
+    #[schema(value_type = Vec<Object>)]
+    pub fraud_reasons: Vec<Reason>,
+    /// The gateway's charge id, when it charged.
+    pub gateway_response: Option<String>,
+    /// The trace of this attempt.
+    pub trace_id: String,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<FailureInfo>,
+    /// First six and last four of the card, when one was used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub card: Option<CardSummary>,
+    /// Free text from the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The request's metadata.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// When the confirmation worker confirmed a successful charge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_at: Option<DateTime<Utc>>,
+    /// The HTTP status the attempt was answered with.
+    #[serde(default)]
+    pub http_status: u16,
+}
