@@ -1,3 +1,4 @@
 //! Black-box tests: the built binaries, real backends, HTTP only.
 
 mod foundation;
+mod payment;

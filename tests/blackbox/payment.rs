@@ -1,0 +1,930 @@
+//! payment-system, from outside: API.md's contract over HTTP, with the standalone sandbox gateway.
+
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use tai_blackbox::{Proc, client, eventually, unique};
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    json: Value,
+    text: String,
+}
+
+async fn pay(http: &reqwest::Client, svc: &Proc, body: &Value, key: Option<&str>) -> Answer {
+    let mut req = http
+        .post(svc.url("/payment"))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let r = req.send().await.expect("payment request");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        json,
+        text,
+    }
+}
+
+fn payment(customer: &str, amount: Value) -> Value {
+    json!({"amount": amount, "customer_id": customer, "currency": "USD", "merchant_id": "merc_456"})
+}
+
+fn with_card(customer: &str, number: &str) -> Value {
+    let mut p = payment(customer, json!("25.00"));
+    p["card"] = json!({"number": number, "exp_month": 12, "exp_year": 2099, "cvc": "123"});
+    p
+}
+
+async fn gateway_stats(http: &reqwest::Client, gw: &Proc) -> (u64, u64) {
+    let s: Value = http
+        .get(gw.url("/v1/stats"))
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
+    (
+        s["charges"].as_u64().expect("charges"),
+        s["requests"].as_u64().expect("requests"),
+    )
+}
+
+async fn status_of(http: &reqwest::Client, svc: &Proc) -> Value {
+    http.get(svc.url("/status"))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json")
+}
+
+const CARDS: [&str; 3] = ["4242424242424242", "4000000000000002", "4000000000000119"];
+
+fn assert_no_card_numbers(logs: &[String]) {
+    for log in logs {
+        for card in CARDS {
+            assert!(!log.contains(card), "a full card number reached a log");
+        }
+    }
+}
+
+#[tokio::test]
+async fn quick_start_scenarios_hold_as_written() {
+    let http = client();
+    let svc = Proc::start("payment-system", &[]).await.expect("start");
+
+    let a = pay(
+        &http,
+        &svc,
+        &json!({"amount":99.99,"customer_id":"cust_123","currency":"USD","merchant_id":"merc_456"}),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    for field in [
+        "transaction_id",
+        "status",
+        "amount",
+        "currency",
+        "customer_id",
+        "merchant_id",
+        "timestamp",
+        "processing_time_ms",
+        "fraud_score",
+        "fraud_reasons",
+        "gateway_response",
+        "trace_id",
+    ] {
+        assert!(a.json.get(field).is_some(), "missing {field}: {}", a.text);
+    }
+    assert_eq!(a.json["status"], "SUCCESS");
+    assert!(
+        a.text.contains(r#""amount":99.99,"#),
+        "amount echoed exactly: {}",
+        a.text
+    );
+    assert!(a.text.contains(r#""fraud_score":0.0"#), "{}", a.text);
+    assert!(
+        a.json["transaction_id"]
+            .as_str()
+            .expect("id")
+            .starts_with("txn_")
+    );
+    assert!(
+        a.json["gateway_response"]
+            .as_str()
+            .expect("gw")
+            .starts_with("gw_")
+    );
+    let traceparent = a.headers["traceparent"].to_str().expect("tp");
+    assert_eq!(
+        traceparent.split('-').nth(1),
+        a.json["trace_id"].as_str(),
+        "the trace id in the body is the response's trace"
+    );
+
+    let b = pay(&http, &svc, &payment("cust_blacklist", json!(99.99)), None).await;
+    assert_eq!(
+        (b.status, b.json["status"].as_str()),
+        (402, Some("FRAUD_BLOCKED"))
+    );
+    assert!(b.text.contains(r#""fraud_score":1.0"#), "{}", b.text);
+    assert_eq!(b.json["fraud_reasons"][0]["rule"], "blocklist");
+    assert!(
+        b.json["gateway_response"].is_null(),
+        "the gateway was not called"
+    );
+
+    // parsed from text: with arbitrary precision the number keeps its written digits
+    let big: Value = serde_json::from_str(
+        r#"{"amount":10000.00,"customer_id":"cust_big","currency":"USD","merchant_id":"merc_456"}"#,
+    )
+    .expect("json");
+    let c = pay(&http, &svc, &big, None).await;
+    assert_eq!(
+        (c.status, c.json["status"].as_str()),
+        (200, Some("SUCCESS"))
+    );
+    assert!(c.text.contains(r#""fraud_score":0.3"#), "{}", c.text);
+    assert_eq!(c.json["fraud_reasons"][0]["rule"], "amount_anomaly");
+    assert_eq!(c.json["fraud_reasons"][0]["observed"], "10000.00 USD");
+
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let r = pay(&http, &svc, &payment("cust_rapid", json!(5)), None).await;
+        if r.json["status"] == "FRAUD_BLOCKED" {
+            assert_eq!(r.json["fraud_reasons"][0]["rule"], "velocity", "{}", r.text);
+        }
+        statuses.push(r.json["status"].as_str().expect("status").to_owned());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "SUCCESS").count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "FRAUD_BLOCKED").count(),
+        5,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[..5].iter().all(|s| s == "SUCCESS"),
+        "the first five pass: {statuses:?}"
+    );
+
+    // every attempt is stored, blocked ones too
+    let id = b.json["transaction_id"].as_str().expect("id");
+    let stored: Value = http
+        .get(svc.url(&format!("/payment/{id}")))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stored["status"], "FRAUD_BLOCKED");
+    let metrics = http
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(
+        metrics.contains(r#"payment_transaction_total{status="FRAUD_BLOCKED"} 6"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"payment_fraud_detected_total{rule="velocity"} 5"#));
+    assert!(metrics.contains("payment_processing_duration_seconds_count 13"));
+    // 6 of 13 blocked is far over 2%
+    let andon: Value = http
+        .get(svc.url("/andon"))
+        .send()
+        .await
+        .expect("a")
+        .json()
+        .await
+        .expect("j");
+    assert_eq!(andon["level"], "RED");
+    assert!(
+        andon["reasons"]
+            .as_array()
+            .expect("r")
+            .iter()
+            .any(|r| r["rule"] == "fraud_rate_high")
+    );
+}
+
+#[tokio::test]
+async fn twenty_concurrent_payments_by_one_customer_pass_velocity_exactly_five_times() {
+    let http = client();
+    let svc = Proc::start("payment-system", &[]).await.expect("start");
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let http = http.clone();
+            let url = svc.url("/payment");
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .json(&payment("cust_burst", json!("1.00")))
+                    .send()
+                    .await
+                    .expect("send");
+                r.json::<Value>().await.expect("json")["status"]
+                    .as_str()
+                    .expect("status")
+                    .to_owned()
+            })
+        })
+        .collect();
+    let mut success = 0;
+    for t in tasks {
+        if t.await.expect("task") == "SUCCESS" {
+            success += 1;
+        }
+    }
+    assert_eq!(success, 5);
+}
+
+#[tokio::test]
+async fn amounts_are_exact_end_to_end_and_confirmations_arrive() {
+    let http = client();
+    let svc = Proc::start("payment-system", &[]).await.expect("start");
+    let cases = [
+        (json!(0.01), "USD", "0.01"),
+        (json!("0.10"), "usd", "0.10"),
+        (json!(999999.99), "USD", "999999.99"),
+        (json!("1000000"), "EUR", "1000000"),
+        (json!(500), "JPY", "500"),
+        (json!("1.234"), "KWD", "1.234"),
+        (json!(19.9), "GBP", "19.9"),
+    ];
+    for (i, (amount, currency, exact)) in cases.into_iter().enumerate() {
+        let body = json!({"amount": amount, "currency": currency, "customer_id": format!("cust_exact_{i}"), "merchant_id": "m"});
+        let a = pay(&http, &svc, &body, None).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert!(
+            a.text.contains(&format!(r#""amount":{exact},"#)),
+            "{exact}: {}",
+            a.text
+        );
+        assert_eq!(a.json["currency"], currency.to_uppercase());
+        let id = a.json["transaction_id"].as_str().expect("id").to_owned();
+        let url = svc.url(&format!("/payment/{id}"));
+        let text = eventually(Duration::from_secs(10), "the confirmation worker", || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+                text.contains("\"confirmed_at\"").then_some(text)
+            }
+        })
+        .await;
+        assert!(
+            text.contains(&format!(r#""amount":{exact},"#)),
+            "stored exactly: {text}"
+        );
+    }
+    let r = http
+        .get(svc.url("/payment/txn_00000000000000000000000000000000"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["error"]["code"],
+        "resource_missing"
+    );
+}
+
+#[tokio::test]
+async fn idempotency_replays_refuses_other_bodies_and_charges_once() {
+    let http = client();
+    let gw = Proc::start("sandbox-gateway", &[("SANDBOX_LATENCY_MS", "150")])
+        .await
+        .expect("gateway");
+    let gw_url = gw.url("");
+    let svc = Proc::start("payment-system", &[("GATEWAY_URL", gw_url.as_str())])
+        .await
+        .expect("start");
+    let status = status_of(&http, &svc).await;
+    assert_eq!(status["backends"]["gateway"], "http gateway");
+
+    let key = unique("idem");
+    let body = with_card("cust_idem", "4242424242424242");
+    let first = pay(&http, &svc, &body, Some(&key)).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let charges = gateway_stats(&http, &gw).await.0;
+    assert_eq!(charges, 1);
+
+    let again = pay(&http, &svc, &body, Some(&key)).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.json["transaction_id"], first.json["transaction_id"]);
+    assert_eq!(again.text, first.text, "the first answer, byte for byte");
+    assert_eq!(
+        gateway_stats(&http, &gw).await,
+        (1, 1),
+        "the replay never reached the gateway"
+    );
+
+    let mut other = body.clone();
+    other["amount"] = json!("26.00");
+    let conflict = pay(&http, &svc, &other, Some(&key)).await;
+    assert_eq!(conflict.status, 422, "{}", conflict.text);
+    assert_eq!(conflict.json["error"]["code"], "idempotency_key_reused");
+
+    // 8 concurrent duplicates: one charge; the rest replay it or are told it is in flight
+    let key = unique("idem-burst");
+    let body = with_card("cust_idem_burst", "4242424242424242");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let http = http.clone();
+            let url = svc.url("/payment");
+            let key = key.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .header("Idempotency-Key", key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("send");
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.expect("json"))
+            })
+        })
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    for t in tasks {
+        let (status, body) = t.await.expect("task");
+        match status {
+            200 => {
+                ids.insert(body["transaction_id"].as_str().expect("id").to_owned());
+            }
+            409 => assert_eq!(body["error"]["code"], "idempotency_key_in_use"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one transaction");
+    assert_eq!(
+        gateway_stats(&http, &gw).await.0,
+        2,
+        "exactly one more charge"
+    );
+    assert_no_card_numbers(&[svc.log()]);
+}
+
+#[tokio::test]
+async fn the_gateway_breaker_opens_refuses_without_calling_and_closes_again() {
+    let http = client();
+    let mut gw = Proc::start("sandbox-gateway", &[]).await.expect("gateway");
+    let gw_url = gw.url("");
+    let svc = Proc::start(
+        "payment-system",
+        &[
+            ("GATEWAY_URL", gw_url.as_str()),
+            ("GATEWAY_BREAKER_OPEN_SECS", "1.5"),
+            ("GATEWAY_TIMEOUT_MS", "2000"),
+        ],
+    )
+    .await
+    .expect("start");
+    let n = std::sync::atomic::AtomicU32::new(0);
+    let customer = || {
+        format!(
+            "cust_brk_{}",
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        )
+    };
+
+    for i in 0..5 {
+        let a = pay(
+            &http,
+            &svc,
+            &with_card(&customer(), "4000000000000119"),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (a.status, a.json["error"]["code"].as_str()),
+            (502, Some("gateway_error")),
+            "failure {i}: {}",
+            a.text
+        );
+    }
+    let (_, requests) = gateway_stats(&http, &gw).await;
+    assert_eq!(requests, 5);
+    let refused = pay(
+        &http,
+        &svc,
+        &with_card(&customer(), "4242424242424242"),
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(refused.json["status"], "FAILED");
+    assert_eq!(refused.json["error"]["code"], "gateway_unavailable");
+    let retry_after: u64 = refused.headers["retry-after"]
+        .to_str()
+        .expect("ra")
+        .parse()
+        .expect("secs");
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        gateway_stats(&http, &gw).await.1,
+        5,
+        "refused without reaching the gateway"
+    );
+    let andon: Value = http
+        .get(svc.url("/andon"))
+        .send()
+        .await
+        .expect("a")
+        .json()
+        .await
+        .expect("j");
+    assert_eq!(andon["level"], "RED");
+    assert!(
+        andon["reasons"]
+            .as_array()
+            .expect("r")
+            .iter()
+            .any(|r| r["rule"] == "breaker_open"),
+        "{andon}"
+    );
+    let metrics = http
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(metrics.contains("payment_gateway_circuit_breaker_state 1"));
+
+    // after the open duration the breaker admits trials; three good ones close it
+    let half_open = || async {
+        let s = status_of(&http, &svc).await;
+        (s["breakers"][0]["state"] == "half_open").then_some(())
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the breaker to turn half-open",
+        half_open,
+    )
+    .await;
+    for _ in 0..3 {
+        let a = pay(
+            &http,
+            &svc,
+            &with_card(&customer(), "4242424242424242"),
+            None,
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    assert_eq!(
+        status_of(&http, &svc).await["breakers"][0]["state"],
+        "closed"
+    );
+
+    // a dead gateway opens it the same way; a restarted one lets it close
+    gw.kill();
+    for _ in 0..5 {
+        let a = pay(
+            &http,
+            &svc,
+            &with_card(&customer(), "4242424242424242"),
+            None,
+        )
+        .await;
+        assert_eq!(a.status, 502, "{}", a.text);
+    }
+    let refused = pay(
+        &http,
+        &svc,
+        &with_card(&customer(), "4242424242424242"),
+        None,
+    )
+    .await;
+    assert_eq!(refused.json["error"]["code"], "gateway_unavailable");
+    let andon: Value = http
+        .get(svc.url("/andon"))
+        .send()
+        .await
+        .expect("a")
+        .json()
+        .await
+        .expect("j");
+    assert_eq!(andon["level"], "RED");
+    gw.restart().await.expect("restart gateway");
+    eventually(
+        Duration::from_secs(10),
+        "the breaker to turn half-open",
+        half_open,
+    )
+    .await;
+    for _ in 0..3 {
+        let a = pay(
+            &http,
+            &svc,
+            &with_card(&customer(), "4242424242424242"),
+            None,
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    assert_eq!(
+        status_of(&http, &svc).await["breakers"][0]["state"],
+        "closed"
+    );
+    assert_no_card_numbers(&[svc.log(), gw.log()]);
+}
+
+#[tokio::test]
+async fn card_numbers_never_reach_the_logs_even_at_trace_level() {
+    let http = client();
+    let gw = Proc::start("sandbox-gateway", &[]).await.expect("gateway");
+    let gw_url = gw.url("");
+    let svc = Proc::start(
+        "payment-system",
+        &[("GATEWAY_URL", gw_url.as_str()), ("RUST_LOG", "trace")],
+    )
+    .await
+    .expect("start");
+    for (i, card) in CARDS.iter().enumerate() {
+        let a = pay(
+            &http,
+            &svc,
+            &with_card(&format!("cust_log_{i}"), card),
+            Some(&unique("log")),
+        )
+        .await;
+        assert!(a.status < 600);
+        assert!(!a.text.contains(card), "never echoed");
+        if a.json["status"] == "SUCCESS" {
+            let id = a.json["transaction_id"].as_str().expect("id");
+            let stored = http
+                .get(svc.url(&format!("/payment/{id}")))
+                .send()
+                .await
+                .expect("g")
+                .text()
+                .await
+                .expect("t");
+            assert!(stored.contains("424242******4242"), "{stored}");
+            assert!(!stored.contains(card));
+        }
+    }
+    // a bad card number is not echoed in the error either
+    let bad = pay(
+        &http,
+        &svc,
+        &with_card("cust_log_bad", "4242424242424241"),
+        None,
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert!(!bad.text.contains("4242424242424241"));
+    let log = svc.log();
+    assert!(
+        log.contains("payment answered"),
+        "the log was written at all"
+    );
+    assert!(!log.contains("4242424242424241"));
+    assert_no_card_numbers(&[log]);
+}
+
+#[tokio::test]
+async fn merchants_are_rate_limited_and_overload_is_shed() {
+    let http = client();
+    let svc = Proc::start("payment-system", &[("MERCHANT_RATE_PER_SEC", "2")])
+        .await
+        .expect("start");
+    let mut statuses = Vec::new();
+    let mut limited = None;
+    for i in 0..3 {
+        let a = pay(
+            &http,
+            &svc,
+            &payment(&format!("cust_rl_{i}"), json!(1)),
+            None,
+        )
+        .await;
+        statuses.push(a.status);
+        if a.status == 429 {
+            limited = Some(a);
+        }
+    }
+    assert_eq!(statuses, vec![200, 200, 429]);
+    let limited = limited.expect("a 429");
+    assert_eq!(limited.json["error"]["type"], "rate_limit_error");
+    assert!(limited.headers.contains_key("retry-after"));
+    assert_eq!(limited.headers["ratelimit-limit"], "2");
+    assert_eq!(limited.headers["ratelimit-remaining"], "0");
+    // another merchant has its own budget
+    let mut other = payment("cust_rl_other", json!(1));
+    other["merchant_id"] = json!("merc_other");
+    assert_eq!(pay(&http, &svc, &other, None).await.status, 200);
+
+    let slow = Proc::start(
+        "payment-system",
+        &[
+            ("PAYMENT_MAX_CONCURRENCY", "2"),
+            ("SANDBOX_LATENCY_MS", "400"),
+        ],
+    )
+    .await
+    .expect("start");
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let http = http.clone();
+            let url = slow.url("/payment");
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .json(&payment(&format!("cust_shed_{i}"), json!(1)))
+                    .send()
+                    .await
+                    .expect("send");
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.expect("json"))
+            })
+        })
+        .collect();
+    let mut shed = 0;
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            (200, _) => ok += 1,
+            (503, body) => {
+                assert_eq!(body["error"]["code"], "overloaded");
+                shed += 1;
+            }
+            (s, body) => panic!("unexpected {s}: {body}"),
+        }
+    }
+    assert!(ok >= 2 && shed >= 1, "ok {ok}, shed {shed}");
+}
+
+#[tokio::test]
+async fn the_blocklist_is_edited_at_runtime_through_an_authenticated_admin_route() {
+    let http = client();
+    let open = Proc::start("payment-system", &[]).await.expect("start");
+    let r = http
+        .get(open.url("/admin/blocklist"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 403, "no keys configured: admin is off");
+
+    let svc = Proc::start("payment-system", &[("TAI_API_KEYS", "sk_admin")])
+        .await
+        .expect("start");
+    let add = |id: &str, key: Option<&str>| {
+        let mut r = http
+            .post(svc.url("/admin/blocklist"))
+            .json(&json!({"customer_id": id}));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    assert_eq!(add("cust_late", None).await.expect("post").status(), 401);
+    assert_eq!(
+        add("cust_late", Some("sk_admin"))
+            .await
+            .expect("post")
+            .status(),
+        201
+    );
+    let list: Value = http
+        .get(svc.url("/admin/blocklist"))
+        .bearer_auth("sk_admin")
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("j");
+    assert_eq!(list["customers"], json!(["cust_blacklist", "cust_late"]));
+
+    let paid = |customer: &'static str| {
+        http.post(svc.url("/payment"))
+            .bearer_auth("sk_admin")
+            .json(&payment(customer, json!(3)))
+            .send()
+    };
+    let r: Value = paid("cust_late")
+        .await
+        .expect("pay")
+        .json()
+        .await
+        .expect("j");
+    assert_eq!(
+        (r["status"].as_str(), r["fraud_reasons"][0]["rule"].as_str()),
+        (Some("FRAUD_BLOCKED"), Some("blocklist"))
+    );
+    let del = http
+        .delete(svc.url("/admin/blocklist/cust_late"))
+        .bearer_auth("sk_admin")
+        .send()
+        .await
+        .expect("del");
+    assert_eq!(del.status(), 200);
+    let del = http
+        .delete(svc.url("/admin/blocklist/cust_late"))
+        .bearer_auth("sk_admin")
+        .send()
+        .await
+        .expect("del");
+    assert_eq!(del.status(), 404);
+    let r: Value = paid("cust_late")
+        .await
+        .expect("pay")
+        .json()
+        .await
+        .expect("j");
+    assert_eq!(r["status"], "SUCCESS");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_4xx_json_errors_and_change_nothing() {
+    let http = client();
+    let svc = Proc::start("payment-system", &[]).await.expect("start");
+    let good = pay(&http, &svc, &payment("cust_before", json!("12.34")), None).await;
+    assert_eq!(good.status, 200);
+    let id = good.json["transaction_id"].as_str().expect("id").to_owned();
+    let url = svc.url(&format!("/payment/{id}"));
+    // wait for the confirmation, which is the last change the record gets
+    let record_before = eventually(Duration::from_secs(10), "the confirmation", || {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+            text.contains("\"confirmed_at\"").then_some(text)
+        }
+    })
+    .await;
+    let metrics_count = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("payment_transaction_total"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let before = metrics_count(
+        &http
+            .get(svc.url("/metrics"))
+            .send()
+            .await
+            .expect("m")
+            .text()
+            .await
+            .expect("t"),
+    );
+
+    let base = json!({"amount": "10.00", "currency": "USD", "customer_id": "cust_before", "merchant_id": "merc_456"});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b.to_string()
+    };
+    let without = |k: &str| {
+        let mut b = base.clone();
+        b.as_object_mut().expect("obj").remove(k);
+        b.to_string()
+    };
+    let card = |c: Value| with("card", c);
+    let mut cases: Vec<String> = vec![
+        with("amount", json!(true)),
+        with("amount", json!(null)),
+        with("amount", json!([1])),
+        with("amount", json!({"value": 1})),
+        with("amount", json!("ten")),
+        with("amount", json!("")),
+        with("amount", json!(0)),
+        with("amount", json!("0.00")),
+        with("amount", json!(-5)),
+        with("amount", json!("-0")),
+        r#"{"amount": -0.0, "currency": "USD", "customer_id": "c", "merchant_id": "m"}"#.to_owned(),
+        with("amount", json!("10.001")),
+        with("amount", json!(1e300)),
+        r#"{"amount": 1e400, "currency": "USD", "customer_id": "c", "merchant_id": "m"}"#
+            .to_owned(),
+        r#"{"amount": 1e-400, "currency": "USD", "customer_id": "c", "merchant_id": "m"}"#
+            .to_owned(),
+        with("amount", json!("1000000.01")),
+        with(
+            "amount",
+            json!("99999999999999999999999999999999999999999999"),
+        ),
+        with("amount", json!("NaN")),
+        r#"{"amount": "12.5", "currency": "JPY", "customer_id": "c", "merchant_id": "m"}"#
+            .to_owned(),
+        with("currency", json!("XYZ")),
+        with("currency", json!("US")),
+        with("currency", json!(840)),
+        with("customer_id", json!("")),
+        with("customer_id", json!("has space")),
+        with("customer_id", json!("ünïcödé")),
+        with("customer_id", json!("x".repeat(65))),
+        with("merchant_id", json!(123)),
+        with("merchant_id", json!("m/../etc")),
+        without("amount"),
+        without("currency"),
+        without("customer_id"),
+        without("merchant_id"),
+        card(json!({"number": "4242424242424241", "exp_month": 12, "exp_year": 2099})),
+        card(json!({"number": "4242", "exp_month": 12, "exp_year": 2099})),
+        card(json!({"number": 4242424242424242u64, "exp_month": 12, "exp_year": 2099})),
+        card(json!({"number": "4242424242424242", "exp_month": 12, "exp_year": 2001})),
+        card(json!({"number": "4242424242424242", "exp_month": 13, "exp_year": 2099})),
+        card(json!({"number": "4242424242424242", "exp_month": 12, "exp_year": 2099, "cvc": "12"})),
+        card(json!("4242424242424242")),
+        with("ip_country", json!("ZZ")),
+        with("card_country", json!("usa")),
+        with(
+            "metadata",
+            json!({"nested": {"junk": [1, 2, {"deeper": true}]}}),
+        ),
+        with("metadata", json!([1, 2])),
+        with("description", json!("d".repeat(1001))),
+        with("unexpected", json!(1)),
+        "[]".to_owned(),
+        "\"just a string\"".to_owned(),
+        "null".to_owned(),
+        "{}".to_owned(),
+        "".to_owned(),
+        "{".to_owned(),
+    ];
+    cases.push(format!(
+        "{{\"amount\": 1, \"nest\": {}}}",
+        "[".repeat(200) + &"]".repeat(200)
+    ));
+    assert!(cases.len() >= 40);
+    for body in &cases {
+        let r = http
+            .post(svc.url("/payment"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("send");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("text");
+        assert!((400..500).contains(&status), "{status} for {body}: {text}");
+        let json: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON for {body}: {text}"));
+        assert!(
+            json["error"]["code"].is_string() && json["error"]["message"].is_string(),
+            "{body}: {text}"
+        );
+        assert!(!text.contains("4242424242424242"), "card echoed");
+    }
+    // a malformed Idempotency-Key is refused too
+    let r = http
+        .post(svc.url("/payment"))
+        .header("Idempotency-Key", "x".repeat(256))
+        .json(&base)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+
+    let record_after = http
+        .get(svc.url(&format!("/payment/{id}")))
+        .send()
+        .await
+        .expect("g")
+        .text()
+        .await
+        .expect("t");
+    assert_eq!(record_before, record_after);
+    let after = metrics_count(
+        &http
+            .get(svc.url("/metrics"))
+            .send()
+            .await
+            .expect("m")
+            .text()
+            .await
+            .expect("t"),
+    );
+    assert_eq!(before, after, "no payment was counted, so none was stored");
+    let status = status_of(&http, &svc).await;
+    assert_eq!(status["kaizen"]["errors"], 0, "no 5xx");
+}
