@@ -1,34 +1,243 @@
 //! # deployment-system
 //!
-//! The deployment service on tai-core: `POST /deploy` turns a deployment request (the Signal)
-//! into safety checks (the Policy) and a progressive rollout (the Action). This crate is the
-//! library; `main.rs` only reads the configuration and serves.
+//! The deployment service on tai-core: a rollout controller in the spirit of Argo Rollouts and
+//! Flagger. `POST /deploy` runs the Signal -> Policy -> Action flow:
+//!
+//! - [`signal`]: parse and validate the request (stages, gates and region order may be given);
+//! - [`safety`]: gather facts (image, regions, capacity, rollback target), then decide purely,
+//!   naming every failed check;
+//! - [`rollout`]: the controller drives a persisted state machine per region, canary 5% ->
+//!   staging 25% -> prod 100%, with health analysis ([`analysis`]) at every step, automatic
+//!   rollback on a failed gate, and one rollout at a time per region (the Kanban queue);
+//! - [`fleet`]: the platform trait and the simulated fleet, the embedded default;
+//! - [`metrics`]: API.md's metric names and the figures Andon watches.
 
 #![warn(missing_docs)]
 
-use axum::Router;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use tai_core::runtime::{ApiError, ApiJson, ErrorType, Runtime};
+pub mod analysis;
+mod api;
+pub mod fleet;
+pub mod metrics;
+pub mod rollout;
+pub mod safety;
+pub mod signal;
 
-/// Builds the service's routes and OpenAPI document on `runtime`.
-pub fn build(runtime: &mut Runtime) -> (Router, utoipa::openapi::OpenApi) {
-    runtime.set_backend("state", "memory");
-    runtime.set_backend("platform", "sim");
-    let router = Router::new().route("/deploy", post(create_deployment));
-    (router, utoipa::openapi::OpenApiBuilder::new().build())
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use tai_core::andon::{AndonRule, Level};
+use tai_core::backend::BackendError;
+use tai_core::clock::SharedClock;
+use tai_core::pipeline::{Action, Pipeline};
+use tai_core::policy::Verdict;
+use tai_core::runtime::{ConfigError, Runtime};
+use tai_core::store::{MemoryStore, StateStore};
+use utoipa::OpenApi;
+
+use crate::analysis::{AnalysisProvider, HttpProbe, PrometheusAnalysis, SimAnalysis};
+use crate::fleet::{FixtureRegistry, FleetFixture, SimFleet};
+use crate::metrics::DeploymentMetrics;
+use crate::rollout::{Controller, ControllerHandle};
+use crate::safety::{SafetyFactSource, SafetyFacts, SafetyPolicy};
+use crate::signal::{Defaults, DeployRequest, Provider};
+
+/// Admitting a checked request hands its facts on; the controller takes it from there.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Admit;
+
+impl Action<DeployRequest, SafetyFacts> for Admit {
+    type Output = SafetyFacts;
+    type Error = BackendError;
+    async fn act(
+        &self,
+        _req: &DeployRequest,
+        facts: &SafetyFacts,
+        _verdict: &Verdict,
+    ) -> Result<SafetyFacts, BackendError> {
+        Ok(facts.clone())
+    }
 }
 
-async fn create_deployment(
-    ApiJson(body): ApiJson<serde_json::Map<String, serde_json::Value>>,
-) -> Response {
-    let _ = body;
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        ErrorType::ApiError,
-        "not_implemented",
-        "deployments are not carried out yet",
+/// What the handlers share.
+#[derive(Debug)]
+pub(crate) struct App {
+    defaults: Defaults,
+    safety: Pipeline<SafetyFactSource, SafetyPolicy, Admit>,
+    handle: ControllerHandle,
+    clock: SharedClock,
+    providers: HashSet<Provider>,
+    fleet: SimFleet,
+    wait_limit: Duration,
+}
+
+/// The service could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A setting was invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The fleet fixture was unreadable or invalid.
+    #[error("fleet fixture {path}: {message}")]
+    Fixture {
+        /// The file.
+        path: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// A backend failed at start.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// An analysis provider could not be set up.
+    #[error("analysis provider: {0}")]
+    Provider(String),
+}
+
+#[derive(OpenApi)]
+#[openapi(paths(
+    api::create,
+    api::get,
+    api::abort,
+    api::promote,
+    api::pause,
+    api::resume,
+    api::list,
+    api::fleet
+))]
+struct DeployApi;
+
+/// Builds the deployment service on `runtime`: its controller, routes and OpenAPI.
+pub async fn build(
+    runtime: &mut Runtime,
+) -> Result<(Router, utoipa::openapi::OpenApi), BuildError> {
+    let cfg = runtime.config().clone();
+    let clock = runtime.clock();
+    let fixture_text = match cfg.setting("FLEET_FIXTURE_PATH") {
+        Some(path) => std::fs::read_to_string(&path).map_err(|e| BuildError::Fixture {
+            path: path.clone(),
+            message: e.to_string(),
+        })?,
+        None => fleet::DEFAULT_FLEET.to_owned(),
+    };
+    let fixture =
+        FleetFixture::from_toml(&fixture_text).map_err(|message| BuildError::Fixture {
+            path: "config/fleet.toml".into(),
+            message,
+        })?;
+
+    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new(clock.clone()));
+    runtime.set_backend("state", store.backend());
+    runtime.set_backend("platform", "sim");
+    runtime.set_backend("registry", "fixture");
+
+    let sim = SimFleet::new(fixture.clone(), store.clone());
+    let platform: Arc<dyn fleet::Platform> = Arc::new(sim.clone());
+    let registry: Arc<dyn fleet::ImageRegistry> = Arc::new(FixtureRegistry::new(&fixture));
+
+    let probe_timeout = Duration::from_millis(cfg.setting_or("ANALYSIS_TIMEOUT_MS", 2000u64)?);
+    let mut providers: HashMap<Provider, Arc<dyn AnalysisProvider>> = HashMap::new();
+    providers.insert(Provider::Sim, Arc::new(SimAnalysis::new(sim.clone())));
+    if let Some(template) = cfg.setting("HEALTH_URL_TEMPLATE") {
+        providers.insert(
+            Provider::Http,
+            Arc::new(HttpProbe::new(&template, probe_timeout).map_err(BuildError::Provider)?),
+        );
+    }
+    if let Some(prom) = cfg.setting("PROMETHEUS_URL") {
+        let error_q = cfg
+            .setting("PROMQL_ERROR_RATE")
+            .unwrap_or_else(|| analysis::DEFAULT_ERROR_RATE_QUERY.to_owned());
+        let p99_q = cfg
+            .setting("PROMQL_P99_SECONDS")
+            .unwrap_or_else(|| analysis::DEFAULT_P99_QUERY.to_owned());
+        providers.insert(
+            Provider::Prometheus,
+            Arc::new(
+                PrometheusAnalysis::new(&prom, &error_q, &p99_q, probe_timeout)
+                    .map_err(BuildError::Provider)?,
+            ),
+        );
+    }
+
+    let mut defaults = Defaults::default();
+    if let Some(regions) = cfg.setting("DEFAULT_REGIONS") {
+        defaults.regions = regions
+            .split(',')
+            .map(|r| r.trim().to_owned())
+            .filter(|r| !r.is_empty())
+            .collect();
+    }
+    if let Some(registry_host) = cfg.setting("IMAGE_REGISTRY") {
+        defaults.registry = registry_host;
+    }
+
+    let metrics = Arc::new(DeploymentMetrics::new(runtime.kaizen(), clock.clone()));
+    let provider_kinds: HashSet<Provider> = providers.keys().copied().collect();
+    let (controller, handle) = Controller::load(
+        store.clone(),
+        platform.clone(),
+        providers,
+        clock.clone(),
+        metrics.clone(),
     )
-    .into_response()
+    .await?;
+    runtime.spawn_worker(controller.run(runtime.shutdown_signal()));
+
+    let trouble = metrics.clone();
+    let inconclusive = handle.clone();
+    runtime.add_figures(move |f| {
+        f.insert("recent_rollbacks".into(), trouble.recent_trouble());
+        f.insert(
+            "inconclusive_gates".into(),
+            inconclusive.inconclusive_now() as f64,
+        );
+    });
+    runtime.add_andon_rule(AndonRule::new(
+        "rollback_recent",
+        "recent_rollbacks",
+        0.0,
+        Level::Red,
+        "rollbacks and failed deployments in the last 5 minutes",
+    ));
+    runtime.add_andon_rule(AndonRule::new(
+        "gate_inconclusive",
+        "inconclusive_gates",
+        0.0,
+        Level::Yellow,
+        "stages held on inconclusive health analysis",
+    ));
+
+    let safety = Pipeline::new(
+        "deploy",
+        SafetyFactSource { registry, platform },
+        SafetyPolicy,
+        Admit,
+        runtime.kaizen().clone(),
+    );
+    let wait_limit = cfg
+        .request_timeout
+        .saturating_sub(Duration::from_secs(1))
+        .max(Duration::from_millis(100));
+    let app = Arc::new(App {
+        defaults,
+        safety,
+        handle,
+        clock,
+        providers: provider_kinds,
+        fleet: sim,
+        wait_limit,
+    });
+    let router = Router::new()
+        .route("/deploy", post(api::create))
+        .route("/deploy/{deployment_id}", get(api::get))
+        .route("/deploy/{deployment_id}/abort", post(api::abort))
+        .route("/deploy/{deployment_id}/promote", post(api::promote))
+        .route("/deploy/{deployment_id}/pause", post(api::pause))
+        .route("/deploy/{deployment_id}/resume", post(api::resume))
+        .route("/deployments", get(api::list))
+        .route("/fleet", get(api::fleet))
+        .with_state(app);
+    Ok((router, DeployApi::openapi()))
 }

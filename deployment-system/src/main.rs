@@ -9,7 +9,7 @@ async fn main() -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         "127.0.0.1:3002",
     )?;
-    let (router, api) = deployment_system::build(&mut runtime);
+    let (router, api) = deployment_system::build(&mut runtime).await?;
     runtime.serve(router, api).await?;
     Ok(())
 }

@@ -1,0 +1,138 @@
+//! Kaizen for rollouts: API.md's metric names, per-stage durations, time to roll back, and the
+//! recent rollbacks Andon turns RED on.
+
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge};
+use tai_core::clock::SharedClock;
+use tai_core::kaizen::{Kaizen, RollingWindow, register};
+
+use crate::rollout::model::{Deployment, Status};
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
+
+/// The deployment metrics.
+#[derive(Debug)]
+pub struct DeploymentMetrics {
+    success: IntCounter,
+    rollback: IntCounter,
+    failed: IntCounter,
+    duration: Histogram,
+    stage: HistogramVec,
+    rollback_seconds: Histogram,
+    in_progress: IntGauge,
+    recent: RollingWindow,
+}
+
+impl DeploymentMetrics {
+    /// Registers the metrics in `kaizen`'s registry.
+    pub fn new(kaizen: &Kaizen, clock: SharedClock) -> Self {
+        let r = kaizen.registry();
+        let valid = "constant metric definitions are valid";
+        Self {
+            success: register(
+                r,
+                IntCounter::new(
+                    "deployment_success_total",
+                    "Deployments that reached every region",
+                )
+                .expect(valid),
+            ),
+            rollback: register(
+                r,
+                IntCounter::new(
+                    "deployment_rollback_total",
+                    "Regions rolled back after a failed gate or an abort",
+                )
+                .expect(valid),
+            ),
+            failed: register(
+                r,
+                IntCounter::new(
+                    "deployment_failed_total",
+                    "Deployments that ended FAILED or ABORTED",
+                )
+                .expect(valid),
+            ),
+            duration: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "deployment_duration_seconds",
+                        "Time from acceptance to the end of a deployment",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                )
+                .expect(valid),
+            ),
+            stage: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "deployment_stage_duration_seconds",
+                        "Time a stage took, bake and analysis",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["stage"],
+                )
+                .expect(valid),
+            ),
+            rollback_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "deployment_rollback_duration_seconds",
+                        "Time from a failed gate to the rollback done",
+                    )
+                    .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                )
+                .expect(valid),
+            ),
+            in_progress: register(
+                r,
+                IntGauge::new("deployments_in_progress", "Deployments not yet ended").expect(valid),
+            ),
+            recent: RollingWindow::new(Duration::from_secs(300), 30, clock),
+        }
+    }
+
+    /// A deployment was accepted.
+    pub fn started(&self) {
+        self.in_progress.inc();
+    }
+
+    /// A stage completed.
+    pub fn stage(&self, stage: &str, secs: f64) {
+        self.stage.with_label_values(&[stage]).observe(secs);
+    }
+
+    /// A region was rolled back after a failed gate.
+    pub fn rolled_back(&self, secs: f64) {
+        self.rollback.inc();
+        self.rollback_seconds.observe(secs);
+        self.recent.tag("rollback");
+    }
+
+    /// A deployment ended.
+    pub fn ended(&self, status: Status, d: &Deployment) {
+        self.in_progress.dec();
+        self.duration.observe(d.duration_secs);
+        match status {
+            Status::Success => self.success.inc(),
+            Status::Failed | Status::Aborted => {
+                self.failed.inc();
+                self.recent.tag("failed");
+            }
+            _ => {}
+        }
+    }
+
+    /// Rollbacks and failures in the last five minutes.
+    pub fn recent_trouble(&self) -> f64 {
+        let s = self.recent.stats();
+        (s.tags.get("rollback").copied().unwrap_or(0) + s.tags.get("failed").copied().unwrap_or(0))
+            as f64
+    }
+}
