@@ -34,7 +34,7 @@ use tai_core::clock::SharedClock;
 use tai_core::pipeline::{Action, Pipeline};
 use tai_core::policy::Verdict;
 use tai_core::runtime::{ConfigError, Runtime};
-use tai_core::store::{MemoryStore, StateStore};
+use tai_core::store::StateStore;
 use utoipa::OpenApi;
 
 use crate::analysis::{AnalysisProvider, HttpProbe, PrometheusAnalysis, SimAnalysis};
@@ -127,8 +127,7 @@ pub async fn build(
             message,
         })?;
 
-    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new(clock.clone()));
-    runtime.set_backend("state", store.backend());
+    let store: Arc<dyn StateStore> = runtime.state_store().await?;
     runtime.set_backend("platform", "sim");
     runtime.set_backend("registry", "fixture");
 

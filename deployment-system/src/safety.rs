@@ -117,17 +117,6 @@ impl Policy<DeployRequest, SafetyFacts> for SafetyPolicy {
                     "a stable version runs there",
                     Decimal::ONE,
                 )),
-                Some(_) if r.stable.as_deref() == Some(req.version.as_str()) => {
-                    reasons.push(Reason::new(
-                        "already_deployed",
-                        format!(
-                            "{} already runs {} in {}",
-                            req.service, req.version, r.region
-                        ),
-                        "a version other than the stable one",
-                        Decimal::ONE,
-                    ))
-                }
                 Some(_) => {}
             }
         }

@@ -46,7 +46,7 @@ use tai_core::kanban::{MemoryQueue, QueueConfig, SharedQueue};
 use tai_core::pipeline::Pipeline;
 use tai_core::runtime::{ApiError, ConfigError, ErrorType, Runtime};
 use tai_core::secrets::Secret;
-use tai_core::store::{MemoryStore, StateStore};
+use tai_core::store::StateStore;
 use tower::ServiceBuilder;
 use utoipa::OpenApi;
 
@@ -186,8 +186,7 @@ pub async fn build(
         message,
     })?;
 
-    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new(clock.clone()));
-    runtime.set_backend("state", store.backend());
+    let store: Arc<dyn StateStore> = runtime.state_store().await?;
     for customer in &rules.blocklist {
         store
             .put(&keys::blocklist(customer), b"1".to_vec(), None)

@@ -524,7 +524,8 @@ impl Controller {
                     .unwrap_or(0);
                 let busy = owner.contains_key(&region);
                 if busy || ahead > 0 {
-                    let position = ahead + 1 + usize::from(busy);
+                    // 1 = next to take the region once it is free
+                    let position = ahead + 1;
                     if d.regions[ci].queue_position != Some(position) {
                         d.regions[ci].queue_position = Some(position);
                         if ci == 0 {

@@ -262,6 +262,30 @@ impl Runtime {
         self.andon_rules.push(rule);
     }
 
+    /// The state store the configuration asks for: Redis when `REDIS_URL` is set (keys prefixed
+    /// with `REDIS_KEY_PREFIX`, default `tai:<service>:`), memory otherwise. Registers it on
+    /// `/status` and, for Redis, as a `/ready` probe.
+    pub async fn state_store(&mut self) -> Result<Arc<dyn crate::store::StateStore>, BackendError> {
+        let store: Arc<dyn crate::store::StateStore> = match &self.config.redis_url {
+            Some(url) => {
+                let prefix = self
+                    .config
+                    .setting("REDIS_KEY_PREFIX")
+                    .unwrap_or_else(|| format!("tai:{}:", self.config.service));
+                let redis = crate::store::RedisStore::connect(url.expose(), &prefix).await?;
+                let probe = redis.clone();
+                self.add_readiness("redis", move || {
+                    let probe = probe.clone();
+                    Box::pin(async move { crate::store::StateStore::ping(&probe).await })
+                });
+                Arc::new(redis)
+            }
+            None => Arc::new(crate::store::MemoryStore::new(self.clock.clone())),
+        };
+        self.set_backend("state", store.backend());
+        Ok(store)
+    }
+
     /// A receiver that turns `true` when shutdown begins; workers stop taking new work then.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown_tx.subscribe()

@@ -4,11 +4,16 @@
 //! [`StateStore`]. Values are bytes (services store JSON); keys may expire. The operations are the
 //! ones that stay atomic on Redis too: a plain write, a write only if absent (idempotency keys,
 //! leases), and a compare-and-swap (state transitions under a fencing token).
-//! [`MemoryStore`] is the embedded default, on the injectable clock.
+//! [`MemoryStore`] is the embedded default, on the injectable clock; [`RedisStore`] keeps the
+//! same contract in Redis, atomically, so every replica shares one state.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+mod redis;
+
+pub use self::redis::RedisStore;
 
 use crate::backend::{BackendError, BoxFuture};
 use crate::clock::SharedClock;

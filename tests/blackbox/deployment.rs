@@ -1,0 +1,776 @@
+//! deployment-system, from outside: progressive delivery over HTTP against the built binary.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tai_blackbox::{Proc, backend, client, eventually, unique};
+
+fn stages(bake: f64) -> Value {
+    json!([
+        {"name": "canary", "weight": 5, "bake_secs": bake},
+        {"name": "staging", "weight": 25, "bake_secs": bake},
+        {"name": "prod", "weight": 100, "bake_secs": bake},
+    ])
+}
+
+fn request(service: &str, version: &str, bake: f64) -> Value {
+    json!({"service": service, "version": version, "stages": stages(bake), "analysis": {"interval_secs": 0.05}})
+}
+
+async fn post(http: &reqwest::Client, svc: &Proc, path: &str, body: &Value) -> (u16, Value) {
+    let r = http
+        .post(svc.url(path))
+        .json(body)
+        .send()
+        .await
+        .expect("post");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("json"))
+}
+
+async fn get(http: &reqwest::Client, svc: &Proc, path: &str) -> Value {
+    http.get(svc.url(path))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
+async fn wait_terminal(http: &reqwest::Client, svc: &Proc, id: &str, within: Duration) -> Value {
+    eventually(within, &format!("{id} to end"), || async {
+        let d = get(http, svc, &format!("/deploy/{id}")).await;
+        let s = d["status"].as_str().unwrap_or("");
+        ["SUCCESS", "ROLLED_BACK", "FAILED", "ABORTED", "REJECTED"]
+            .contains(&s)
+            .then_some(d)
+    })
+    .await
+}
+
+async fn traffic(http: &reqwest::Client, svc: &Proc, region: &str, service: &str) -> Value {
+    get(http, svc, "/fleet").await["regions"][region][service].clone()
+}
+
+#[tokio::test]
+async fn a_healthy_release_rolls_out_through_every_stage() {
+    let http = client();
+    let svc = Proc::start("deployment-system", &[]).await.expect("start");
+    let mut body = request("api-service", "v2.0.0", 0.2);
+    body["target_region"] = json!("us-west-2");
+    let (status, d) = post(&http, &svc, "/deploy?wait=true", &body).await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["status"], "SUCCESS");
+    assert_eq!(
+        d["stages_completed"],
+        json!(["validation", "canary", "staging", "prod"])
+    );
+    assert_eq!(d["regions"][0]["status"], "SUCCESS");
+    let passes = d["regions"][0]["analysis"].as_array().expect("analysis");
+    assert!(
+        passes.len() >= 3 && passes.iter().all(|a| a["result"] == "pass"),
+        "{d}"
+    );
+    let t = traffic(&http, &svc, "us-west-2", "api-service").await;
+    assert_eq!(
+        (t["stable"].as_str(), t["canary"].is_null()),
+        (Some("v2.0.0"), true),
+        "the fleet runs v2.0.0 at 100%"
+    );
+    assert_eq!(
+        traffic(&http, &svc, "us-east-1", "api-service").await["stable"],
+        "v1.9.0",
+        "other regions untouched"
+    );
+    let metrics = http
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(metrics.contains("deployment_success_total 1"), "{metrics}");
+    assert!(metrics.contains("deployment_duration_seconds_count 1"));
+    assert!(metrics.contains(r#"deployment_stage_duration_seconds_count{stage="canary"} 1"#));
+
+    // without wait: 202, Location, then it ends by itself
+    let (status, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &request("api-service", "v2.1.0", 0.1),
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert!(["PENDING", "IN_PROGRESS"].contains(&d["status"].as_str().unwrap_or("")));
+    let id = d["deployment_id"].as_str().expect("id");
+    assert_eq!(
+        wait_terminal(&http, &svc, id, Duration::from_secs(20)).await["status"],
+        "SUCCESS"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_canary_is_rolled_back_with_the_measured_gate_in_the_events() {
+    let http = client();
+    let svc = Proc::start("deployment-system", &[]).await.expect("start");
+    let (status, d) = post(
+        &http,
+        &svc,
+        "/deploy?wait=true",
+        &request("bad-service", "v1.0.0", 0.3),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["status"], "ROLLED_BACK");
+    assert_eq!(d["regions"][0]["status"], "ROLLED_BACK");
+    assert_eq!(
+        d["regions"][0]["stages_completed"],
+        json!([]),
+        "it never left canary"
+    );
+    assert_eq!(d["stages_completed"], json!(["validation"]));
+    let failed = d["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["kind"] == "gate_failed")
+        .expect("a gate_failed event")
+        .clone();
+    assert_eq!(failed["stage"], "canary");
+    assert_eq!(failed["detail"]["error_rate"], 0.12);
+    assert_eq!(failed["detail"]["max_error_rate"], 0.05);
+    assert_eq!(failed["detail"]["decision"], "rollback");
+    assert!(
+        d["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["kind"] == "rolled_back")
+    );
+    let t = traffic(&http, &svc, "us-west-2", "bad-service").await;
+    assert_eq!(
+        (t["stable"].as_str(), t["canary"].is_null()),
+        (Some("v0.9.0"), true)
+    );
+    let metrics = http
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(metrics.contains("deployment_rollback_total 1"));
+    assert!(metrics.contains("deployment_rollback_duration_seconds_count 1"));
+    let andon = get(&http, &svc, "/andon").await;
+    assert_eq!(andon["level"], "RED");
+}
+
+#[tokio::test]
+async fn safety_checks_and_malformed_requests_are_refused() {
+    let http = client();
+    let svc = Proc::start("deployment-system", &[]).await.expect("start");
+    let codes = |d: &Value| {
+        d["reasons"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .map(|x| x["code"].as_str().unwrap_or("").to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let (status, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &json!({"service": "api-service", "version": "v9.9.9"}),
+    )
+    .await;
+    assert_eq!((status, d["status"].as_str()), (422, Some("REJECTED")));
+    assert_eq!(codes(&d), vec!["image_not_found"]);
+    let (status, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &json!({"service": "api-service", "version": "v2.0.0", "target_region": "mars-1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, codes(&d)),
+        (422, vec!["unknown_region".to_owned()])
+    );
+    let (status, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &json!({"service": "big-service", "version": "v2.0.0"}),
+    )
+    .await;
+    assert_eq!(
+        (status, codes(&d)),
+        (422, vec!["insufficient_capacity".to_owned()])
+    );
+    let (status, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &json!({"service": "new-service", "version": "v1.0.0"}),
+    )
+    .await;
+    assert_eq!(
+        (status, codes(&d)),
+        (422, vec!["no_rollback_target".to_owned()])
+    );
+    let (status, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &json!({"service": "ghost", "version": "v1", "regions": ["us-west-2", "mars-1"]}),
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert_eq!(
+        codes(&d),
+        vec!["image_not_found", "no_rollback_target", "unknown_region"],
+        "every failed check is named"
+    );
+
+    let malformed = [
+        (json!({"version": "v2.0.0"}), 400, "service"),
+        (json!({"service": "api-service"}), 400, "version"),
+        (
+            json!({"service": "api-service", "version": "v2.0.0", "regions": []}),
+            400,
+            "regions",
+        ),
+        (
+            json!({"service": "api-service", "version": "v2.0.0", "stages": [{"name": "c", "weight": 150, "bake_secs": 1}]}),
+            400,
+            "stages[0][weight]",
+        ),
+        (
+            json!({"service": "api-service", "version": "v2.0.0", "stages": [{"name": "c", "weight": 100, "bake_secs": -1}]}),
+            400,
+            "stages[0][bake_secs]",
+        ),
+        (
+            json!({"service": "api-service", "version": "v2.0.0", "rollout_strategy": "blue_green"}),
+            422,
+            "rollout_strategy",
+        ),
+        (json!({"service": 7, "version": "v2.0.0"}), 400, "service"),
+        (
+            json!({"service": "api-service", "version": "v2.0.0", "on_region_failure": "explode"}),
+            400,
+            "on_region_failure",
+        ),
+        (
+            json!({"service": "api-service", "version": "v2.0.0", "analysis": {"interval_secs": 0}}),
+            400,
+            "analysis[interval_secs]",
+        ),
+        (json!(["not", "an", "object"]), 400, "body"),
+    ];
+    for (body, status, param) in malformed {
+        let (s, d) = post(&http, &svc, "/deploy", &body).await;
+        assert_eq!(s, status, "{body}: {d}");
+        assert_eq!(d["error"]["param"], param, "{body}: {d}");
+    }
+    let (s, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &json!({"service": "api-service", "version": "v2.0.0", "rollout_strategy": "blue_green"}),
+    )
+    .await;
+    assert_eq!(s, 422);
+    assert!(
+        d["error"]["message"]
+            .as_str()
+            .expect("m")
+            .contains("supported: canary")
+    );
+    let list = get(&http, &svc, "/deployments").await;
+    assert!(
+        list["deployments"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|d| d["status"] == "REJECTED"),
+        "nothing rolled out"
+    );
+    assert_eq!(
+        traffic(&http, &svc, "us-west-2", "api-service").await["stable"],
+        "v1.9.0"
+    );
+}
+
+#[tokio::test]
+async fn regions_roll_out_one_after_another_and_a_busy_region_queues() {
+    let http = client();
+    let svc = Proc::start("deployment-system", &[]).await.expect("start");
+    let mut body = request("api-service", "v2.0.0", 0.15);
+    body["regions"] = json!(["us-west-2", "us-east-1", "eu-west-1"]);
+    let (status, d) = post(&http, &svc, "/deploy?wait=true", &body).await;
+    assert_eq!(
+        (status, d["status"].as_str()),
+        (200, Some("SUCCESS")),
+        "{d}"
+    );
+    let regions = d["regions"].as_array().expect("regions");
+    assert_eq!(
+        regions
+            .iter()
+            .map(|r| r["region"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>(),
+        vec!["us-west-2", "us-east-1", "eu-west-1"]
+    );
+    for pair in regions.windows(2) {
+        let (a, b) = (
+            pair[0]["finished_at"].as_str().expect("f"),
+            pair[1]["started_at"].as_str().expect("s"),
+        );
+        let (a, b) = (chrono_like(a), chrono_like(b));
+        assert!(
+            b >= a,
+            "{} started before {} finished",
+            pair[1]["region"],
+            pair[0]["region"]
+        );
+    }
+    for r in ["us-west-2", "us-east-1", "eu-west-1"] {
+        assert_eq!(
+            traffic(&http, &svc, r, "api-service").await["stable"],
+            "v2.0.0"
+        );
+    }
+
+    // two deployments to one region: the second waits, PENDING, first in line
+    let (_, first) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &request("bad-service", "v1.1.0", 0.6),
+    )
+    .await;
+    let (_, second) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &request("bad-service", "v1.0.0", 0.1),
+    )
+    .await;
+    let (a, b) = (
+        first["deployment_id"].as_str().expect("id").to_owned(),
+        second["deployment_id"].as_str().expect("id").to_owned(),
+    );
+    let waiting = eventually(
+        Duration::from_secs(5),
+        "the second to show its queue position",
+        || async {
+            let d = get(&http, &svc, &format!("/deploy/{b}")).await;
+            (d["regions"][0]["queue_position"] == 1).then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(waiting["status"], "PENDING");
+    let da = wait_terminal(&http, &svc, &a, Duration::from_secs(20)).await;
+    let db = wait_terminal(&http, &svc, &b, Duration::from_secs(20)).await;
+    let a_end = chrono_like(da["regions"][0]["finished_at"].as_str().expect("f"));
+    let b_start = chrono_like(db["regions"][0]["started_at"].as_str().expect("s"));
+    assert!(
+        b_start >= a_end,
+        "the second started before the first ended"
+    );
+}
+
+/// RFC 3339 timestamps with the same offset compare as text once their fractions are padded.
+fn chrono_like(s: &str) -> String {
+    let (main, rest) = s.split_once('.').unwrap_or((s.trim_end_matches('Z'), "0Z"));
+    let frac: String = rest
+        .trim_end_matches('Z')
+        .chars()
+        .chain(std::iter::repeat('0'))
+        .take(9)
+        .collect();
+    format!("{main}.{frac}")
+}
+
+#[tokio::test]
+async fn operators_can_pause_resume_promote_and_abort() {
+    let http = client();
+    let svc = Proc::start("deployment-system", &[]).await.expect("start");
+    let (_, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &request("api-service", "v2.0.0", 30.0),
+    )
+    .await;
+    let id = d["deployment_id"].as_str().expect("id").to_owned();
+    eventually(Duration::from_secs(5), "the canary to start", || async {
+        (get(&http, &svc, &format!("/deploy/{id}")).await["status"] == "IN_PROGRESS").then_some(())
+    })
+    .await;
+    assert_eq!(
+        traffic(&http, &svc, "us-west-2", "api-service").await["canary_weight"],
+        5
+    );
+    let (s, d) = post(&http, &svc, &format!("/deploy/{id}/pause"), &json!({})).await;
+    assert_eq!((s, d["paused"].as_bool()), (200, Some(true)));
+    assert_eq!(
+        post(&http, &svc, &format!("/deploy/{id}/pause"), &json!({}))
+            .await
+            .0,
+        409
+    );
+    let (s, d) = post(&http, &svc, &format!("/deploy/{id}/resume"), &json!({})).await;
+    assert_eq!((s, d["paused"].as_bool()), (200, Some(false)));
+    // promote skips the rest of the canary's 30 s bake
+    let (s, _) = post(&http, &svc, &format!("/deploy/{id}/promote"), &json!({})).await;
+    assert_eq!(s, 200);
+    eventually(Duration::from_secs(5), "staging to start", || async {
+        (traffic(&http, &svc, "us-west-2", "api-service").await["canary_weight"] == 25)
+            .then_some(())
+    })
+    .await;
+    let (s, d) = post(&http, &svc, &format!("/deploy/{id}/abort"), &json!({})).await;
+    assert_eq!((s, d["status"].as_str()), (200, Some("ABORTED")));
+    let t = traffic(&http, &svc, "us-west-2", "api-service").await;
+    assert_eq!(
+        (t["stable"].as_str(), t["canary"].is_null()),
+        (Some("v1.9.0"), true),
+        "aborting rolls back"
+    );
+    let (s, d) = post(&http, &svc, &format!("/deploy/{id}/abort"), &json!({})).await;
+    assert_eq!(
+        (s, d["error"]["code"].as_str()),
+        (409, Some("deployment_state_conflict"))
+    );
+    assert_eq!(
+        post(&http, &svc, "/deploy/dpl_nope/abort", &json!({}))
+            .await
+            .0,
+        404
+    );
+
+    let mut dry = request("api-service", "v2.0.0", 2.0);
+    dry["dry_run"] = json!(true);
+    dry["regions"] = json!(["us-west-2", "eu-west-1"]);
+    let (s, plan) = post(&http, &svc, "/deploy", &dry).await;
+    assert_eq!(s, 200, "{plan}");
+    assert_eq!(plan["plan"]["expected_duration_secs"], 12.0);
+    assert_eq!(
+        plan["plan"]["timeline"].as_array().expect("timeline").len(),
+        6
+    );
+    assert_eq!(
+        get(&http, &svc, "/deployments").await["deployments"]
+            .as_array()
+            .expect("l")
+            .len(),
+        1,
+        "a dry run changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn inconclusive_analysis_holds_the_stage_then_fails_it() {
+    let http = client();
+    let dead = format!("http://127.0.0.1:{}", tai_blackbox::free_port());
+    let svc = Proc::start(
+        "deployment-system",
+        &[
+            ("PROMETHEUS_URL", dead.as_str()),
+            ("ANALYSIS_TIMEOUT_MS", "200"),
+        ],
+    )
+    .await
+    .expect("start");
+    let mut body = request("api-service", "v2.0.0", 0.1);
+    body["analysis"] =
+        json!({"provider": "prometheus", "interval_secs": 0.2, "max_inconclusive_secs": 1.5});
+    let (_, d) = post(&http, &svc, "/deploy", &body).await;
+    let id = d["deployment_id"].as_str().expect("id").to_owned();
+    let andon = eventually(
+        Duration::from_secs(5),
+        "Andon YELLOW while the gate cannot tell",
+        || async {
+            let a = get(&http, &svc, "/andon").await;
+            (a["level"] == "YELLOW").then_some(a)
+        },
+    )
+    .await;
+    assert!(
+        andon["reasons"][0]["message"]
+            .as_str()
+            .expect("m")
+            .contains("inconclusive")
+    );
+    assert_eq!(
+        get(&http, &svc, &format!("/deploy/{id}")).await["status"],
+        "IN_PROGRESS",
+        "held, not rolled back at once"
+    );
+    let d = wait_terminal(&http, &svc, &id, Duration::from_secs(10)).await;
+    assert_eq!(d["status"], "ROLLED_BACK");
+    let held = d["regions"][0]["analysis"]
+        .as_array()
+        .expect("a")
+        .iter()
+        .filter(|a| a["result"] == "inconclusive")
+        .count();
+    assert!(held >= 3, "measured several times before failing: {held}");
+}
+
+#[tokio::test]
+async fn http_probes_gate_a_rollout() {
+    let http = client();
+    let target = Proc::start("payment-system", &[])
+        .await
+        .expect("probe target");
+    let ok_template = target.url("/health?service={service}&region={region}");
+    let svc = Proc::start(
+        "deployment-system",
+        &[("HEALTH_URL_TEMPLATE", ok_template.as_str())],
+    )
+    .await
+    .expect("start");
+    let mut body = request("api-service", "v2.0.0", 0.1);
+    body["analysis"] = json!({"provider": "http", "interval_secs": 0.05});
+    let (s, d) = post(&http, &svc, "/deploy?wait=true", &body).await;
+    assert_eq!((s, d["status"].as_str()), (200, Some("SUCCESS")), "{d}");
+    assert_eq!(d["regions"][0]["analysis"][0]["provider"], "http");
+
+    let bad_template = target.url("/no-such-health/{service}");
+    let svc = Proc::start(
+        "deployment-system",
+        &[("HEALTH_URL_TEMPLATE", bad_template.as_str())],
+    )
+    .await
+    .expect("start");
+    let (s, d) = post(&http, &svc, "/deploy?wait=true", &body).await;
+    assert_eq!(
+        (s, d["status"].as_str()),
+        (200, Some("ROLLED_BACK")),
+        "a failing probe rolls back: {d}"
+    );
+}
+
+#[tokio::test]
+async fn prometheus_queries_gate_a_rollout() {
+    let prom = backend("TAI_TEST_PROMETHEUS_URL");
+    let targets_dir = backend("TAI_TEST_PROMETHEUS_TARGETS");
+    let http = client();
+    // a healthy "v2.0.0" and a failing "v2.1.0" of api-service in us-west-2: two real services
+    // scraped by the real Prometheus, labelled as those versions
+    let healthy = Proc::start("payment-system", &[]).await.expect("healthy");
+    let dead_gateway = format!("http://127.0.0.1:{}", tai_blackbox::free_port());
+    let failing = Proc::start(
+        "payment-system",
+        &[
+            ("GATEWAY_URL", dead_gateway.as_str()),
+            ("GATEWAY_TIMEOUT_MS", "200"),
+        ],
+    )
+    .await
+    .expect("failing");
+    let run = unique("promgate");
+    let targets = json!([
+        {"targets": [healthy.addr()], "labels": {"service": "api-service", "version": "v2.0.0", "region": "us-west-2", "tai_test": run}},
+        {"targets": [failing.addr()], "labels": {"service": "api-service", "version": "v2.1.0", "region": "us-west-2", "tai_test": run}},
+    ]);
+    let dir = std::path::Path::new(&targets_dir);
+    std::fs::write(dir.join(format!(".{run}.tmp")), targets.to_string()).expect("write");
+    std::fs::rename(
+        dir.join(format!(".{run}.tmp")),
+        dir.join(format!("{run}.json")),
+    )
+    .expect("rename");
+    // traffic: successes on one, 502s on the other
+    let load = {
+        let http = http.clone();
+        let (ok_url, bad_url) = (healthy.url("/payment"), failing.url("/payment"));
+        tokio::spawn(async move {
+            for i in 0..400 {
+                let body = json!({"amount": 1, "currency": "USD", "customer_id": format!("c{i}"), "merchant_id": "m"});
+                let _ = http.post(&ok_url).json(&body).send().await;
+                let _ = http.post(&bad_url).json(&body).send().await;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let error_q = r#"(sum(rate(http_requests_total{service="{service}",version="{version}",region="{region}",route="/payment",status=~"5.."}[15s])) or vector(0)) / sum(rate(http_requests_total{service="{service}",version="{version}",region="{region}",route="/payment"}[15s]))"#;
+    let p99_q = r#"histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{service="{service}",version="{version}",region="{region}",route="/payment"}[15s])))"#;
+    let svc = Proc::start(
+        "deployment-system",
+        &[
+            ("PROMETHEUS_URL", prom.as_str()),
+            ("PROMQL_ERROR_RATE", error_q),
+            ("PROMQL_P99_SECONDS", p99_q),
+        ],
+    )
+    .await
+    .expect("start");
+    let analysis =
+        json!({"provider": "prometheus", "interval_secs": 0.5, "max_inconclusive_secs": 30});
+    let mut good = request("api-service", "v2.0.0", 0.5);
+    good["analysis"] = analysis.clone();
+    let (_, d) = post(&http, &svc, "/deploy", &good).await;
+    let d = wait_terminal(
+        &http,
+        &svc,
+        d["deployment_id"].as_str().expect("id"),
+        Duration::from_secs(45),
+    )
+    .await;
+    assert_eq!(d["status"], "SUCCESS", "{d}");
+    let measured = d["regions"][0]["analysis"]
+        .as_array()
+        .expect("a")
+        .iter()
+        .find(|a| a["result"] == "pass")
+        .expect("a pass")
+        .clone();
+    assert_eq!(measured["provider"], "prometheus");
+    assert_eq!(measured["error_rate"], 0.0);
+
+    let mut bad = request("api-service", "v2.1.0", 0.5);
+    bad["analysis"] = analysis;
+    let (_, d) = post(&http, &svc, "/deploy", &bad).await;
+    let d = wait_terminal(
+        &http,
+        &svc,
+        d["deployment_id"].as_str().expect("id"),
+        Duration::from_secs(45),
+    )
+    .await;
+    assert_eq!(d["status"], "ROLLED_BACK", "{d}");
+    let failed = d["events"]
+        .as_array()
+        .expect("e")
+        .iter()
+        .find(|e| e["kind"] == "gate_failed")
+        .expect("gate_failed")
+        .clone();
+    assert!(
+        failed["detail"]["error_rate"].as_f64().expect("rate") > 0.05,
+        "{failed}"
+    );
+    load.abort();
+    let _ = std::fs::remove_file(dir.join(format!("{run}.json")));
+}
+
+#[tokio::test]
+async fn a_controller_killed_mid_rollout_finishes_it_after_restart() {
+    let redis = backend("TAI_TEST_REDIS_URL");
+    let prefix = format!("{}:", unique("dep-crash"));
+    let http = client();
+    let mut svc = Proc::start(
+        "deployment-system",
+        &[
+            ("REDIS_URL", redis.as_str()),
+            ("REDIS_KEY_PREFIX", prefix.as_str()),
+        ],
+    )
+    .await
+    .expect("start");
+    assert_eq!(
+        get(&http, &svc, "/status").await["backends"]["state"],
+        "redis"
+    );
+    assert_eq!(
+        http.get(svc.url("/ready"))
+            .send()
+            .await
+            .expect("ready")
+            .status(),
+        200
+    );
+    let (_, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &request("api-service", "v2.0.0", 1.0),
+    )
+    .await;
+    let id = d["deployment_id"].as_str().expect("id").to_owned();
+    eventually(
+        Duration::from_secs(10),
+        "the canary stage to complete",
+        || async {
+            let d = get(&http, &svc, &format!("/deploy/{id}")).await;
+            (d["regions"][0]["stages_completed"] == json!(["canary"])).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        traffic(&http, &svc, "us-west-2", "api-service").await["canary_weight"],
+        25
+    );
+    svc.kill(); // SIGKILL: no goodbye
+    svc.restart().await.expect("restart");
+    let d = wait_terminal(&http, &svc, &id, Duration::from_secs(20)).await;
+    assert_eq!(d["status"], "SUCCESS", "{d}");
+    assert_eq!(
+        d["stages_completed"],
+        json!(["validation", "canary", "staging", "prod"])
+    );
+    let starts = d["events"]
+        .as_array()
+        .expect("e")
+        .iter()
+        .filter(|e| e["kind"] == "stage_started" && e["stage"] == "canary")
+        .count();
+    assert_eq!(starts, 1, "resumed where it stood, not started over");
+    assert_eq!(
+        traffic(&http, &svc, "us-west-2", "api-service").await["stable"],
+        "v2.0.0"
+    );
+    assert!(svc.log().contains("resuming deployment"));
+}
+
+#[tokio::test]
+async fn fifty_concurrent_deployments_all_end() {
+    let http = client();
+    let svc = Proc::start("deployment-system", &[]).await.expect("start");
+    let regions = ["us-west-2", "us-east-1", "eu-west-1"];
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let http = http.clone();
+            let url = svc.url("/deploy");
+            let (service, version) = if i % 5 == 0 { ("bad-service", "v1.0.0") } else { ("api-service", if i % 2 == 0 { "v2.0.0" } else { "v2.1.0" }) };
+            let body = json!({"service": service, "version": version, "target_region": regions[i % 3],
+                "stages": [{"name": "canary", "weight": 5, "bake_secs": 0.02}, {"name": "prod", "weight": 100, "bake_secs": 0.02}],
+                "analysis": {"interval_secs": 0.01}});
+            tokio::spawn(async move {
+                let r = http.post(url).json(&body).send().await.expect("post");
+                assert_eq!(r.status(), 202);
+                r.json::<Value>().await.expect("json")["deployment_id"].as_str().expect("id").to_owned()
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.expect("task"));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for id in &ids {
+        let d = wait_terminal(&http, &svc, id, Duration::from_secs(60)).await;
+        *statuses
+            .entry(d["status"].as_str().unwrap_or("").to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(statuses.values().sum::<i32>(), 50);
+    assert_eq!(statuses.get("ROLLED_BACK"), Some(&10), "{statuses:?}");
+    assert_eq!(statuses.get("SUCCESS"), Some(&40), "{statuses:?}");
+    let listed = get(&http, &svc, "/deployments").await["deployments"]
+        .as_array()
+        .expect("l")
+        .len();
+    assert_eq!(listed, 50, "none lost");
+}
