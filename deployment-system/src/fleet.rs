@@ -237,55 +237,13 @@ impl Platform for SimFleet {
     }
 }
 
-/// Where images are looked up.
-pub trait ImageRegistry: Send + Sync + std::fmt::Debug {
-    /// `fixture` or `oci`.
-    fn kind(&self) -> &'static str;
-    /// Whether the image exists.
-    fn exists<'a>(
-        &'a self,
-        service: &'a str,
-        version: &'a str,
-        image: &'a str,
-    ) -> BoxFuture<'a, Result<bool, BackendError>>;
-}
-
-/// The fixture's image list.
-#[derive(Debug, Clone)]
-pub struct FixtureRegistry {
-    images: Arc<Vec<String>>,
-}
-
-impl FixtureRegistry {
-    /// From the fixture.
-    pub fn new(fixture: &FleetFixture) -> Self {
-        Self {
-            images: Arc::new(fixture.images.clone()),
-        }
-    }
-}
-
-impl ImageRegistry for FixtureRegistry {
-    fn kind(&self) -> &'static str {
-        "fixture"
-    }
-    fn exists<'a>(
-        &'a self,
-        service: &'a str,
-        version: &'a str,
-        _image: &'a str,
-    ) -> BoxFuture<'a, Result<bool, BackendError>> {
-        let wanted = format!("{service}:{version}");
-        Box::pin(std::future::ready(Ok(self.images.contains(&wanted))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use tai_core::clock::ManualClock;
     use tai_core::store::MemoryStore;
 
     use super::*;
+    use crate::registry::ImageRegistry;
 
     #[tokio::test]
     async fn the_fixture_and_traffic_state() {
@@ -339,7 +297,7 @@ mod tests {
             fleet.health("bad-service", "v0.9.0").map(|h| h.error_rate),
             Some(0.001)
         );
-        let reg = FixtureRegistry::new(fleet.fixture());
+        let reg = crate::registry::FixtureRegistry::new(fleet.fixture());
         assert!(
             reg.exists("api-service", "v2.0.0", "x")
                 .await

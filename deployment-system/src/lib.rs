@@ -18,6 +18,7 @@ pub mod analysis;
 mod api;
 pub mod fleet;
 pub mod metrics;
+pub mod registry;
 pub mod rollout;
 pub mod safety;
 pub mod signal;
@@ -38,8 +39,9 @@ use tai_core::store::StateStore;
 use utoipa::OpenApi;
 
 use crate::analysis::{AnalysisProvider, HttpProbe, PrometheusAnalysis, SimAnalysis};
-use crate::fleet::{FixtureRegistry, FleetFixture, SimFleet};
+use crate::fleet::{FleetFixture, SimFleet};
 use crate::metrics::DeploymentMetrics;
+use crate::registry::{FixtureRegistry, OciRegistry};
 use crate::rollout::{Controller, ControllerHandle};
 use crate::safety::{SafetyFactSource, SafetyFacts, SafetyPolicy};
 use crate::signal::{Defaults, DeployRequest, Provider};
@@ -129,11 +131,9 @@ pub async fn build(
 
     let store: Arc<dyn StateStore> = runtime.state_store().await?;
     runtime.set_backend("platform", "sim");
-    runtime.set_backend("registry", "fixture");
 
     let sim = SimFleet::new(fixture.clone(), store.clone());
     let platform: Arc<dyn fleet::Platform> = Arc::new(sim.clone());
-    let registry: Arc<dyn fleet::ImageRegistry> = Arc::new(FixtureRegistry::new(&fixture));
 
     let probe_timeout = Duration::from_millis(cfg.setting_or("ANALYSIS_TIMEOUT_MS", 2000u64)?);
     let mut providers: HashMap<Provider, Arc<dyn AnalysisProvider>> = HashMap::new();
@@ -161,6 +161,15 @@ pub async fn build(
     }
 
     let mut defaults = Defaults::default();
+    let registry: Arc<dyn registry::ImageRegistry> = match cfg.setting("IMAGE_REGISTRY_URL") {
+        Some(url) => {
+            let oci = OciRegistry::new(&url, probe_timeout).map_err(BuildError::Provider)?;
+            defaults.registry = oci.host();
+            Arc::new(oci)
+        }
+        None => Arc::new(FixtureRegistry::new(&fixture)),
+    };
+    runtime.set_backend("registry", registry.kind());
     if let Some(regions) = cfg.setting("DEFAULT_REGIONS") {
         defaults.regions = regions
             .split(',')

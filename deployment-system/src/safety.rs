@@ -11,7 +11,8 @@ use tai_core::backend::BackendError;
 use tai_core::pipeline::FactSource;
 use tai_core::policy::{Decision, Policy, Reason, Verdict};
 
-use crate::fleet::{Capacity, ImageRegistry, Platform};
+use crate::fleet::{Capacity, Platform};
+use crate::registry::ImageRegistry;
 use crate::signal::DeployRequest;
 
 /// What is known about one target region.

@@ -774,3 +774,115 @@ async fn fifty_concurrent_deployments_all_end() {
         .len();
     assert_eq!(listed, 50, "none lost");
 }
+
+/// Pushes `name:tag` to an OCI registry: one layer blob, one config blob, one manifest.
+async fn push_image(http: &reqwest::Client, registry: &str, name: &str, tag: &str) {
+    use sha2::{Digest, Sha256};
+    let upload = |bytes: Vec<u8>| {
+        let http = http.clone();
+        let registry = registry.to_owned();
+        let name = name.to_owned();
+        async move {
+            let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+            let r = http
+                .post(format!("{registry}/v2/{name}/blobs/uploads/"))
+                .send()
+                .await
+                .expect("start upload");
+            assert_eq!(r.status(), 202, "start upload");
+            let location = r.headers()["location"]
+                .to_str()
+                .expect("location")
+                .to_owned();
+            let url = if location.starts_with("http") {
+                location
+            } else {
+                format!("{registry}{location}")
+            };
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let r = http
+                .put(format!("{url}{sep}digest={digest}"))
+                .header("content-type", "application/octet-stream")
+                .body(bytes.clone())
+                .send()
+                .await
+                .expect("upload");
+            assert_eq!(r.status(), 201, "blob upload");
+            (digest, bytes.len())
+        }
+    };
+    let (layer, layer_size) = upload(format!("layer of {name}:{tag}").into_bytes()).await;
+    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer]}});
+    let (config_digest, config_size) = upload(config.to_string().into_bytes()).await;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": layer, "size": layer_size}],
+    });
+    let r = http
+        .put(format!("{registry}/v2/{name}/manifests/{tag}"))
+        .header(
+            "content-type",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .body(manifest.to_string())
+        .send()
+        .await
+        .expect("manifest");
+    assert_eq!(
+        r.status(),
+        201,
+        "manifest push: {}",
+        r.text().await.unwrap_or_default()
+    );
+}
+
+#[tokio::test]
+async fn the_image_check_asks_a_real_oci_registry() {
+    let registry = backend("TAI_TEST_REGISTRY_URL");
+    let http = client();
+    let tag = unique("v3").replace('-', ".");
+    push_image(&http, &registry, "api-service", &tag).await;
+    let svc = Proc::start(
+        "deployment-system",
+        &[("IMAGE_REGISTRY_URL", registry.as_str())],
+    )
+    .await
+    .expect("start");
+    assert_eq!(
+        get(&http, &svc, "/status").await["backends"]["registry"],
+        "oci"
+    );
+    let (s, d) = post(
+        &http,
+        &svc,
+        "/deploy?wait=true",
+        &request("api-service", &tag, 0.05),
+    )
+    .await;
+    assert_eq!((s, d["status"].as_str()), (200, Some("SUCCESS")), "{d}");
+    assert!(
+        d["image"]
+            .as_str()
+            .expect("image")
+            .ends_with(&format!("/api-service:{tag}"))
+    );
+    let (s, d) = post(
+        &http,
+        &svc,
+        "/deploy",
+        &request("api-service", "v0.0.404", 0.05),
+    )
+    .await;
+    assert_eq!(s, 422);
+    assert_eq!(d["reasons"][0]["code"], "image_not_found");
+    // an explicit image on another repository is looked up as given
+    let mut explicit = request("api-service", "v9.0.0", 0.05);
+    explicit["image"] = json!(format!(
+        "{}/api-service:{tag}",
+        registry.trim_start_matches("http://")
+    ));
+    let (s, d) = post(&http, &svc, "/deploy?wait=true", &explicit).await;
+    assert_eq!((s, d["status"].as_str()), (200, Some("SUCCESS")), "{d}");
+}
