@@ -183,12 +183,23 @@ pub async fn build(
 
     let metrics = Arc::new(DeploymentMetrics::new(runtime.kaizen(), clock.clone()));
     let provider_kinds: HashSet<Provider> = providers.keys().copied().collect();
+    let stream = cfg
+        .setting("AUDIT_STREAM")
+        .unwrap_or_else(|| "DEPLOY_EVENTS".into());
+    let subject_prefix = cfg
+        .setting("AUDIT_SUBJECT_PREFIX")
+        .unwrap_or_else(|| "deploy.events".into());
+    let audit = runtime
+        .audit_sink(&stream, &format!("{subject_prefix}.>"))
+        .await?;
     let (controller, handle) = Controller::load(
         store.clone(),
         platform.clone(),
         providers,
         clock.clone(),
         metrics.clone(),
+        audit,
+        &subject_prefix,
     )
     .await?;
     runtime.spawn_worker(controller.run(runtime.shutdown_signal()));

@@ -14,12 +14,14 @@
 //! - [`kanban`] moves follow-up work through bounded queues with acks and redelivery.
 //! - [`kaizen`] measures: Prometheus metrics and rolling windows.
 //! - [`andon`] shows: GREEN / YELLOW / RED from thresholds over Kaizen's figures.
+//! - [`audit`] publishes every decision and transition (JetStream when configured).
 //! - [`store`] and [`secrets`] hold state and secrets behind traits, memory and environment by
 //!   default; [`clock`] makes time injectable so all of the above is tested without sleeping.
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 pub mod andon;
+pub mod audit;
 pub mod backend;
 pub mod clock;
 pub mod heijunka;

@@ -886,3 +886,71 @@ async fn the_image_check_asks_a_real_oci_registry() {
     let (s, d) = post(&http, &svc, "/deploy?wait=true", &explicit).await;
     assert_eq!((s, d["status"].as_str()), (200, Some("SUCCESS")), "{d}");
 }
+
+#[tokio::test]
+async fn every_transition_is_published_to_a_jetstream_stream() {
+    use futures_util::StreamExt;
+    let nats = backend("TAI_TEST_NATS_URL");
+    let run = unique("audit");
+    let stream_name = format!("DEPLOY_EVENTS_{run}");
+    let prefix = format!("{run}.deploy.events");
+    let http = client();
+    let svc = Proc::start(
+        "deployment-system",
+        &[
+            ("NATS_URL", nats.as_str()),
+            ("AUDIT_STREAM", stream_name.as_str()),
+            ("AUDIT_SUBJECT_PREFIX", prefix.as_str()),
+        ],
+    )
+    .await
+    .expect("start");
+    let status = get(&http, &svc, "/status").await;
+    assert_eq!(status["backends"]["audit"], "jetstream");
+    let ready = get(&http, &svc, "/ready").await;
+    assert_eq!(ready["checks"]["nats"], "ok", "{ready}");
+    let (_, d) = post(
+        &http,
+        &svc,
+        "/deploy?wait=true",
+        &request("bad-service", "v1.0.0", 0.1),
+    )
+    .await;
+    assert_eq!(d["status"], "ROLLED_BACK");
+    let id = d["deployment_id"].as_str().expect("id");
+    let kinds: Vec<String> = d["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
+        .collect();
+
+    let client = async_nats::connect(nats.as_str()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(&stream_name)
+        .await
+        .expect("the stream exists");
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            filter_subject: format!("{prefix}.{id}"),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer
+        .fetch()
+        .max_messages(200)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .expect("fetch");
+    let mut published = Vec::new();
+    while let Some(Ok(m)) = messages.next().await {
+        let v: Value = serde_json::from_slice(&m.payload).expect("json event");
+        assert_eq!(v["deployment_id"], id);
+        published.push(v["event"]["kind"].as_str().unwrap_or("").to_owned());
+    }
+    assert_eq!(published, kinds, "every event, in order, once");
+    assert!(published.contains(&"gate_failed".to_owned()));
+}

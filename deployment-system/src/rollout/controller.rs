@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
+use tai_core::audit::AuditSink;
 use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
 use tai_core::store::StateStore;
@@ -162,6 +163,10 @@ pub struct Controller {
     rx: mpsc::Receiver<Command>,
     /// Deployments whose platform traffic must be (re)applied from their stored state.
     needs_apply: HashSet<String>,
+    /// Where every event is published, and how many of each deployment's events were.
+    audit: Arc<dyn AuditSink>,
+    subject_prefix: String,
+    published: HashMap<String, usize>,
     tick: Duration,
 }
 
@@ -185,10 +190,13 @@ impl Controller {
         providers: HashMap<Provider, Arc<dyn AnalysisProvider>>,
         clock: SharedClock,
         metrics: Arc<DeploymentMetrics>,
+        audit: Arc<dyn AuditSink>,
+        subject_prefix: &str,
     ) -> Result<(Self, ControllerHandle), BackendError> {
         let mut view = BTreeMap::new();
         let mut needs_apply = HashSet::new();
         let mut max_seq = 0;
+        let mut published = HashMap::new();
         for k in store.keys("dep:dpl:").await? {
             let Some(bytes) = store.get(&k).await? else {
                 continue;
@@ -196,7 +204,10 @@ impl Controller {
             match serde_json::from_slice::<Deployment>(&bytes) {
                 Ok(d) => {
                     max_seq = max_seq.max(d.seq);
-                    if !d.status.is_terminal() {
+                    if d.status.is_terminal() {
+                        published.insert(d.deployment_id.clone(), d.events.len());
+                    } else {
+                        // republished from the start: the stream's duplicate window drops repeats
                         tracing::info!(deployment_id = %d.deployment_id, status = ?d.status, "resuming deployment");
                         needs_apply.insert(d.deployment_id.clone());
                     }
@@ -215,6 +226,9 @@ impl Controller {
             seq: Arc::new(std::sync::atomic::AtomicU64::new(max_seq)),
         };
         let controller = Self {
+            audit,
+            subject_prefix: subject_prefix.to_owned(),
+            published,
             store,
             platform,
             providers,
@@ -254,14 +268,14 @@ impl Controller {
             .cloned()
     }
 
-    fn publish(&self, d: &Deployment) {
+    fn update_view(&self, d: &Deployment) {
         self.view
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(d.deployment_id.clone(), d.clone());
     }
 
-    async fn persist(&self, d: &mut Deployment) -> Result<(), BackendError> {
+    async fn persist(&mut self, d: &mut Deployment) -> Result<(), BackendError> {
         d.refresh(self.clock.wall());
         self.store
             .put(
@@ -270,8 +284,29 @@ impl Controller {
                 None,
             )
             .await?;
-        self.publish(d);
+        self.update_view(d);
+        self.publish_events(d).await;
         Ok(())
+    }
+
+    /// Publishes the events not yet published, in order; stops at the first failure and tries
+    /// again after the next transition.
+    async fn publish_events(&mut self, d: &Deployment) {
+        let done = self.published.get(&d.deployment_id).copied().unwrap_or(0);
+        let subject = format!("{}.{}", self.subject_prefix, d.deployment_id);
+        for (i, event) in d.events.iter().enumerate().skip(done) {
+            let payload = json!({"deployment_id": d.deployment_id, "service": d.service, "version": d.version, "seq": i, "event": event});
+            let id = format!("{}:{i}", d.deployment_id);
+            if let Err(e) = self
+                .audit
+                .publish(&subject, &id, payload.to_string().into_bytes())
+                .await
+            {
+                tracing::warn!(deployment_id = %d.deployment_id, error = %e, "audit event not published; will retry");
+                return;
+            }
+            self.published.insert(d.deployment_id.clone(), i + 1);
+        }
     }
 
     async fn handle(&mut self, cmd: Command) {
@@ -532,7 +567,7 @@ impl Controller {
                             d.status = Status::Pending;
                         }
                         d.refresh(now);
-                        self.publish(d);
+                        self.update_view(d);
                     }
                     return Ok(());
                 }

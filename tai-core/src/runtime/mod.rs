@@ -286,6 +286,29 @@ impl Runtime {
         Ok(store)
     }
 
+    /// The audit sink the configuration asks for: JetStream stream `stream` capturing `subjects`
+    /// when `NATS_URL` is set, logs otherwise. Registers it on `/status` and `/ready`.
+    pub async fn audit_sink(
+        &mut self,
+        stream: &str,
+        subjects: &str,
+    ) -> Result<Arc<dyn crate::audit::AuditSink>, BackendError> {
+        let sink: Arc<dyn crate::audit::AuditSink> = match &self.config.nats_url {
+            Some(url) => {
+                let js = crate::audit::JetStreamSink::connect(url, stream, subjects).await?;
+                let probe = js.clone();
+                self.add_readiness("nats", move || {
+                    let probe = probe.clone();
+                    Box::pin(async move { crate::audit::AuditSink::ping(&probe).await })
+                });
+                Arc::new(js)
+            }
+            None => Arc::new(crate::audit::LogSink),
+        };
+        self.set_backend("audit", sink.backend());
+        Ok(sink)
+    }
+
     /// A receiver that turns `true` when shutdown begins; workers stop taking new work then.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown_tx.subscribe()
