@@ -238,6 +238,11 @@ async fn operate(app: &App, id: &str, op: Op) -> Result<Json<Value>, ApiError> {
             "deployment_state_conflict",
             message,
         )),
+        Err(OpError::NotLeader) => Err(ApiError::unavailable(
+            "not_leader",
+            OpError::NotLeader.to_string(),
+            Some(Duration::from_secs(1)),
+        )),
         Err(OpError::Backend(e)) => Err(unavailable(e)),
     }
 }

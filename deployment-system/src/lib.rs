@@ -202,7 +202,12 @@ pub async fn build(
         &subject_prefix,
     )
     .await?;
-    runtime.spawn_worker(controller.run(runtime.shutdown_signal()));
+    let lease_ttl = Duration::from_millis(cfg.setting_or("CONTROLLER_LEASE_MS", 3000u64)?);
+    runtime.spawn_worker(
+        controller
+            .with_lease_ttl(lease_ttl)
+            .run(runtime.shutdown_signal()),
+    );
 
     let trouble = metrics.clone();
     let inconclusive = handle.clone();

@@ -98,9 +98,9 @@ impl DeploymentMetrics {
         }
     }
 
-    /// A deployment was accepted.
-    pub fn started(&self) {
-        self.in_progress.inc();
+    /// How many deployments have not ended.
+    pub fn set_in_progress(&self, n: usize) {
+        self.in_progress.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A stage completed.
@@ -117,7 +117,6 @@ impl DeploymentMetrics {
 
     /// A deployment ended.
     pub fn ended(&self, status: Status, d: &Deployment) {
-        self.in_progress.dec();
         self.duration.observe(d.duration_secs);
         match status {
             Status::Success => self.success.inc(),

@@ -954,3 +954,65 @@ async fn every_transition_is_published_to_a_jetstream_stream() {
     assert_eq!(published, kinds, "every event, in order, once");
     assert!(published.contains(&"gate_failed".to_owned()));
 }
+
+#[tokio::test]
+async fn two_replicas_never_drive_one_rollout_and_a_standby_takes_over() {
+    let redis = backend("TAI_TEST_REDIS_URL");
+    let prefix = format!("{}:", unique("dep-ha"));
+    let http = client();
+    let env = [
+        ("REDIS_URL", redis.as_str()),
+        ("REDIS_KEY_PREFIX", prefix.as_str()),
+        ("CONTROLLER_LEASE_MS", "1000"),
+    ];
+    let mut first = Proc::start("deployment-system", &env)
+        .await
+        .expect("first replica");
+    eventually(
+        Duration::from_secs(5),
+        "the first replica to take the lease",
+        || async {
+            first
+                .log()
+                .contains("took the controller lease")
+                .then_some(())
+        },
+    )
+    .await;
+    let second = Proc::start("deployment-system", &env)
+        .await
+        .expect("second replica");
+    // accepted by the standby, driven by the leader
+    let (s, d) = post(
+        &http,
+        &second,
+        "/deploy",
+        &request("api-service", "v2.0.0", 0.8),
+    )
+    .await;
+    assert_eq!(s, 202, "{d}");
+    let id = d["deployment_id"].as_str().expect("id").to_owned();
+    eventually(Duration::from_secs(10), "canary to complete", || async {
+        let d = get(&http, &first, &format!("/deploy/{id}")).await;
+        (d["regions"][0]["stages_completed"] == json!(["canary"])).then_some(())
+    })
+    .await;
+    // operator commands go to the lease holder
+    let (s, body) = post(&http, &second, &format!("/deploy/{id}/pause"), &json!({})).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (503, Some("not_leader"))
+    );
+    first.kill(); // the leader dies mid-rollout; the standby takes the lease after it lapses
+    let d = wait_terminal(&http, &second, &id, Duration::from_secs(20)).await;
+    assert_eq!(d["status"], "SUCCESS", "{d}");
+    let events = d["events"].as_array().expect("events");
+    for stage in ["canary", "staging", "prod"] {
+        let starts = events
+            .iter()
+            .filter(|e| e["kind"] == "stage_started" && e["stage"] == stage)
+            .count();
+        assert_eq!(starts, 1, "{stage} started once: one driver at a time");
+    }
+    assert!(second.log().contains("took the controller lease"));
+}

@@ -3,3 +3,4 @@
 mod deployment;
 mod foundation;
 mod payment;
+mod store;

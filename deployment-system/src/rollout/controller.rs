@@ -54,6 +54,9 @@ pub enum OpError {
     /// The deployment is in a state the command does not fit.
     #[error("{0}")]
     Conflict(String),
+    /// Another replica holds the controller lease.
+    #[error("this replica is not the controller leader; retry (a load balancer will reach it)")]
+    NotLeader,
     /// The store failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -140,6 +143,16 @@ impl ControllerHandle {
     }
 }
 
+const LEASE_KEY: &str = "dep:controller:lease";
+const FENCE_KEY: &str = "dep:controller:fence";
+
+fn not_leader() -> BackendError {
+    BackendError::Unavailable {
+        backend: "lease",
+        message: "this replica does not hold the controller lease".into(),
+    }
+}
+
 fn stopped() -> BackendError {
     BackendError::Unavailable {
         backend: "controller",
@@ -163,6 +176,13 @@ pub struct Controller {
     rx: mpsc::Receiver<Command>,
     /// Deployments whose platform traffic must be (re)applied from their stored state.
     needs_apply: HashSet<String>,
+    /// This replica's id in the lease.
+    instance: String,
+    /// The fencing token while this replica holds the controller lease.
+    leader_token: Option<u64>,
+    lease_ttl: Duration,
+    last_lease: std::time::Instant,
+    last_sync: std::time::Instant,
     /// Where every event is published, and how many of each deployment's events were.
     audit: Arc<dyn AuditSink>,
     subject_prefix: String,
@@ -225,7 +245,16 @@ impl Controller {
             view: view.clone(),
             seq: Arc::new(std::sync::atomic::AtomicU64::new(max_seq)),
         };
+        let lease_ttl = Duration::from_millis(3000);
+        let long_ago = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .unwrap_or_else(std::time::Instant::now);
         let controller = Self {
+            instance: format!("ctl_{}", uuid::Uuid::new_v4().simple()),
+            leader_token: None,
+            lease_ttl,
+            last_lease: long_ago,
+            last_sync: long_ago,
             audit,
             subject_prefix: subject_prefix.to_owned(),
             published,
@@ -242,6 +271,109 @@ impl Controller {
         Ok((controller, handle))
     }
 
+    /// Sets how long the controller lease lasts without renewal (a standby takes over after it).
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl.max(Duration::from_millis(300));
+        self
+    }
+
+    /// Takes or renews the controller lease. Only the holder drives rollouts; every write it
+    /// makes carries its fencing token, so a replica that lost the lease (paused, partitioned)
+    /// cannot overwrite what the new holder wrote.
+    async fn hold_lease(&mut self) {
+        // the holder renews three times per lease; a standby asks four times a second
+        let every = if self.leader_token.is_some() {
+            self.lease_ttl / 3
+        } else {
+            Duration::from_millis(250)
+        };
+        if self.last_lease.elapsed() < every {
+            return;
+        }
+        self.last_lease = std::time::Instant::now();
+        let me = self.instance.as_bytes().to_vec();
+        match self.leader_token {
+            Some(token) => match self
+                .store
+                .compare_and_swap(LEASE_KEY, &me, me.clone(), Some(self.lease_ttl))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(instance = %self.instance, token, "lost the controller lease; standing by");
+                    self.leader_token = None;
+                }
+                Err(e) => {
+                    // unable to renew: stop driving before the lease could pass to another replica
+                    tracing::warn!(instance = %self.instance, error = %e, "cannot renew the controller lease; standing by");
+                    self.leader_token = None;
+                }
+            },
+            None => {
+                if let Ok(true) = self
+                    .store
+                    .put_if_absent(LEASE_KEY, me, Some(self.lease_ttl))
+                    .await
+                {
+                    match self.store.incr(FENCE_KEY).await {
+                        Ok(token) => {
+                            tracing::info!(instance = %self.instance, token, "took the controller lease");
+                            self.leader_token = Some(token);
+                            self.sync(true).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "took the lease but could not get a fencing token")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reloads deployments from the store: all of them on a standby (to answer reads), and on
+    /// the leader the ones it does not know yet (accepted by standbys) or, on `takeover`, all.
+    async fn sync(&mut self, takeover: bool) {
+        self.last_sync = std::time::Instant::now();
+        let keys = match self.store.keys("dep:dpl:").await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list deployments");
+                return;
+            }
+        };
+        let leader = self.leader_token.is_some();
+        for k in keys {
+            let id = k.trim_start_matches("dep:dpl:").to_owned();
+            let known = self.snapshot(&id).is_some();
+            if leader && known && !takeover {
+                continue;
+            }
+            let Ok(Some(bytes)) = self.store.get(&k).await else {
+                continue;
+            };
+            let Ok(d) = serde_json::from_slice::<Deployment>(&bytes) else {
+                continue;
+            };
+            if leader && !d.status.is_terminal() {
+                self.needs_apply.insert(d.deployment_id.clone());
+            }
+            if d.status.is_terminal() {
+                self.published
+                    .entry(d.deployment_id.clone())
+                    .or_insert(d.events.len());
+            }
+            self.update_view(&d);
+        }
+        let active = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|d| !d.status.is_terminal())
+            .count();
+        self.metrics.set_in_progress(active);
+    }
+
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
@@ -256,7 +388,13 @@ impl Controller {
                     return;
                 }
             }
-            self.reconcile().await;
+            self.hold_lease().await;
+            if self.last_sync.elapsed() >= Duration::from_millis(500) {
+                self.sync(false).await;
+            }
+            if self.leader_token.is_some() {
+                self.reconcile().await;
+            }
         }
     }
 
@@ -277,13 +415,17 @@ impl Controller {
 
     async fn persist(&mut self, d: &mut Deployment) -> Result<(), BackendError> {
         d.refresh(self.clock.wall());
-        self.store
-            .put(
-                &key(&d.deployment_id),
-                serde_json::to_vec(&d).unwrap_or_default(),
-                None,
-            )
-            .await?;
+        let token = self.leader_token.ok_or_else(not_leader)?;
+        let bytes = serde_json::to_vec(&d).unwrap_or_default();
+        if !self
+            .store
+            .put_fenced(&key(&d.deployment_id), bytes, FENCE_KEY, token)
+            .await?
+        {
+            tracing::warn!(instance = %self.instance, token, "a newer controller holds the fence; standing by");
+            self.leader_token = None;
+            return Err(not_leader());
+        }
         self.update_view(d);
         self.publish_events(d).await;
         Ok(())
@@ -313,9 +455,21 @@ impl Controller {
         match cmd {
             Command::Create(d, reply) => {
                 let mut d = *d;
-                let result = self.persist(&mut d).await.map(|()| d.clone());
+                let result = if self.leader_token.is_some() {
+                    self.persist(&mut d).await.map(|()| d.clone())
+                } else {
+                    // a standby stores it as accepted; the leader picks it up on its next sync
+                    d.refresh(self.clock.wall());
+                    let bytes = serde_json::to_vec(&d).unwrap_or_default();
+                    self.store
+                        .put_if_absent(&key(&d.deployment_id), bytes, None)
+                        .await
+                        .map(|_| {
+                            self.update_view(&d);
+                            d.clone()
+                        })
+                };
                 if result.is_ok() {
-                    self.metrics.started();
                     tracing::info!(deployment_id = %d.deployment_id, service = %d.service, version = %d.version, regions = ?d.regions.iter().map(|r| r.region.as_str()).collect::<Vec<_>>(), "deployment accepted");
                 }
                 let _ = reply.send(result);
@@ -329,6 +483,9 @@ impl Controller {
 
     async fn operate(&mut self, id: &str, op: Op) -> Result<Deployment, OpError> {
         let mut d = self.snapshot(id).ok_or(OpError::NotFound)?;
+        if self.leader_token.is_none() {
+            return Err(OpError::NotLeader);
+        }
         if d.status.is_terminal() {
             return Err(OpError::Conflict(format!(
                 "deployment {id} already ended as {:?}",
@@ -528,6 +685,9 @@ impl Controller {
         for mut d in active {
             if self.needs_apply.remove(&d.deployment_id) {
                 self.apply(&d).await;
+            }
+            if self.leader_token.is_none() {
+                return;
             }
             if let Err(e) = self.step(&mut d, &mut owner, &mut waiting, now).await {
                 tracing::error!(deployment_id = %d.deployment_id, error = %e, "could not persist a transition; retrying");

@@ -50,6 +50,17 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BackendError>>;
     /// Keys starting with `prefix`, sorted.
     fn keys<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, BackendError>>;
+    /// Adds one to the integer at `key` (absent counts as 0) and returns the new value.
+    fn incr<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64, BackendError>>;
+    /// Writes `key` only while `fence_key` holds `token`, atomically: a writer whose fencing
+    /// token was superseded (a newer leader took over) cannot overwrite what the new one wrote.
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        fence_key: &'a str,
+        token: u64,
+    ) -> BoxFuture<'a, Result<bool, BackendError>>;
     /// Answers whether the backend is reachable (`/ready`).
     fn ping(&self) -> BoxFuture<'_, Result<(), BackendError>>;
 }
@@ -161,6 +172,39 @@ impl StateStore for MemoryStore {
                 .collect()
         })))
     }
+    fn incr<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64, BackendError>> {
+        ready(self.with_map(|m, now| {
+            let current = match Self::live(m.get(key), now) {
+                Some(v) => std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .ok_or_else(|| BackendError::Protocol {
+                        backend: "memory",
+                        message: format!("{key} does not hold an integer"),
+                    })?,
+                None => 0,
+            };
+            let next = current + 1;
+            m.insert(key.to_owned(), (next.to_string().into_bytes(), None));
+            Ok(next)
+        }))
+    }
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        fence_key: &'a str,
+        token: u64,
+    ) -> BoxFuture<'a, Result<bool, BackendError>> {
+        ready(Ok(self.with_map(|m, now| {
+            let current = Self::live(m.get(fence_key), now).cloned();
+            if current.as_deref() != Some(token.to_string().as_bytes()) {
+                return false;
+            }
+            m.insert(key.to_owned(), (value, None));
+            true
+        })))
+    }
     fn ping(&self) -> BoxFuture<'_, Result<(), BackendError>> {
         ready(Ok(()))
     }
@@ -201,5 +245,29 @@ mod tests {
         );
         assert!(s.delete("k2").await.expect("mem"));
         assert!(!s.delete("k2").await.expect("mem"));
+    }
+
+    #[tokio::test]
+    async fn a_superseded_fencing_token_cannot_write() {
+        let s = MemoryStore::new(ManualClock::new().shared());
+        let old = s.incr("fence").await.expect("mem");
+        assert!(
+            s.put_fenced("rec", b"v1".to_vec(), "fence", old)
+                .await
+                .expect("mem")
+        );
+        let new = s.incr("fence").await.expect("mem");
+        assert_eq!((old, new), (1, 2));
+        assert!(
+            !s.put_fenced("rec", b"stale".to_vec(), "fence", old)
+                .await
+                .expect("mem")
+        );
+        assert!(
+            s.put_fenced("rec", b"v2".to_vec(), "fence", new)
+                .await
+                .expect("mem")
+        );
+        assert_eq!(s.get("rec").await.expect("mem"), Some(b"v2".to_vec()));
     }
 }

@@ -48,6 +48,14 @@ end
 return 0
 ";
 
+const FENCED: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+";
+
 /// Escapes glob characters so a prefix matches only itself in `SCAN MATCH`.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -203,6 +211,34 @@ impl StateStore for RedisStore {
             out.sort();
             out.dedup();
             Ok(out)
+        })
+    }
+
+    fn incr<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64, BackendError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("INCR");
+            cmd.arg(self.k(key));
+            self.run(cmd).await
+        })
+    }
+
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        fence_key: &'a str,
+        token: u64,
+    ) -> BoxFuture<'a, Result<bool, BackendError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(FENCED)
+                .arg(2)
+                .arg(self.k(key))
+                .arg(self.k(fence_key))
+                .arg(value)
+                .arg(token);
+            let written: i64 = self.run(cmd).await?;
+            Ok(written == 1)
         })
     }
 

@@ -1,0 +1,80 @@
+//! tai-core's Redis state store against a real Redis: the same contract as memory.
+
+use std::time::Duration;
+
+use tai_blackbox::{backend, eventually, unique};
+use tai_core::store::{RedisStore, StateStore};
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_state_store_contract() {
+    let url = backend("TAI_TEST_REDIS_URL");
+    let prefix = format!("{}*[?]:", unique("store"));
+    let s = RedisStore::connect(&url, &prefix).await.expect("connect");
+    s.ping().await.expect("ping");
+    let ttl = Some(Duration::from_millis(400));
+    assert!(
+        s.put_if_absent("k", b"a".to_vec(), ttl)
+            .await
+            .expect("redis")
+    );
+    assert!(
+        !s.put_if_absent("k", b"b".to_vec(), ttl)
+            .await
+            .expect("redis")
+    );
+    assert_eq!(s.get("k").await.expect("redis"), Some(b"a".to_vec()));
+    assert!(
+        !s.compare_and_swap("k", b"x", b"c".to_vec(), None)
+            .await
+            .expect("redis")
+    );
+    assert!(
+        s.compare_and_swap("k", b"a", b"c".to_vec(), ttl)
+            .await
+            .expect("redis")
+    );
+    s.put("k2", b"z".to_vec(), None).await.expect("redis");
+    assert_eq!(s.keys("k").await.expect("redis"), vec!["k", "k2"]);
+    // glob characters in the prefix match only themselves: another prefix's keys stay out
+    let other = RedisStore::connect(&url, &format!("{}x:", unique("store")))
+        .await
+        .expect("connect");
+    other.put("k3", b"q".to_vec(), None).await.expect("redis");
+    assert_eq!(s.keys("").await.expect("redis"), vec!["k", "k2"]);
+    eventually(Duration::from_secs(5), "the key to expire", || async {
+        s.get("k").await.expect("redis").is_none().then_some(())
+    })
+    .await;
+    assert!(s.delete("k2").await.expect("redis"));
+    assert!(!s.delete("k2").await.expect("redis"));
+
+    let old = s.incr("fence").await.expect("redis");
+    assert!(
+        s.put_fenced("rec", b"v1".to_vec(), "fence", old)
+            .await
+            .expect("redis")
+    );
+    let new = s.incr("fence").await.expect("redis");
+    assert_eq!(new, old + 1);
+    assert!(
+        !s.put_fenced("rec", b"stale".to_vec(), "fence", old)
+            .await
+            .expect("redis"),
+        "a superseded token cannot write"
+    );
+    assert!(
+        s.put_fenced("rec", b"v2".to_vec(), "fence", new)
+            .await
+            .expect("redis")
+    );
+    assert_eq!(s.get("rec").await.expect("redis"), Some(b"v2".to_vec()));
+}
+
+#[tokio::test]
+async fn a_redis_that_does_not_answer_is_a_clear_error_not_a_hang() {
+    let port = tai_blackbox::free_port();
+    let err = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), "x:")
+        .await
+        .expect_err("nothing listens there");
+    assert_eq!(err.backend(), "redis");
+}
