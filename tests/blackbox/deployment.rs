@@ -354,7 +354,7 @@ async fn regions_roll_out_one_after_another_and_a_busy_region_queues() {
         &http,
         &svc,
         "/deploy",
-        &request("bad-service", "v1.1.0", 0.6),
+        &request("bad-service", "v1.1.0", 1.0),
     )
     .await;
     let (_, second) = post(
@@ -493,7 +493,7 @@ async fn inconclusive_analysis_holds_the_stage_then_fails_it() {
     .expect("start");
     let mut body = request("api-service", "v2.0.0", 0.1);
     body["analysis"] =
-        json!({"provider": "prometheus", "interval_secs": 0.2, "max_inconclusive_secs": 1.5});
+        json!({"provider": "prometheus", "interval_secs": 0.2, "max_inconclusive_secs": 3});
     let (_, d) = post(&http, &svc, "/deploy", &body).await;
     let id = d["deployment_id"].as_str().expect("id").to_owned();
     let andon = eventually(

@@ -388,6 +388,29 @@ async fn idempotency_replays_refuses_other_bodies_and_charges_once() {
     assert_no_card_numbers(&[svc.log()]);
 }
 
+/// After the open duration the breaker turns half-open; three good payments close it.
+async fn trials_close_the_breaker(http: &reqwest::Client, svc: &Proc) {
+    eventually(
+        Duration::from_secs(10),
+        "the breaker to turn half-open",
+        || async {
+            (status_of(http, svc).await["breakers"][0]["state"] == "half_open").then_some(())
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        let a = pay(
+            http,
+            svc,
+            &with_card(&unique("cust_trial"), "4242424242424242"),
+            None,
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    assert_eq!(status_of(http, svc).await["breakers"][0]["state"], "closed");
+}
+
 #[tokio::test]
 async fn the_gateway_breaker_opens_refuses_without_calling_and_closes_again() {
     let http = client();
@@ -477,30 +500,7 @@ async fn the_gateway_breaker_opens_refuses_without_calling_and_closes_again() {
     assert!(metrics.contains("payment_gateway_circuit_breaker_state 1"));
 
     // after the open duration the breaker admits trials; three good ones close it
-    let half_open = || async {
-        let s = status_of(&http, &svc).await;
-        (s["breakers"][0]["state"] == "half_open").then_some(())
-    };
-    eventually(
-        Duration::from_secs(10),
-        "the breaker to turn half-open",
-        half_open,
-    )
-    .await;
-    for _ in 0..3 {
-        let a = pay(
-            &http,
-            &svc,
-            &with_card(&customer(), "4242424242424242"),
-            None,
-        )
-        .await;
-        assert_eq!(a.status, 200, "{}", a.text);
-    }
-    assert_eq!(
-        status_of(&http, &svc).await["breakers"][0]["state"],
-        "closed"
-    );
+    trials_close_the_breaker(&http, &svc).await;
 
     // a dead gateway opens it the same way; a restarted one lets it close
     gw.kill();
@@ -532,26 +532,7 @@ async fn the_gateway_breaker_opens_refuses_without_calling_and_closes_again() {
         .expect("j");
     assert_eq!(andon["level"], "RED");
     gw.restart().await.expect("restart gateway");
-    eventually(
-        Duration::from_secs(10),
-        "the breaker to turn half-open",
-        half_open,
-    )
-    .await;
-    for _ in 0..3 {
-        let a = pay(
-            &http,
-            &svc,
-            &with_card(&customer(), "4242424242424242"),
-            None,
-        )
-        .await;
-        assert_eq!(a.status, 200, "{}", a.text);
-    }
-    assert_eq!(
-        status_of(&http, &svc).await["breakers"][0]["state"],
-        "closed"
-    );
+    trials_close_the_breaker(&http, &svc).await;
     assert_no_card_numbers(&[svc.log(), gw.log()]);
 }
 
@@ -612,9 +593,13 @@ async fn card_numbers_never_reach_the_logs_even_at_trace_level() {
 #[tokio::test]
 async fn merchants_are_rate_limited_and_overload_is_shed() {
     let http = client();
-    let svc = Proc::start("payment-system", &[("MERCHANT_RATE_PER_SEC", "2")])
-        .await
-        .expect("start");
+    // a burst of 2, then one a second: the third request within a second is refused
+    let svc = Proc::start(
+        "payment-system",
+        &[("MERCHANT_RATE_PER_SEC", "1"), ("MERCHANT_BURST", "2")],
+    )
+    .await
+    .expect("start");
     let mut statuses = Vec::new();
     let mut limited = None;
     for i in 0..3 {

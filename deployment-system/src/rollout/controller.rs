@@ -742,17 +742,11 @@ impl Controller {
                     .await?
                     .map(|t| t.stable)
                     .unwrap_or_else(|| d.regions[ci].stable_version.clone());
-                let interval = d.analysis.interval_secs;
-                let first = d.stages[0].clone();
                 let r = &mut d.regions[ci];
                 r.status = RegionStatus::InProgress;
                 r.stable_version = stable.clone();
                 r.queue_position = None;
                 r.started_at = Some(now);
-                r.stage_index = 0;
-                r.stage_started_at = Some(now);
-                r.stage_deadline = Some(now + ms(first.bake_secs));
-                r.next_analysis_at = Some(now + ms(interval.min(first.bake_secs)));
                 d.status = Status::InProgress;
                 d.event(
                     now,
@@ -761,15 +755,7 @@ impl Controller {
                     None,
                     json!({"stable_version": stable, "new_version": d.version}),
                 );
-                d.event(
-                    now,
-                    "stage_started",
-                    Some(&region),
-                    Some(&first.name),
-                    json!({"weight": first.weight, "bake_secs": first.bake_secs}),
-                );
-                self.persist(d).await?;
-                self.apply(d).await;
+                self.start_stage(d, 0, now).await?;
             }
             RegionStatus::InProgress => {
                 let r = &d.regions[ci];
@@ -866,6 +852,35 @@ impl Controller {
         Ok(())
     }
 
+    /// Starts stage `idx` in the current region: its bake and first measurement are timed from
+    /// `now`; the transition is stored, then the traffic moves.
+    async fn start_stage(
+        &mut self,
+        d: &mut Deployment,
+        idx: usize,
+        now: DateTime<Utc>,
+    ) -> Result<(), BackendError> {
+        let stage = d.stages[idx].clone();
+        let interval = d.analysis.interval_secs;
+        let ci = d.current_region;
+        let r = &mut d.regions[ci];
+        r.stage_index = idx;
+        r.stage_started_at = Some(now);
+        r.stage_deadline = Some(now + ms(stage.bake_secs));
+        r.next_analysis_at = Some(now + ms(interval.min(stage.bake_secs)));
+        let region = r.region.clone();
+        d.event(
+            now,
+            "stage_started",
+            Some(&region),
+            Some(&stage.name),
+            json!({"weight": stage.weight, "bake_secs": stage.bake_secs}),
+        );
+        self.persist(d).await?;
+        self.apply(d).await;
+        Ok(())
+    }
+
     async fn complete_stage(
         &mut self,
         d: &mut Deployment,
@@ -890,23 +905,8 @@ impl Controller {
             json!({"weight": stage.weight, "duration_secs": took, "gate": gate}),
         );
         self.metrics.stage(&stage.name, took);
-        if let Some(next) = d.stages.get(idx + 1).cloned() {
-            let interval = d.analysis.interval_secs;
-            let r = &mut d.regions[ci];
-            r.stage_index = idx + 1;
-            r.stage_started_at = Some(now);
-            r.stage_deadline = Some(now + ms(next.bake_secs));
-            r.next_analysis_at = Some(now + ms(interval.min(next.bake_secs)));
-            d.event(
-                now,
-                "stage_started",
-                Some(&region),
-                Some(&next.name),
-                json!({"weight": next.weight, "bake_secs": next.bake_secs}),
-            );
-            self.persist(d).await?;
-            self.apply(d).await;
-            return Ok(());
+        if idx + 1 < d.stages.len() {
+            return self.start_stage(d, idx + 1, now).await;
         }
         let r = &mut d.regions[ci];
         r.status = RegionStatus::Success;
