@@ -40,7 +40,10 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use tai_core::andon::{AndonRule, Level};
 use tai_core::clock::SharedClock;
-use tai_core::heijunka::{GcraLimiter, MemoryWindowCounter, Quota, RateLimiter};
+use tai_core::heijunka::{
+    GcraLimiter, MemoryWindowCounter, Quota, RateLimiter, RedisGcra, RedisWindowCounter,
+    WindowCounter,
+};
 use tai_core::jidoka::{BreakerConfig, CircuitBreaker};
 use tai_core::kanban::{MemoryQueue, QueueConfig, SharedQueue};
 use tai_core::pipeline::Pipeline;
@@ -254,11 +257,27 @@ pub async fn build(
         clock.clone(),
     ));
 
-    let velocity = Arc::new(MemoryWindowCounter::new(
-        rules.velocity_window(),
-        rules.rules.velocity.max_attempts,
-        clock.clone(),
-    ));
+    let velocity: Arc<dyn WindowCounter> = match runtime.redis() {
+        Some(redis) => Arc::new(RedisWindowCounter::new(
+            redis.connection(),
+            &format!("{}pay:velocity:", redis.prefix()),
+            rules.velocity_window(),
+            rules.rules.velocity.max_attempts,
+        )),
+        None => Arc::new(MemoryWindowCounter::new(
+            rules.velocity_window(),
+            rules.rules.velocity.max_attempts,
+            clock.clone(),
+        )),
+    };
+    runtime.set_backend(
+        "counters",
+        if runtime.redis().is_some() {
+            "redis"
+        } else {
+            "memory"
+        },
+    );
     let facts = FraudFactSource::new(
         velocity,
         store.clone(),
@@ -289,8 +308,22 @@ pub async fn build(
         burst,
         interval: Duration::from_secs(1) / per_sec.max(1),
     };
-    let limiter: Arc<dyn RateLimiter> = Arc::new(GcraLimiter::new(quota, clock.clone()));
-    runtime.set_backend("rate_limits", "memory");
+    let limiter: Arc<dyn RateLimiter> = match runtime.redis() {
+        Some(redis) => Arc::new(RedisGcra::new(
+            redis.connection(),
+            &format!("{}pay:ratelimit:", redis.prefix()),
+            quota,
+        )),
+        None => Arc::new(GcraLimiter::new(quota, clock.clone())),
+    };
+    runtime.set_backend(
+        "rate_limits",
+        if runtime.redis().is_some() {
+            "redis"
+        } else {
+            "memory"
+        },
+    );
 
     let max_amount: Decimal = cfg.setting_or("MAX_AMOUNT", Decimal::from(1_000_000))?;
     let app = Arc::new(App {

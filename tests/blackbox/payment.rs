@@ -913,3 +913,79 @@ async fn malformed_requests_get_4xx_json_errors_and_change_nothing() {
     let status = status_of(&http, &svc).await;
     assert_eq!(status["kaizen"]["errors"], 0, "no 5xx");
 }
+
+#[tokio::test]
+async fn replicas_sharing_redis_share_velocity_rate_limits_and_idempotency() {
+    let redis = tai_blackbox::backend("TAI_TEST_REDIS_URL");
+    let prefix = format!("{}:", unique("pay-ha"));
+    let env = [
+        ("REDIS_URL", redis.as_str()),
+        ("REDIS_KEY_PREFIX", prefix.as_str()),
+    ];
+    let http = client();
+    let a = Proc::start("payment-system", &env)
+        .await
+        .expect("replica a");
+    let b = Proc::start("payment-system", &env)
+        .await
+        .expect("replica b");
+    let status = status_of(&http, &a).await;
+    assert_eq!(
+        (
+            status["backends"]["state"].as_str(),
+            status["backends"]["counters"].as_str(),
+            status["backends"]["rate_limits"].as_str()
+        ),
+        (Some("redis"), Some("redis"), Some("redis"))
+    );
+
+    // 20 concurrent attempts by one customer, spread over both replicas: exactly 5 pass velocity
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let http = http.clone();
+            let url = if i % 2 == 0 {
+                a.url("/payment")
+            } else {
+                b.url("/payment")
+            };
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .json(&payment("cust_shared", json!("2.00")))
+                    .send()
+                    .await
+                    .expect("send");
+                r.json::<Value>().await.expect("json")["status"]
+                    .as_str()
+                    .expect("status")
+                    .to_owned()
+            })
+        })
+        .collect();
+    let mut success = 0;
+    for t in tasks {
+        if t.await.expect("task") == "SUCCESS" {
+            success += 1;
+        }
+    }
+    assert_eq!(success, 5, "velocity is counted once across replicas");
+
+    // a key used on one replica replays on the other
+    let key = unique("idem-ha");
+    let body = payment("cust_idem_ha", json!("3.00"));
+    let first = pay(&http, &a, &body, Some(&key)).await;
+    let again = pay(&http, &b, &body, Some(&key)).await;
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.json["transaction_id"], first.json["transaction_id"]);
+    let id = first.json["transaction_id"].as_str().expect("id");
+    let stored = http
+        .get(b.url(&format!("/payment/{id}")))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        stored.status(),
+        200,
+        "the record is readable from any replica"
+    );
+}

@@ -4,22 +4,24 @@
 //!
 //! - [`RateLimiter`]: GCRA (the generic cell rate algorithm), a token bucket without timers. A key
 //!   may send `burst` requests at once, then one per `interval`. [`GcraLimiter`] keeps the state in
-//!   memory through `governor`; a Redis implementation runs the same algorithm in one Lua script
-//!   so that every replica shares a key's budget.
+//!   memory through `governor`; [`RedisGcra`] runs the same algorithm in one Lua script so that
+//!   every replica shares a key's budget.
 //! - [`WindowCounter`]: counts events per key over a sliding window (a log of timestamps, exact,
 //!   not an approximation), answering with the count including the event just recorded. The fraud
-//!   policy's velocity rule reads it.
+//!   policy's velocity rule reads it. [`RedisWindowCounter`] keeps it in a sorted set.
 //!
 //! Both answer with what a client needs to behave: allowed or not, how much is left, and when to
 //! retry, which the HTTP layer turns into `429`, `Retry-After` and `RateLimit-*` headers.
 
 mod gcra;
+mod redis;
 mod window;
 
 use std::time::Duration;
 
 use serde::Serialize;
 
+pub use self::redis::{RedisGcra, RedisWindowCounter};
 pub use gcra::GcraLimiter;
 pub use window::MemoryWindowCounter;
 

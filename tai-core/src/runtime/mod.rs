@@ -147,6 +147,7 @@ pub struct Runtime {
     andon_rules: Vec<AndonRule>,
     shutdown_tx: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
+    redis: Option<crate::store::RedisStore>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -208,6 +209,7 @@ impl Runtime {
             andon_rules: default_andon_rules(),
             shutdown_tx,
             workers: Vec::new(),
+            redis: None,
         }
     }
 
@@ -273,6 +275,7 @@ impl Runtime {
                     .setting("REDIS_KEY_PREFIX")
                     .unwrap_or_else(|| format!("tai:{}:", self.config.service));
                 let redis = crate::store::RedisStore::connect(url.expose(), &prefix).await?;
+                self.redis = Some(redis.clone());
                 let probe = redis.clone();
                 self.add_readiness("redis", move || {
                     let probe = probe.clone();
@@ -284,6 +287,12 @@ impl Runtime {
         };
         self.set_backend("state", store.backend());
         Ok(store)
+    }
+
+    /// The Redis store, once [`Runtime::state_store`] connected one: for other parts that must
+    /// be shared across replicas (rate limits, counters) to use the same connection and prefix.
+    pub fn redis(&self) -> Option<&crate::store::RedisStore> {
+        self.redis.as_ref()
     }
 
     /// The audit sink the configuration asks for: JetStream stream `stream` capturing `subjects`
