@@ -45,7 +45,7 @@ use tai_core::heijunka::{
     WindowCounter,
 };
 use tai_core::jidoka::{BreakerConfig, CircuitBreaker};
-use tai_core::kanban::{MemoryQueue, QueueConfig, SharedQueue};
+use tai_core::kanban::{JetStreamQueue, MemoryQueue, QueueConfig, QueueError, SharedQueue};
 use tai_core::pipeline::Pipeline;
 use tai_core::runtime::{ApiError, ConfigError, ErrorType, Runtime};
 use tai_core::secrets::Secret;
@@ -147,6 +147,9 @@ pub enum BuildError {
     /// The store failed while seeding.
     #[error(transparent)]
     Backend(#[from] tai_core::backend::BackendError),
+    /// The confirmation queue could not be set up.
+    #[error("confirmation queue: {0}")]
+    Queue(#[from] QueueError),
 }
 
 #[derive(OpenApi)]
@@ -243,14 +246,27 @@ pub async fn build(
     runtime.add_breaker(breaker.clone());
 
     let queue_capacity = cfg.setting_or("CONFIRM_QUEUE_CAPACITY", 100_000usize)?;
-    let queue = MemoryQueue::<String>::new(
-        QueueConfig::new("payment-confirmations", queue_capacity),
-        clock.clone(),
-    )
-    .with_gauges(runtime.kaizen().queue_depth());
-    runtime.add_queue(Arc::new(queue.clone()));
-    runtime.set_backend("queue", "local");
-    let confirmations: SharedQueue<String> = Arc::new(queue);
+    let queue_config = QueueConfig::new("payment-confirmations", queue_capacity);
+    let confirmations: SharedQueue<String> = match &cfg.nats_url {
+        Some(url) => {
+            let stream = cfg
+                .setting("CONFIRM_STREAM")
+                .unwrap_or_else(|| "PAYMENT_CONFIRMATIONS".into());
+            let subject = cfg
+                .setting("CONFIRM_SUBJECT")
+                .unwrap_or_else(|| "payment.confirmations".into());
+            let queue = JetStreamQueue::<String>::connect(url, &stream, &subject, queue_config)
+                .await?
+                .with_gauges(runtime.kaizen().queue_depth());
+            Arc::new(queue)
+        }
+        None => Arc::new(
+            MemoryQueue::<String>::new(queue_config, clock.clone())
+                .with_gauges(runtime.kaizen().queue_depth()),
+        ),
+    };
+    runtime.add_queue(confirmations.clone());
+    runtime.set_backend("queue", confirmations.backend());
     runtime.spawn_worker(action::confirmation_worker(
         confirmations.clone(),
         store.clone(),

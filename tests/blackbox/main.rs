@@ -1,6 +1,6 @@
 //! Black-box tests: the built binaries, real backends, HTTP only.
 
+mod backends;
 mod deployment;
 mod foundation;
 mod payment;
-mod store;

@@ -989,3 +989,44 @@ async fn replicas_sharing_redis_share_velocity_rate_limits_and_idempotency() {
         "the record is readable from any replica"
     );
 }
+
+#[tokio::test]
+async fn confirmations_go_through_jetstream_when_nats_is_configured() {
+    let nats = tai_blackbox::backend("TAI_TEST_NATS_URL");
+    let run = unique("confirm");
+    let stream = format!("CONFIRM_{run}");
+    let subject = format!("{run}.confirmations");
+    let http = client();
+    let svc = Proc::start(
+        "payment-system",
+        &[
+            ("NATS_URL", nats.as_str()),
+            ("CONFIRM_STREAM", stream.as_str()),
+            ("CONFIRM_SUBJECT", subject.as_str()),
+        ],
+    )
+    .await
+    .expect("start");
+    let status = status_of(&http, &svc).await;
+    assert_eq!(status["backends"]["queue"], "jetstream");
+    assert_eq!(status["queues"][0]["backend"], "jetstream");
+    let a = pay(&http, &svc, &payment("cust_js", json!("4.20")), None).await;
+    assert_eq!(a.status, 200);
+    let url = svc.url(&format!(
+        "/payment/{}",
+        a.json["transaction_id"].as_str().expect("id")
+    ));
+    eventually(
+        Duration::from_secs(10),
+        "the confirmation through JetStream",
+        || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                (v["confirmed"] == true).then_some(())
+            }
+        },
+    )
+    .await;
+}

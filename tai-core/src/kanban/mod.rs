@@ -12,9 +12,10 @@
 //! - **drains** on shutdown: [`WorkQueue::close`] stops new work, `pull` keeps handing out what is
 //!   left, and [`drain`] waits until every item was acked or the grace time ran out.
 //!
-//! [`MemoryQueue`] is the in-process default; a JetStream queue with a durable pull consumer gives
-//! the same contract across processes and restarts.
+//! [`MemoryQueue`] is the in-process default; [`JetStreamQueue`], a work-queue stream with a
+//! durable pull consumer, gives the same contract across processes and restarts.
 
+mod jetstream;
 mod memory;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use jetstream::JetStreamQueue;
 pub use memory::MemoryQueue;
 
 use crate::backend::{BackendError, BoxFuture};
