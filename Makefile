@@ -1,5 +1,5 @@
 # The operator's entry points. The two a newcomer needs: `make run` and `make test`.
-.PHONY: run test check lint fmt build clean
+.PHONY: run test check lint fmt build clean stress-payment
 
 ## Build and start both services on their embedded defaults (nothing to install). Ctrl-C stops both.
 run:
@@ -23,3 +23,7 @@ build:
 
 clean:
 	cargo clean
+
+## Load a running payment service (start it with `make run`): STRESS_ARGS="--duration 30 --concurrency 64".
+stress-payment:
+	cargo run --release --bin stress-payment -- $(STRESS_ARGS)

@@ -1030,3 +1030,71 @@ async fn confirmations_go_through_jetstream_when_nats_is_configured() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn stress_payment_loads_a_running_service_and_reports_every_status() {
+    let svc = Proc::start("payment-system", &[]).await.expect("start");
+    let bin = tai_blackbox::bin_dir().join("stress-payment");
+    let url = svc.url("");
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "--url",
+            url.as_str(),
+            "--duration",
+            "1",
+            "--concurrency",
+            "4",
+            "--fraud-share",
+            "0.3",
+            "--quiet",
+        ])
+        .output()
+        .await
+        .expect("run stress-payment");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("throughput:") && text.contains("p99"),
+        "{text}"
+    );
+    assert!(text.contains("200 SUCCESS"), "{text}");
+    assert!(text.contains("402 FRAUD_BLOCKED"), "{text}");
+    assert!(
+        text.contains("server errors and failed requests: 0"),
+        "{text}"
+    );
+    // what it reports is what the service counted
+    let requests: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("request count");
+    let metrics = client()
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    let counted: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("payment_transaction_total{"))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()))
+        .sum();
+    assert_eq!(counted, requests);
+    // nothing listening: a clear refusal, not a hang
+    let dead = format!("http://127.0.0.1:{}", tai_blackbox::free_port());
+    let out = tokio::process::Command::new(tai_blackbox::bin_dir().join("stress-payment"))
+        .args(["--url", dead.as_str(), "--quiet"])
+        .output()
+        .await
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("make run"));
+}
