@@ -1,5 +1,5 @@
 # The operator's entry points. The two a newcomer needs: `make run` and `make test`.
-.PHONY: run test check lint fmt build clean stress-payment
+.PHONY: run test check lint fmt build clean stress-payment up down
 
 ## Build and start both services on their embedded defaults (nothing to install). Ctrl-C stops both.
 run:
@@ -27,3 +27,13 @@ clean:
 ## Load a running payment service (start it with `make run`): STRESS_ARGS="--duration 30 --concurrency 64".
 stress-payment:
 	cargo run --release --bin stress-payment -- $(STRESS_ARGS)
+
+## The full stack in containers (needs a Docker engine): both services, NATS, Redis, Vault,
+## Prometheus, Grafana, Jaeger, Loki.
+COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+up:
+	$(COMPOSE) up -d --build
+
+down:
+	$(COMPOSE) down

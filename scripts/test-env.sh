@@ -41,6 +41,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v prometheus   >/dev/null || missing+=(prometheus)
 command -v curl         >/dev/null || missing+=(curl)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
+command -v docker-compose  >/dev/null || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     say "installing ${missing[*]} from Debian's packages"

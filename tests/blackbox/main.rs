@@ -3,4 +3,5 @@
 mod backends;
 mod deployment;
 mod foundation;
+mod operator;
 mod payment;
