@@ -253,3 +253,91 @@ async fn prometheus_scrapes_both_services() {
     assert_eq!(services, vec!["deployment-system", "payment-system"]);
     let _ = std::fs::remove_file(std::path::Path::new(&targets_dir).join(format!("{run}.json")));
 }
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_under_the_trace_id_the_response_names() {
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::State;
+    use axum::routing::post;
+
+    // a collector: accepts OTLP/HTTP protobuf exports and keeps what arrives
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let collector = axum::Router::new()
+        .route(
+            "/v1/traces",
+            post(
+                |State(seen): State<Arc<Mutex<Vec<Vec<u8>>>>>, body: axum::body::Bytes| async move {
+                    seen.lock().expect("lock").push(body.to_vec());
+                    axum::http::StatusCode::OK
+                },
+            ),
+        )
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let svc = Proc::start(
+        "payment-system",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await
+    .expect("start");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = client()
+        .post(svc.url("/payment"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&serde_json::json!({"amount": "12.00", "currency": "USD", "customer_id": "cust_otlp", "merchant_id": "m"}))
+        .send()
+        .await
+        .expect("pay");
+    assert!(
+        r.headers()["traceparent"]
+            .to_str()
+            .expect("tp")
+            .starts_with(&format!("00-{trace_id}-"))
+    );
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(
+        body["trace_id"], trace_id,
+        "the caller's trace is continued"
+    );
+
+    let raw_id: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[i * 2..i * 2 + 2], 16).expect("hex"))
+        .collect();
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    eventually(
+        Duration::from_secs(20),
+        "the payment's spans at the collector",
+        || {
+            let received = received.clone();
+            let raw_id = raw_id.clone();
+            async move {
+                let all: Vec<u8> = received.lock().expect("lock").concat();
+                let found = contains(&all, &raw_id)
+                    && [
+                        b"payment-system".as_slice(),
+                        b"signal_received",
+                        b"policy",
+                        b"breaker_checked",
+                        b"gateway_called",
+                        b"recorded",
+                        b"queued",
+                    ]
+                    .iter()
+                    .all(|n| contains(&all, n));
+                found.then_some(())
+            }
+        },
+    )
+    .await;
+    let all: Vec<u8> = received.lock().expect("lock").concat();
+    assert!(!contains(&all, b"4242424242424242"));
+}

@@ -20,6 +20,7 @@ pub mod error;
 mod middleware;
 mod page;
 mod routes;
+pub mod telemetry;
 pub mod trace;
 
 use std::collections::BTreeMap;
@@ -33,7 +34,6 @@ use axum::routing::get;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tracing_subscriber::EnvFilter;
 use utoipa::OpenApi;
 
 pub use config::{ConfigError, LogFormat, Profile, RuntimeConfig};
@@ -160,18 +160,7 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
-/// Starts logging per the configuration: `RUST_LOG` filters (default `info`), `LOG_FORMAT`
-/// picks pretty or JSON. A second call does nothing.
-pub fn init_tracing(config: &RuntimeConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
-    };
-}
+pub use telemetry::{init_tracing, shutdown_tracing};
 
 impl Runtime {
     /// Reads the configuration of `service` from the environment, starts logging, and prints
@@ -423,6 +412,7 @@ impl Runtime {
         ticker.abort();
         shutdown.run(&common).await;
         tracing::info!(%service, "shut down");
+        shutdown_tracing();
         Ok(())
     }
 }

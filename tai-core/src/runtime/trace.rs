@@ -113,6 +113,8 @@ pub(crate) async fn trace_context(mut req: Request, next: Next) -> Response {
         span_id = %ctx.span_id,
         request_id = %request_id,
     );
+    let mut ctx = ctx;
+    adopt_otel_ids(&span, &mut ctx);
     let header = HeaderValue::from_str(&ctx.traceparent()).ok();
     req.extensions_mut().insert(ctx);
     let mut response = next.run(req).instrument(span).await;
@@ -120,6 +122,32 @@ pub(crate) async fn trace_context(mut req: Request, next: Next) -> Response {
         response.headers_mut().insert("traceparent", h);
     }
     response
+}
+
+/// When spans are exported, the exported request span must carry the same ids the response
+/// names: continue the caller's trace under its span, and take the ids the exporter assigned.
+fn adopt_otel_ids(span: &tracing::Span, ctx: &mut TraceContext) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if let (Some(parent), Ok(trace_id)) = (&ctx.parent_span_id, TraceId::from_hex(&ctx.trace_id))
+        && let Ok(parent_id) = SpanId::from_hex(parent)
+    {
+        let flags = if ctx.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let remote = SpanContext::new(trace_id, parent_id, flags, true, TraceState::default());
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    let otel = span.context();
+    let exported = otel.span().span_context().clone();
+    if exported.is_valid() {
+        ctx.trace_id = exported.trace_id().to_string();
+        ctx.span_id = exported.span_id().to_string();
+    }
 }
 
 #[cfg(test)]
