@@ -341,3 +341,116 @@ async fn spans_are_exported_over_otlp_under_the_trace_id_the_response_names() {
     let all: Vec<u8> = received.lock().expect("lock").concat();
     assert!(!contains(&all, b"4242424242424242"));
 }
+
+/// A stand-in for Vault's KV v2 read endpoint (Vault itself cannot be installed here): it
+/// answers `GET /v1/<mount>/data/<path>` as Vault does, for one token.
+async fn kv2_server(token: &'static str, path: &'static str, fields: Value) -> String {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    let app = axum::Router::new()
+        .route(
+            path,
+            axum::routing::get(move |State(fields): State<Value>, headers: HeaderMap| async move {
+                if headers.get("x-vault-token").and_then(|v| v.to_str().ok()) != Some(token) {
+                    return (StatusCode::FORBIDDEN, axum::Json(serde_json::json!({"errors": ["permission denied"]})));
+                }
+                let body = serde_json::json!({
+                    "request_id": "req-1", "lease_id": "", "renewable": false, "lease_duration": 0,
+                    "data": {"data": fields, "metadata": {"created_time": "2026-01-01T00:00:00.000000Z", "custom_metadata": null, "deletion_time": "", "destroyed": false, "version": 3}},
+                    "wrap_info": null, "warnings": null, "auth": null
+                });
+                (StatusCode::OK, axum::Json(body))
+            }),
+        )
+        .with_state(fields);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn api_keys_come_from_vault_when_it_is_configured() {
+    let vault = kv2_server(
+        "s.root-token",
+        "/v1/secret/data/tai/payment-system",
+        serde_json::json!({"api_keys": "sk_vault_one, sk_vault_two"}),
+    )
+    .await;
+    let http = client();
+    let svc = Proc::start(
+        "payment-system",
+        &[
+            ("TAI_PROFILE", "prod"),
+            ("VAULT_ADDR", vault.as_str()),
+            ("VAULT_TOKEN", "s.root-token"),
+        ],
+    )
+    .await
+    .expect("start");
+    let status: Value = http
+        .get(svc.url("/status"))
+        .send()
+        .await
+        .expect("s")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["backends"]["secrets"], "vault");
+    let ready: Value = http
+        .get(svc.url("/ready"))
+        .send()
+        .await
+        .expect("r")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["checks"]["vault"], "ok");
+    let body = serde_json::json!({"amount": "1.00", "currency": "USD", "customer_id": "cust_v", "merchant_id": "m"});
+    assert_eq!(
+        http.post(svc.url("/payment"))
+            .json(&body)
+            .send()
+            .await
+            .expect("p")
+            .status(),
+        401
+    );
+    let r = http
+        .post(svc.url("/payment"))
+        .bearer_auth("sk_vault_two")
+        .json(&body)
+        .send()
+        .await
+        .expect("p");
+    assert_eq!(r.status(), 200);
+    let log = svc.log();
+    assert!(
+        !log.contains("sk_vault_one")
+            && !log.contains("sk_vault_two")
+            && !log.contains("s.root-token"),
+        "secrets never reach a log"
+    );
+    assert!(log.contains("API keys read from Vault"));
+
+    // a wrong token: the service says why it cannot start
+    let mut wrong = Proc::spawn_only(
+        "payment-system",
+        &[
+            ("TAI_PROFILE", "prod"),
+            ("VAULT_ADDR", vault.as_str()),
+            ("VAULT_TOKEN", "s.wrong"),
+        ],
+    )
+    .expect("spawn");
+    let code = wrong.wait_exit(Duration::from_secs(15)).await;
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    assert!(
+        wrong.log().contains("cannot read secrets from Vault"),
+        "{}",
+        wrong.log()
+    );
+    assert!(!wrong.log().contains("s.wrong"));
+}

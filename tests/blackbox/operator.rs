@@ -55,7 +55,8 @@ fn the_compose_stack_is_valid_and_complete() {
             "promtail",
             "redis",
             "sandbox-gateway",
-            "vault"
+            "vault",
+            "vault-init"
         ]
     );
 }

@@ -175,6 +175,67 @@ impl Runtime {
         Ok(Self::new(config, version, crate::clock::system()))
     }
 
+    /// [`Runtime::from_env`], then the secrets: with `VAULT_ADDR` and `VAULT_TOKEN` set, the API
+    /// keys are the comma-separated field `api_keys` of the KV v2 secret `VAULT_MOUNT`
+    /// (`secret`) / `VAULT_PATH` (`tai/<service>`). The `prod` profile refuses to start without
+    /// keys from one source or the other.
+    pub async fn start(
+        service: &str,
+        version: &'static str,
+        default_listen: &str,
+    ) -> Result<Self, ConfigError> {
+        let mut runtime = Self::from_env(service, version, default_listen)?;
+        runtime.load_secrets().await?;
+        Ok(runtime)
+    }
+
+    async fn load_secrets(&mut self) -> Result<(), ConfigError> {
+        use crate::secrets::SecretSource;
+        let Some(addr) = self.config.vault_addr.clone() else {
+            self.set_backend("secrets", "env");
+            return Ok(());
+        };
+        let token = self.config.vault_token.clone().ok_or_else(|| {
+            ConfigError::Refused("VAULT_ADDR is set but VAULT_TOKEN is not".into())
+        })?;
+        let mount = self
+            .config
+            .setting("VAULT_MOUNT")
+            .unwrap_or_else(|| "secret".into());
+        let path = self
+            .config
+            .setting("VAULT_PATH")
+            .unwrap_or_else(|| format!("tai/{}", self.config.service));
+        let vault = crate::secrets::VaultSecrets::new(&addr, &token, &mount, &path)
+            .map_err(|e| ConfigError::Refused(e.to_string()))?;
+        let keys = vault
+            .get("api_keys")
+            .await
+            .map_err(|e| ConfigError::Refused(format!("cannot read secrets from Vault: {e}")))?;
+        if let Some(keys) = keys {
+            self.config.api_keys = keys
+                .expose()
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(Secret::new)
+                .collect();
+        }
+        tracing::info!(mount = %mount, path = %path, keys = self.config.api_keys.len(), "API keys read from Vault");
+        if self.config.profile == Profile::Prod && self.config.api_keys.is_empty() {
+            return Err(ConfigError::Refused(format!(
+                "the prod profile refuses to start without API keys: Vault {mount}/{path} has no api_keys"
+            )));
+        }
+        let vault = Arc::new(vault);
+        self.add_readiness("vault", move || {
+            let vault = vault.clone();
+            Box::pin(async move { vault.get("api_keys").await.map(|_| ()) })
+        });
+        self.set_backend("secrets", "vault");
+        Ok(())
+    }
+
     /// A runtime over an explicit configuration and clock (tests).
     pub fn new(config: RuntimeConfig, version: &'static str, clock: SharedClock) -> Self {
         let described: Vec<String> = config
