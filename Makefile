@@ -1,5 +1,5 @@
 # The operator's entry points. The two a newcomer needs: `make run` and `make test`.
-.PHONY: run test check lint fmt build clean stress-payment up down
+.PHONY: run test check lint fmt build clean stress-payment up down bench
 
 ## Build and start both services on their embedded defaults (nothing to install). Ctrl-C stops both.
 run:
@@ -37,3 +37,7 @@ up:
 
 down:
 	$(COMPOSE) down
+
+## Payment throughput and latency against a bare JSON handler, in one run (release build, wrk).
+bench:
+	bash scripts/bench.sh

@@ -17,7 +17,15 @@ pub struct MemoryWindowCounter {
     window: Duration,
     limit: u64,
     clock: SharedClock,
-    keys: Mutex<HashMap<String, VecDeque<Instant>>>,
+    keys: Mutex<Keys>,
+}
+
+#[derive(Debug)]
+struct Keys {
+    events: HashMap<String, VecDeque<Instant>>,
+    /// Sweep idle keys once the map grows past this; doubling it after each sweep keeps the
+    /// cost of sweeping constant per hit, however many keys there are.
+    sweep_at: usize,
 }
 
 /// Timestamps kept per key at most; counts beyond it are reported as this cap. Bounded so that
@@ -31,8 +39,20 @@ impl MemoryWindowCounter {
             window,
             limit,
             clock,
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new(Keys {
+                events: HashMap::new(),
+                sweep_at: 10_000,
+            }),
         }
+    }
+
+    /// Keys currently held (idle ones are swept as the map grows).
+    pub fn tracked_keys(&self) -> usize {
+        self.keys
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .events
+            .len()
     }
 
     /// Records one event for `key` now.
@@ -42,14 +62,15 @@ impl MemoryWindowCounter {
             .keys
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if keys.len() > 10_000 {
+        if keys.events.len() > keys.sweep_at {
             // sweep keys whose every event has left the window
-            keys.retain(|_, q| {
+            keys.events.retain(|_, q| {
                 q.back()
                     .is_some_and(|t| now.duration_since(*t) < self.window)
             });
+            keys.sweep_at = (keys.events.len() * 2).max(10_000);
         }
-        let events = keys.entry(key.to_owned()).or_default();
+        let events = keys.events.entry(key.to_owned()).or_default();
         while events
             .front()
             .is_some_and(|t| now.duration_since(*t) >= self.window)
@@ -118,6 +139,19 @@ mod tests {
         assert_eq!(c.hit_now("cust").count, 6);
         clock.advance(Duration::from_secs(60));
         assert_eq!(c.hit_now("cust").count, 1);
+    }
+
+    #[test]
+    fn idle_keys_are_swept_as_the_map_grows() {
+        let clock = ManualClock::new();
+        let c = MemoryWindowCounter::new(Duration::from_secs(60), 5, clock.shared());
+        for i in 0..10_001 {
+            c.hit_now(&format!("k{i}"));
+        }
+        assert_eq!(c.tracked_keys(), 10_001, "all still inside the window");
+        clock.advance(Duration::from_secs(60));
+        c.hit_now("fresh");
+        assert_eq!(c.tracked_keys(), 1, "every idle key swept");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,6 +73,9 @@ type Entry = (Vec<u8>, Option<Instant>);
 pub struct MemoryStore {
     clock: SharedClock,
     map: Mutex<BTreeMap<String, Entry>>,
+    /// Writes until the next sweep of expired keys (amortised: a sweep per as many writes as
+    /// there are keys).
+    writes_to_sweep: std::sync::atomic::AtomicUsize,
 }
 
 impl MemoryStore {
@@ -81,6 +84,7 @@ impl MemoryStore {
         Self {
             clock,
             map: Mutex::new(BTreeMap::new()),
+            writes_to_sweep: std::sync::atomic::AtomicUsize::new(10_000),
         }
     }
 
@@ -90,6 +94,16 @@ impl MemoryStore {
             .map
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self
+            .writes_to_sweep
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+            <= 1
+        {
+            // forget expired keys now and then, so keys with a TTL do not pile up
+            map.retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
+            self.writes_to_sweep
+                .store(map.len().max(10_000), std::sync::atomic::Ordering::Relaxed);
+        }
         f(&mut map, now)
     }
 
