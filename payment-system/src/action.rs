@@ -169,7 +169,7 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
     async fn act(
         &self,
         attempt: &PaymentAttempt,
-        _facts: &FraudFacts,
+        facts: &FraudFacts,
         verdict: &Verdict,
     ) -> Result<Answer, BackendError> {
         let req = &attempt.request;
@@ -224,21 +224,22 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
         .instrument(tracing::info_span!("recorded", status = status.as_str()))
         .await?;
         if status == PaymentStatus::Success {
-            if let Err(e) = self
-                .facts
-                .remember_currency(&req.customer_id, req.currency.code())
-                .await
-            {
+            let (remembered, queued) = tokio::join!(
+                self.facts.remember_currency(
+                    &req.customer_id,
+                    req.currency.code(),
+                    &facts.currencies_seen
+                ),
+                self.confirmations
+                    .push(record.transaction_id.clone())
+                    .instrument(tracing::info_span!(
+                        "queued",
+                        queue = "payment-confirmations"
+                    )),
+            );
+            if let Err(e) = remembered {
                 tracing::warn!(error = %e, "could not remember the currency for the geo rule");
             }
-            let queued = self
-                .confirmations
-                .push(record.transaction_id.clone())
-                .instrument(tracing::info_span!(
-                    "queued",
-                    queue = "payment-confirmations"
-                ))
-                .await;
             if let Err(e) = queued {
                 // the charge stands; the record stays unconfirmed until a reconciliation
                 tracing::error!(transaction_id = %record.transaction_id, error = %e, "could not queue the confirmation");

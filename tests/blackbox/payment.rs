@@ -1098,3 +1098,48 @@ async fn stress_payment_loads_a_running_service_and_reports_every_status() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("make run"));
 }
+
+#[tokio::test]
+async fn geography_and_currency_changes_are_explained() {
+    let http = client();
+    let svc = Proc::start("payment-system", &[]).await.expect("start");
+    let usd = pay(&http, &svc, &payment("cust_geo", json!("20.00")), None).await;
+    assert_eq!(
+        (
+            usd.status,
+            usd.json["fraud_reasons"].as_array().map(Vec::len)
+        ),
+        (200, Some(0))
+    );
+    let mut eur = payment("cust_geo", json!("20.00"));
+    eur["currency"] = json!("EUR");
+    let eur = pay(&http, &svc, &eur, None).await;
+    assert_eq!(eur.status, 200, "0.2 alone does not block");
+    assert_eq!(eur.json["fraud_reasons"][0]["rule"], "geo_anomaly");
+    assert!(
+        eur.json["fraud_reasons"][0]["observed"]
+            .as_str()
+            .expect("o")
+            .contains("paid in USD"),
+        "{}",
+        eur.text
+    );
+    assert!(eur.text.contains(r#""fraud_score":0.2"#), "{}", eur.text);
+    // a country mismatch on a large amount: 0.3 + 0.2 reaches the block threshold exactly
+    let mut big = payment("cust_geo_2", json!("6000.00"));
+    big["ip_country"] = json!("de");
+    big["card_country"] = json!("US");
+    let big = pay(&http, &svc, &big, None).await;
+    assert_eq!(
+        (big.status, big.json["status"].as_str()),
+        (402, Some("FRAUD_BLOCKED"))
+    );
+    assert!(big.text.contains(r#""fraud_score":0.5"#), "{}", big.text);
+    let rules: Vec<&str> = big.json["fraud_reasons"]
+        .as_array()
+        .expect("r")
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
+        .collect();
+    assert_eq!(rules, vec!["amount_anomaly", "geo_anomaly"]);
+}

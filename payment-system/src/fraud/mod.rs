@@ -218,6 +218,7 @@ mod tests {
             velocity_count,
             blocklisted: false,
             other_recent_currency: None,
+            currencies_seen: Default::default(),
         }
     }
 
