@@ -564,7 +564,6 @@ async fn http_probes_gate_a_rollout() {
 #[tokio::test]
 async fn prometheus_queries_gate_a_rollout() {
     let prom = backend("TAI_TEST_PROMETHEUS_URL");
-    let targets_dir = backend("TAI_TEST_PROMETHEUS_TARGETS");
     let http = client();
     // a healthy "v2.0.0" and a failing "v2.1.0" of api-service in us-west-2: two real services
     // scraped by the real Prometheus, labelled as those versions
@@ -584,13 +583,7 @@ async fn prometheus_queries_gate_a_rollout() {
         {"targets": [healthy.addr()], "labels": {"service": "api-service", "version": "v2.0.0", "region": "us-west-2", "tai_test": run}},
         {"targets": [failing.addr()], "labels": {"service": "api-service", "version": "v2.1.0", "region": "us-west-2", "tai_test": run}},
     ]);
-    let dir = std::path::Path::new(&targets_dir);
-    std::fs::write(dir.join(format!(".{run}.tmp")), targets.to_string()).expect("write");
-    std::fs::rename(
-        dir.join(format!(".{run}.tmp")),
-        dir.join(format!("{run}.json")),
-    )
-    .expect("rename");
+    let _registered = tai_blackbox::ScrapeTargets::register(&run, &targets);
     // traffic: successes on one, 502s on the other
     let load = {
         let http = http.clone();
@@ -662,7 +655,6 @@ async fn prometheus_queries_gate_a_rollout() {
         "{failed}"
     );
     load.abort();
-    let _ = std::fs::remove_file(dir.join(format!("{run}.json")));
 }
 
 #[tokio::test]

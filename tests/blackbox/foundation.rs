@@ -203,7 +203,6 @@ async fn sigterm_shuts_down_gracefully() {
 #[tokio::test]
 async fn prometheus_scrapes_both_services() {
     let prom = backend("TAI_TEST_PROMETHEUS_URL");
-    let targets_dir = backend("TAI_TEST_PROMETHEUS_TARGETS");
     let pay = Proc::start("payment-system", &[]).await.expect("start");
     let dep = Proc::start("deployment-system", &[]).await.expect("start");
     let run = unique("scrape");
@@ -211,13 +210,7 @@ async fn prometheus_scrapes_both_services() {
         {"targets": [pay.addr()], "labels": {"service": "payment-system", "tai_test": run}},
         {"targets": [dep.addr()], "labels": {"service": "deployment-system", "tai_test": run}},
     ]);
-    let tmp = std::path::Path::new(&targets_dir).join(format!(".{run}.tmp"));
-    std::fs::write(&tmp, targets.to_string()).expect("write targets");
-    std::fs::rename(
-        &tmp,
-        std::path::Path::new(&targets_dir).join(format!("{run}.json")),
-    )
-    .expect("rename");
+    let _registered = tai_blackbox::ScrapeTargets::register(&run, &targets);
 
     let http = client();
     let query =
@@ -251,7 +244,6 @@ async fn prometheus_scrapes_both_services() {
     )
     .await;
     assert_eq!(services, vec!["deployment-system", "payment-system"]);
-    let _ = std::fs::remove_file(std::path::Path::new(&targets_dir).join(format!("{run}.json")));
 }
 
 #[tokio::test]

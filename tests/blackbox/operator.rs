@@ -98,7 +98,6 @@ fn dashboard_queries() -> Vec<(String, String)> {
 #[tokio::test]
 async fn every_dashboard_query_returns_data_from_the_real_prometheus() {
     let prom = backend("TAI_TEST_PROMETHEUS_URL");
-    let targets_dir = backend("TAI_TEST_PROMETHEUS_TARGETS");
     let http = client();
     let pay = Proc::start("payment-system", &[]).await.expect("payment");
     let dep = Proc::start("deployment-system", &[])
@@ -109,13 +108,7 @@ async fn every_dashboard_query_returns_data_from_the_real_prometheus() {
         {"targets": [pay.addr()], "labels": {"service": "payment-system", "tai_test": run_id}},
         {"targets": [dep.addr()], "labels": {"service": "deployment-system", "tai_test": run_id}},
     ]);
-    let dir = PathBuf::from(&targets_dir);
-    std::fs::write(dir.join(format!(".{run_id}.tmp")), targets.to_string()).expect("write");
-    std::fs::rename(
-        dir.join(format!(".{run_id}.tmp")),
-        dir.join(format!("{run_id}.json")),
-    )
-    .expect("rename");
+    let _registered = tai_blackbox::ScrapeTargets::register(&run_id, &targets);
 
     // something for every panel to show: payments of each kind, a success and a rollback
     for (i, customer) in ["cust_a", "cust_b", "cust_blacklist"].iter().enumerate() {
@@ -187,7 +180,6 @@ async fn every_dashboard_query_returns_data_from_the_real_prometheus() {
         .await;
         assert!(!result.is_empty());
     }
-    let _ = std::fs::remove_file(dir.join(format!("{run_id}.json")));
 }
 
 /// The metric names in a PromQL expression: identifiers followed by `{`, `[` or `)` that are

@@ -69,6 +69,36 @@ async fn status_of(http: &reqwest::Client, svc: &Proc) -> Value {
         .expect("json")
 }
 
+/// Sends `n` payments by `customer` at once, spread over `services`; counts the SUCCESSes.
+async fn concurrent_successes(
+    http: &reqwest::Client,
+    services: &[&Proc],
+    customer: &str,
+    n: usize,
+) -> usize {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let http = http.clone();
+            let url = services[i % services.len()].url("/payment");
+            let body = payment(customer, json!("1.00"));
+            tokio::spawn(async move {
+                let r = http.post(url).json(&body).send().await.expect("send");
+                r.json::<Value>().await.expect("json")["status"]
+                    .as_str()
+                    .expect("status")
+                    .to_owned()
+            })
+        })
+        .collect();
+    let mut success = 0;
+    for t in tasks {
+        if t.await.expect("task") == "SUCCESS" {
+            success += 1;
+        }
+    }
+    success
+}
+
 const CARDS: [&str; 3] = ["4242424242424242", "4000000000000002", "4000000000000119"];
 
 fn assert_no_card_numbers(logs: &[String]) {
@@ -231,30 +261,7 @@ async fn quick_start_scenarios_hold_as_written() {
 async fn twenty_concurrent_payments_by_one_customer_pass_velocity_exactly_five_times() {
     let http = client();
     let svc = Proc::start("payment-system", &[]).await.expect("start");
-    let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            let http = http.clone();
-            let url = svc.url("/payment");
-            tokio::spawn(async move {
-                let r = http
-                    .post(url)
-                    .json(&payment("cust_burst", json!("1.00")))
-                    .send()
-                    .await
-                    .expect("send");
-                r.json::<Value>().await.expect("json")["status"]
-                    .as_str()
-                    .expect("status")
-                    .to_owned()
-            })
-        })
-        .collect();
-    let mut success = 0;
-    for t in tasks {
-        if t.await.expect("task") == "SUCCESS" {
-            success += 1;
-        }
-    }
+    let success = concurrent_successes(&http, &[&svc], "cust_burst", 20).await;
     assert_eq!(success, 5);
 }
 
@@ -940,34 +947,7 @@ async fn replicas_sharing_redis_share_velocity_rate_limits_and_idempotency() {
     );
 
     // 20 concurrent attempts by one customer, spread over both replicas: exactly 5 pass velocity
-    let tasks: Vec<_> = (0..20)
-        .map(|i| {
-            let http = http.clone();
-            let url = if i % 2 == 0 {
-                a.url("/payment")
-            } else {
-                b.url("/payment")
-            };
-            tokio::spawn(async move {
-                let r = http
-                    .post(url)
-                    .json(&payment("cust_shared", json!("2.00")))
-                    .send()
-                    .await
-                    .expect("send");
-                r.json::<Value>().await.expect("json")["status"]
-                    .as_str()
-                    .expect("status")
-                    .to_owned()
-            })
-        })
-        .collect();
-    let mut success = 0;
-    for t in tasks {
-        if t.await.expect("task") == "SUCCESS" {
-            success += 1;
-        }
-    }
+    let success = concurrent_successes(&http, &[&a, &b], "cust_shared", 20).await;
     assert_eq!(success, 5, "velocity is counted once across replicas");
 
     // a key used on one replica replays on the other

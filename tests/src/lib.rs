@@ -237,6 +237,32 @@ impl Drop for Proc {
     }
 }
 
+/// Scrape targets registered with the test Prometheus through file service discovery; the
+/// registration is removed when this is dropped.
+#[derive(Debug)]
+pub struct ScrapeTargets {
+    path: PathBuf,
+}
+
+impl ScrapeTargets {
+    /// Registers `targets` (file_sd JSON: `[{"targets": [...], "labels": {...}}]`) as `name`.
+    pub fn register(name: &str, targets: &serde_json::Value) -> Self {
+        let dir = PathBuf::from(backend("TAI_TEST_PROMETHEUS_TARGETS"));
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&tmp, targets.to_string()).expect("write scrape targets");
+        // rename, so Prometheus never reads a half-written file
+        std::fs::rename(&tmp, &path).expect("publish scrape targets");
+        Self { path }
+    }
+}
+
+impl Drop for ScrapeTargets {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// An HTTP client with a timeout, so a hung server fails a test instead of hanging it.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
