@@ -6,6 +6,9 @@
 //! through is classified for the breaker: approvals and declines show a working gateway;
 //! errors, refused connections and answers slower than the gateway timeout are failures.
 //! Every outcome is stored before it is answered; successes are queued for confirmation.
+//! Before the gateway is called, the payment is stored as `PROCESSING` with a marker, so that
+//! a crash mid-charge, or a gateway that does not answer in time, leaves something for the
+//! reconciler (`crate::reconcile`) to finish by asking the gateway how the charge ended.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,100 +68,160 @@ fn failure(kind: &str, code: &str, message: impl Into<String>) -> Option<Failure
     })
 }
 
+/// How a gateway call ended, as far as this process knows.
+#[derive(Debug)]
+pub(crate) struct Charged {
+    pub(crate) status: PaymentStatus,
+    pub(crate) http_status: u16,
+    pub(crate) gateway_id: Option<String>,
+    pub(crate) error: Option<FailureInfo>,
+}
+
+impl Charged {
+    /// The final answer for a gateway decision (a lookup's or a charge's).
+    pub(crate) fn decided(outcome: ChargeOutcome) -> Self {
+        match outcome {
+            ChargeOutcome::Approved { gateway_id } => Self {
+                status: PaymentStatus::Success,
+                http_status: 200,
+                gateway_id: Some(gateway_id),
+                error: None,
+            },
+            ChargeOutcome::Declined => Self {
+                status: PaymentStatus::Failed,
+                http_status: 402,
+                gateway_id: None,
+                error: failure("card_error", "card_declined", "The card was declined."),
+            },
+        }
+    }
+}
+
+/// The key the gateway deduplicates a charge by: the client's key when there is one (scoped to
+/// the merchant), so a retried request dedupes at the gateway too; else the transaction id.
+pub fn gateway_key(attempt: &PaymentAttempt) -> String {
+    attempt
+        .idempotency_key
+        .as_ref()
+        .map(|k| format!("{}:{k}", attempt.request.merchant_id))
+        .unwrap_or_else(|| attempt.transaction_id.clone())
+}
+
 impl PaymentAction {
-    async fn charge(
-        &self,
-        attempt: &PaymentAttempt,
-    ) -> (
-        PaymentStatus,
-        u16,
-        Option<String>,
-        Option<FailureInfo>,
-        Option<Duration>,
-    ) {
-        let permit = match tracing::info_span!("breaker_checked", breaker = self.breaker.name())
-            .in_scope(|| self.breaker.try_acquire())
-        {
-            Ok(p) => p,
-            Err(rejected) => {
-                tracing::warn!(transaction_id = %attempt.transaction_id, "gateway breaker open; not calling the gateway");
-                return (
-                    PaymentStatus::Failed,
-                    503,
-                    None,
-                    failure(
-                        "api_error",
-                        "gateway_unavailable",
-                        "The payment gateway is unavailable (circuit breaker open); nothing was charged. Retry later.",
-                    ),
-                    Some(rejected.retry_after),
-                );
-            }
-        };
+    /// Calls the gateway under a breaker permit. A decline or a gateway error is final; a
+    /// timeout is not (the gateway may have charged): the payment stays `PROCESSING` and the
+    /// reconciler asks the gateway how it ended.
+    async fn charge(&self, attempt: &PaymentAttempt, permit: tai_core::jidoka::Permit) -> Charged {
         let req = &attempt.request;
         let charge = ChargeRequest {
             amount: req.amount,
             currency: req.currency.code(),
             card: req.card.clone(),
             reference: attempt.transaction_id.clone(),
-            // the client's key when there is one, so a retried request dedupes at the gateway too
-            idempotency_key: attempt
-                .idempotency_key
-                .clone()
-                .map(|k| format!("{}:{k}", req.merchant_id))
-                .unwrap_or_else(|| attempt.transaction_id.clone()),
+            idempotency_key: gateway_key(attempt),
         };
         let span = tracing::info_span!(
             "gateway_called",
             gateway = self.gateway.kind(),
             outcome = tracing::field::Empty
         );
+        let timeout_ms = u64::try_from(self.gateway_timeout.as_millis()).unwrap_or(u64::MAX);
         let result = match tokio::time::timeout(self.gateway_timeout, self.gateway.charge(&charge))
             .instrument(span.clone())
             .await
         {
             Ok(r) => r,
-            Err(_) => Err(GatewayError::Timeout(
-                u64::try_from(self.gateway_timeout.as_millis()).unwrap_or(u64::MAX),
-            )),
+            Err(_) => Err(GatewayError::Timeout(timeout_ms)),
         };
-        let outcome = if result.is_ok() {
+        permit.record(if result.is_ok() {
             Outcome::Success
         } else {
             Outcome::Failure
-        };
-        permit.record(outcome);
+        });
         match result {
-            Ok(ChargeOutcome::Approved { gateway_id }) => {
-                span.record("outcome", "approved");
-                (PaymentStatus::Success, 200, Some(gateway_id), None, None)
+            Ok(outcome) => {
+                span.record(
+                    "outcome",
+                    if matches!(outcome, ChargeOutcome::Approved { .. }) {
+                        "approved"
+                    } else {
+                        "declined"
+                    },
+                );
+                Charged::decided(outcome)
             }
-            Ok(ChargeOutcome::Declined) => {
-                span.record("outcome", "declined");
-                (
-                    PaymentStatus::Failed,
-                    402,
-                    None,
-                    failure("card_error", "card_declined", "The card was declined."),
-                    None,
-                )
+            Err(e @ (GatewayError::Timeout(_) | GatewayError::Protocol(_))) => {
+                span.record("outcome", "unknown");
+                tracing::warn!(transaction_id = %attempt.transaction_id, error = %e, "gateway outcome unknown; left for the reconciler");
+                Charged {
+                    status: PaymentStatus::Processing,
+                    http_status: 502,
+                    gateway_id: None,
+                    error: failure(
+                        "api_error",
+                        "gateway_timeout",
+                        format!(
+                            "The payment gateway did not answer in time ({e}); whether it charged is not known yet. The payment is being reconciled: read it at GET /payment/{} or retry with the same Idempotency-Key.",
+                            attempt.transaction_id
+                        ),
+                    ),
+                }
             }
             Err(e) => {
                 span.record("outcome", "error");
                 tracing::warn!(transaction_id = %attempt.transaction_id, error = %e, "gateway call failed");
-                (
-                    PaymentStatus::Failed,
-                    502,
-                    None,
-                    failure(
+                Charged {
+                    status: PaymentStatus::Failed,
+                    http_status: 502,
+                    gateway_id: None,
+                    error: failure(
                         "api_error",
                         "gateway_error",
                         format!("The payment gateway failed: {e}. Nothing was charged."),
                     ),
-                    None,
-                )
+                }
             }
         }
+    }
+
+    fn record(
+        &self,
+        attempt: &PaymentAttempt,
+        verdict: &Verdict,
+        charged: &Charged,
+    ) -> PaymentRecord {
+        let req = &attempt.request;
+        PaymentRecord {
+            transaction_id: attempt.transaction_id.clone(),
+            status: charged.status,
+            amount: req.amount,
+            currency: req.currency.code().to_owned(),
+            customer_id: req.customer_id.clone(),
+            merchant_id: req.merchant_id.clone(),
+            timestamp: attempt.received_at,
+            processing_time_ms: u64::try_from(attempt.received.elapsed().as_millis())
+                .unwrap_or(u64::MAX),
+            fraud_score: verdict.score,
+            fraud_reasons: verdict.reasons.clone(),
+            gateway_response: charged.gateway_id.clone(),
+            trace_id: attempt.trace_id.clone(),
+            error: charged.error.clone(),
+            card: req.card.as_ref().map(CardSummary::from),
+            description: req.description.clone(),
+            metadata: req.metadata.clone(),
+            confirmed_at: None,
+            http_status: charged.http_status,
+            gateway_key: Some(gateway_key(attempt)),
+            idempotency_key: attempt.idempotency_key.clone(),
+            fingerprint: attempt.fingerprint.clone(),
+        }
+    }
+
+    async fn store(&self, record: &PaymentRecord) -> Result<(), BackendError> {
+        let bytes = serde_json::to_vec(record).unwrap_or_default();
+        self.store
+            .put(&keys::transaction(&record.transaction_id), bytes, None)
+            .await
     }
 }
 
@@ -173,57 +236,72 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
         verdict: &Verdict,
     ) -> Result<Answer, BackendError> {
         let req = &attempt.request;
-        let (status, http_status, gateway_id, error, retry_after) =
-            if verdict.decision == Decision::Deny {
-                let rules: Vec<&str> = verdict.reasons.iter().map(|r| r.rule.as_str()).collect();
-                (
-                    PaymentStatus::FraudBlocked,
-                    402,
-                    None,
-                    failure(
-                        "card_error",
-                        "fraud_blocked",
-                        format!(
-                            "Blocked by the fraud policy (score {}): {}.",
-                            verdict.score,
-                            rules.join(", ")
-                        ),
+        let mut retry_after = None;
+        let mut intent_written = false;
+        let charged = if verdict.decision == Decision::Deny {
+            let rules: Vec<&str> = verdict.reasons.iter().map(|r| r.rule.as_str()).collect();
+            Charged {
+                status: PaymentStatus::FraudBlocked,
+                http_status: 402,
+                gateway_id: None,
+                error: failure(
+                    "card_error",
+                    "fraud_blocked",
+                    format!(
+                        "Blocked by the fraud policy (score {}): {}.",
+                        verdict.score,
+                        rules.join(", ")
                     ),
-                    None,
-                )
-            } else {
-                self.charge(attempt).await
-            };
-        let took = attempt.received.elapsed();
-        let record = PaymentRecord {
-            transaction_id: attempt.transaction_id.clone(),
-            status,
-            amount: req.amount,
-            currency: req.currency.code().to_owned(),
-            customer_id: req.customer_id.clone(),
-            merchant_id: req.merchant_id.clone(),
-            timestamp: attempt.received_at,
-            processing_time_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
-            fraud_score: verdict.score,
-            fraud_reasons: verdict.reasons.clone(),
-            gateway_response: gateway_id,
-            trace_id: attempt.trace_id.clone(),
-            error,
-            card: req.card.as_ref().map(CardSummary::from),
-            description: req.description.clone(),
-            metadata: req.metadata.clone(),
-            confirmed_at: None,
-            http_status,
+                ),
+            }
+        } else {
+            match tracing::info_span!("breaker_checked", breaker = self.breaker.name())
+                .in_scope(|| self.breaker.try_acquire())
+            {
+                Err(rejected) => {
+                    tracing::warn!(transaction_id = %attempt.transaction_id, "gateway breaker open; not calling the gateway");
+                    retry_after = Some(rejected.retry_after);
+                    Charged {
+                        status: PaymentStatus::Failed,
+                        http_status: 503,
+                        gateway_id: None,
+                        error: failure(
+                            "api_error",
+                            "gateway_unavailable",
+                            "The payment gateway is unavailable (circuit breaker open); nothing was charged. Retry later.",
+                        ),
+                    }
+                }
+                Ok(permit) => {
+                    // Write-ahead: the intent is stored before the gateway is called, so a crash
+                    // in between leaves a PROCESSING record that the reconciler finishes.
+                    let intent = Charged {
+                        status: PaymentStatus::Processing,
+                        http_status: 0,
+                        gateway_id: None,
+                        error: None,
+                    };
+                    let record = self.record(attempt, verdict, &intent);
+                    let marker = keys::processing(&attempt.transaction_id);
+                    let (stored, marked) = tokio::join!(
+                        self.store(&record),
+                        self.store.put(&marker, Vec::new(), None)
+                    );
+                    stored?;
+                    marked?;
+                    intent_written = true;
+                    self.charge(attempt, permit).await
+                }
+            }
         };
-        async {
-            let bytes = serde_json::to_vec(&record).unwrap_or_default();
-            self.store
-                .put(&keys::transaction(&record.transaction_id), bytes, None)
-                .await
-        }
-        .instrument(tracing::info_span!("recorded", status = status.as_str()))
-        .await?;
-        if status == PaymentStatus::Success {
+        let record = self.record(attempt, verdict, &charged);
+        self.store(&record)
+            .instrument(tracing::info_span!(
+                "recorded",
+                status = record.status.as_str()
+            ))
+            .await?;
+        if record.status == PaymentStatus::Success {
             let (remembered, queued) = tokio::join!(
                 self.facts.remember_currency(
                     &req.customer_id,
@@ -241,15 +319,31 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                 tracing::warn!(error = %e, "could not remember the currency for the geo rule");
             }
             if let Err(e) = queued {
-                // the charge stands; the record stays unconfirmed until a reconciliation
+                // keep the marker: the reconciler queues it again
                 tracing::error!(transaction_id = %record.transaction_id, error = %e, "could not queue the confirmation");
+                intent_written = false;
+            }
+        }
+        if intent_written && record.status != PaymentStatus::Processing {
+            // finished: nothing left for the reconciler
+            if let Err(e) = self
+                .store
+                .delete(&keys::processing(&record.transaction_id))
+                .await
+            {
+                tracing::warn!(error = %e, "could not clear the processing marker; the reconciler will");
             }
         }
         let rules: Vec<&str> = verdict.reasons.iter().map(|r| r.rule.as_str()).collect();
-        self.metrics.record(status, http_status, &rules, took);
+        self.metrics.record(
+            record.status,
+            record.http_status,
+            &rules,
+            attempt.received.elapsed(),
+        );
         tracing::info!(
             transaction_id = %record.transaction_id,
-            status = status.as_str(),
+            status = record.status.as_str(),
             amount = %record.amount,
             currency = %record.currency,
             merchant_id = %record.merchant_id,

@@ -13,7 +13,7 @@ use tai_core::runtime::{ApiError, ApiJson, ErrorType, TraceContext};
 use tracing::Instrument;
 
 use crate::idempotency::{Claim, fingerprint, validate_key};
-use crate::record::PaymentRecord;
+use crate::record::{PaymentRecord, PaymentStatus};
 use crate::{App, PaymentAttempt, keys, signal};
 
 fn rate_headers(d: &RateDecision) -> Vec<(HeaderName, HeaderValue)> {
@@ -47,19 +47,6 @@ fn respond(status: u16, body: Value, extra: Vec<(HeaderName, HeaderValue)>) -> R
         r.headers_mut().insert(k, v);
     }
     r
-}
-
-/// The response body of a payment: the record, plus Stripe's `error` object when it failed.
-fn payment_body(record: &PaymentRecord) -> Value {
-    let mut body = serde_json::to_value(record).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut body {
-        map.remove("http_status");
-        map.remove("card");
-        map.remove("metadata");
-        map.remove("description");
-        map.remove("confirmed_at");
-    }
-    body
 }
 
 /// Create a payment.
@@ -136,7 +123,8 @@ pub(crate) async fn create_payment(
     let trace_id = trace
         .map(|t| t.0.trace_id)
         .unwrap_or_else(|| TraceContext::root().trace_id);
-    let attempt = PaymentAttempt::new(request, trace_id, key.clone());
+    let mut attempt = PaymentAttempt::new(request, trace_id, key.clone());
+    attempt.fingerprint = key.as_ref().map(|_| fp.clone());
     // Run in its own task: a client that hangs up must not cancel a charge half-way.
     let worker = {
         let app = app.clone();
@@ -157,8 +145,11 @@ pub(crate) async fn create_payment(
                         ));
                     }
                 };
-                let body = payment_body(&answer.record);
+                let body = answer.record.answer_body();
+                // a payment whose outcome is not known yet keeps its key in flight: the
+                // reconciler stores the final answer for retries to replay
                 if let Some(k) = &attempt.idempotency_key
+                    && answer.record.status != PaymentStatus::Processing
                     && let Err(e) = app
                         .idempotency
                         .complete(k, &fp, answer.record.http_status, &body)
@@ -230,7 +221,7 @@ pub(crate) async fn get_payment(
             e.to_string(),
         )
     })?;
-    let mut body = serde_json::to_value(&record).unwrap_or(Value::Null);
+    let mut body = record.public();
     if let Value::Object(m) = &mut body {
         m.insert("confirmed".into(), json!(record.confirmed_at.is_some()));
     }

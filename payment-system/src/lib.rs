@@ -9,6 +9,7 @@
 //! - [`fraud`]: gather facts, then the pure fraud policy gives an explained verdict;
 //! - [`action`]: charge through the gateway circuit breaker ([`gateway`]), store the
 //!   [`record`], queue the confirmation (Kanban) that a worker carries out;
+//! - [`reconcile`]: finishes payments left `PROCESSING` by a crash or a gateway timeout;
 //! - [`metrics`]: API.md's metric names, and the fraud-rate figure Andon watches.
 //!
 //! `main.rs` only reads the configuration and serves; `bin/sandbox-gateway.rs` is the
@@ -25,6 +26,7 @@ pub mod gateway;
 pub mod idempotency;
 pub mod metrics;
 pub mod money;
+pub mod reconcile;
 pub mod record;
 pub mod signal;
 
@@ -73,6 +75,8 @@ pub struct PaymentAttempt {
     pub trace_id: String,
     /// The client's idempotency key, if any.
     pub idempotency_key: Option<String>,
+    /// The fingerprint of the request body, when a key was sent.
+    pub fingerprint: Option<String>,
     /// When it arrived (monotonic, for the processing time).
     pub received: Instant,
     /// When it arrived (wall clock, for the record).
@@ -87,6 +91,7 @@ impl PaymentAttempt {
             transaction_id: format!("txn_{}", uuid::Uuid::new_v4().simple()),
             trace_id,
             idempotency_key,
+            fingerprint: None,
             received: Instant::now(),
             received_at: Utc::now(),
         }
@@ -106,6 +111,10 @@ pub mod keys {
     /// An idempotency key.
     pub fn idempotency(key: &str) -> String {
         format!("pay:idem:{key}")
+    }
+    /// A payment sent to the gateway and not finished yet (the reconciler's work list).
+    pub fn processing(id: &str) -> String {
+        format!("pay:processing:{id}")
     }
     /// Currencies a customer paid in recently.
     pub fn currencies(customer: &str) -> String {
@@ -300,6 +309,26 @@ pub async fn build(
         clock.clone(),
         rules.currency_window(),
     );
+    // a crash mid-charge or a gateway timeout leaves payments PROCESSING: the reconciler asks
+    // the gateway how they ended once they are older than the gateway timeout
+    let idempotency = Idempotency::new(store.clone(), gateway_timeout + Duration::from_secs(30));
+    let reconcile_after = Duration::from_millis(cfg.setting_or(
+        "RECONCILE_AFTER_MS",
+        u64::try_from(gateway_timeout.as_millis()).unwrap_or(5000) + 5000,
+    )?);
+    let reconciler = reconcile::Reconciler {
+        store: store.clone(),
+        gateway: gateway.clone(),
+        idempotency: idempotency.clone(),
+        confirmations: confirmations.clone(),
+        metrics: metrics.clone(),
+        clock: clock.clone(),
+        after: reconcile_after,
+    };
+    runtime.spawn_worker(reconciler.run(
+        Duration::from_millis(cfg.setting_or("RECONCILE_EVERY_MS", 1000u64)?),
+        runtime.shutdown_signal(),
+    ));
     let action = PaymentAction {
         gateway,
         breaker,
@@ -344,7 +373,7 @@ pub async fn build(
     let max_amount: Decimal = cfg.setting_or("MAX_AMOUNT", Decimal::from(1_000_000))?;
     let app = Arc::new(App {
         pipeline,
-        idempotency: Idempotency::new(store.clone(), gateway_timeout + Duration::from_secs(30)),
+        idempotency: idempotency.clone(),
         limiter,
         store,
         clock,

@@ -14,6 +14,7 @@ pub struct PaymentMetrics {
     transactions: IntCounterVec,
     fraud: IntCounterVec,
     duration: Histogram,
+    reconciled: IntCounterVec,
     /// `payment_gateway_circuit_breaker_state`: 0 closed, 1 open, 2 half-open.
     pub breaker_state: IntGauge,
     window: RollingWindow,
@@ -60,6 +61,17 @@ impl PaymentMetrics {
                 )
                 .expect(valid),
             ),
+            reconciled: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "payment_reconciled_total",
+                        "Payments finished by the reconciler, by final status",
+                    ),
+                    &["status"],
+                )
+                .expect(valid),
+            ),
             window: RollingWindow::new(Duration::from_secs(60), 12, clock),
         }
     }
@@ -83,6 +95,11 @@ impl PaymentMetrics {
         if status == PaymentStatus::FraudBlocked {
             self.window.tag("fraud_blocked");
         }
+    }
+
+    /// Counts a payment the reconciler finished.
+    pub fn reconciled(&self, status: PaymentStatus) {
+        self.reconciled.with_label_values(&[status.as_str()]).inc();
     }
 
     /// The share of recent payments blocked for fraud.

@@ -19,6 +19,9 @@ pub enum PaymentStatus {
     FraudBlocked,
     /// Declined, gateway error, or gateway unavailable.
     Failed,
+    /// Sent to the gateway, outcome not known yet (it timed out, or the service stopped
+    /// mid-charge); the reconciler finishes it.
+    Processing,
 }
 
 impl PaymentStatus {
@@ -28,6 +31,7 @@ impl PaymentStatus {
             PaymentStatus::Success => "SUCCESS",
             PaymentStatus::FraudBlocked => "FRAUD_BLOCKED",
             PaymentStatus::Failed => "FAILED",
+            PaymentStatus::Processing => "PROCESSING",
         }
     }
 }
@@ -95,4 +99,42 @@ pub struct PaymentRecord {
     /// The HTTP status the attempt was answered with.
     #[serde(default)]
     pub http_status: u16,
+    /// The key the gateway deduplicates this charge by (internal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_key: Option<String>,
+    /// The client's idempotency key (internal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The request body's fingerprint, when a key was sent (internal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+impl PaymentRecord {
+    /// The body `POST /payment` answers with (API.md's response shape, and `error` when failed).
+    pub fn answer_body(&self) -> serde_json::Value {
+        let mut body = self.public();
+        if let serde_json::Value::Object(map) = &mut body {
+            for field in ["card", "metadata", "description", "confirmed_at"] {
+                map.remove(field);
+            }
+        }
+        body
+    }
+
+    /// What a client sees of the record: no internal fields.
+    pub fn public(&self) -> serde_json::Value {
+        let mut body = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let serde_json::Value::Object(map) = &mut body {
+            for internal in [
+                "http_status",
+                "gateway_key",
+                "idempotency_key",
+                "fingerprint",
+            ] {
+                map.remove(internal);
+            }
+        }
+        body
+    }
 }

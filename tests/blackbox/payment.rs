@@ -1123,3 +1123,156 @@ async fn geography_and_currency_changes_are_explained() {
         .collect();
     assert_eq!(rules, vec!["amount_anomaly", "geo_anomaly"]);
 }
+
+#[tokio::test]
+async fn a_payment_cut_off_by_a_crash_is_finished_after_restart_and_charged_once() {
+    let redis = tai_blackbox::backend("TAI_TEST_REDIS_URL");
+    let prefix = format!("{}:", unique("pay-crash"));
+    let http = client();
+    // the gateway decides at once and answers after 1.5 s: the charge is made while we wait
+    let gw = Proc::start("sandbox-gateway", &[("SANDBOX_LATENCY_MS", "1500")])
+        .await
+        .expect("gateway");
+    let gw_url = gw.url("");
+    let env = [
+        ("REDIS_URL", redis.as_str()),
+        ("REDIS_KEY_PREFIX", prefix.as_str()),
+        ("GATEWAY_URL", gw_url.as_str()),
+        ("GATEWAY_TIMEOUT_MS", "3000"),
+        ("RECONCILE_AFTER_MS", "3500"),
+        ("RECONCILE_EVERY_MS", "200"),
+    ];
+    let mut svc = Proc::start("payment-system", &env).await.expect("start");
+    let key = unique("crash");
+    let body = with_card("cust_crash", "4242424242424242");
+    let in_flight = {
+        let (http, url, key, body) = (http.clone(), svc.url("/payment"), key.clone(), body.clone());
+        tokio::spawn(async move {
+            http.post(url)
+                .header("Idempotency-Key", key)
+                .json(&body)
+                .send()
+                .await
+        })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the charge to reach the gateway",
+        || async { (gateway_stats(&http, &gw).await.1 == 1).then_some(()) },
+    )
+    .await;
+    svc.kill(); // mid-charge: the gateway charged, the service never heard back
+    assert!(
+        in_flight.await.expect("task").is_err(),
+        "the client got no answer"
+    );
+    svc.restart().await.expect("restart");
+
+    // the client retries with its key: in flight (409) until reconciled, then the real answer
+    let replay = eventually(Duration::from_secs(20), "the reconciled answer", || {
+        let (http, svc_ref, key, body) = (http.clone(), &svc, key.clone(), body.clone());
+        async move {
+            let a = pay(&http, svc_ref, &body, Some(&key)).await;
+            match a.status {
+                409 => None,
+                _ => Some(a),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        (replay.status, replay.json["status"].as_str()),
+        (200, Some("SUCCESS")),
+        "{}",
+        replay.text
+    );
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(gateway_stats(&http, &gw).await.0, 1, "charged exactly once");
+    let id = replay.json["transaction_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let stored: Value = http
+        .get(svc.url(&format!("/payment/{id}")))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stored["status"], "SUCCESS");
+    assert_eq!(stored["gateway_response"], replay.json["gateway_response"]);
+    let metrics = http
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(
+        metrics.contains(r#"payment_reconciled_total{status="SUCCESS"} 1"#),
+        "{metrics}"
+    );
+    assert!(svc.log().contains("payment reconciled"));
+}
+
+#[tokio::test]
+async fn a_gateway_timeout_is_not_reported_as_nothing_charged() {
+    let http = client();
+    let gw = Proc::start("sandbox-gateway", &[("SANDBOX_LATENCY_MS", "1200")])
+        .await
+        .expect("gateway");
+    let gw_url = gw.url("");
+    let svc = Proc::start(
+        "payment-system",
+        &[
+            ("GATEWAY_URL", gw_url.as_str()),
+            ("GATEWAY_TIMEOUT_MS", "300"),
+            ("RECONCILE_AFTER_MS", "500"),
+            ("RECONCILE_EVERY_MS", "200"),
+        ],
+    )
+    .await
+    .expect("start");
+    let a = pay(
+        &http,
+        &svc,
+        &with_card("cust_slow", "4242424242424242"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (
+            a.status,
+            a.json["status"].as_str(),
+            a.json["error"]["code"].as_str()
+        ),
+        (502, Some("PROCESSING"), Some("gateway_timeout")),
+        "{}",
+        a.text
+    );
+    let id = a.json["transaction_id"].as_str().expect("id").to_owned();
+    let url = svc.url(&format!("/payment/{id}"));
+    // the gateway did charge (it decides on arrival): the reconciler finds out and says so
+    let done = eventually(
+        Duration::from_secs(15),
+        "the reconciler to finish it",
+        || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                (v["status"] != "PROCESSING").then_some(v)
+            }
+        },
+    )
+    .await;
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    assert!(
+        done["gateway_response"]
+            .as_str()
+            .expect("gw")
+            .starts_with("gw_")
+    );
+    assert_eq!(gateway_stats(&http, &gw).await.0, 1);
+}

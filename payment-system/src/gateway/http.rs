@@ -63,6 +63,47 @@ impl Gateway for HttpGateway {
     fn kind(&self) -> &'static str {
         "http"
     }
+    fn lookup<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, GatewayError>> {
+        Box::pin(async move {
+            let mut url = reqwest::Url::parse(&format!("{}/v1/charges", self.base))
+                .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+            url.path_segments_mut()
+                .map_err(|_| GatewayError::Protocol("gateway URL cannot take a path".into()))?
+                .push(idempotency_key);
+            let response = self
+                .client
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| self.map_err(e))?;
+            let status = response.status().as_u16();
+            if status == 404 {
+                return Ok(None);
+            }
+            let answer: Value = response.json().await.map_err(|e| self.map_err(e))?;
+            match (status, answer["status"].as_str()) {
+                (200, Some("approved")) => answer["id"]
+                    .as_str()
+                    .map(|id| {
+                        Some(ChargeOutcome::Approved {
+                            gateway_id: id.to_owned(),
+                        })
+                    })
+                    .ok_or_else(|| GatewayError::Protocol("approved charge without an id".into())),
+                (200, Some("declined")) => Ok(Some(ChargeOutcome::Declined)),
+                (s, _) if s >= 500 => Err(GatewayError::Server {
+                    status: s,
+                    message: "lookup failed".into(),
+                }),
+                (s, _) => Err(GatewayError::Protocol(format!(
+                    "unexpected lookup answer {s}"
+                ))),
+            }
+        })
+    }
     fn charge<'a>(
         &'a self,
         request: &'a ChargeRequest,

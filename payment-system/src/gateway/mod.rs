@@ -72,4 +72,9 @@ pub trait Gateway: Send + Sync + std::fmt::Debug {
         &'a self,
         request: &'a ChargeRequest,
     ) -> BoxFuture<'a, Result<ChargeOutcome, GatewayError>>;
+    /// How the charge with this idempotency key ended; `None` if the gateway never decided one.
+    fn lookup<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, GatewayError>>;
 }

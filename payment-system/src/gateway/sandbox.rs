@@ -94,6 +94,15 @@ impl Sandbox {
         answer
     }
 
+    /// The decision made for `key`, if any (errors are not remembered).
+    pub fn decision(&self, key: &str) -> Option<SandboxAnswer> {
+        self.answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
     /// Distinct approved charges.
     pub fn charges(&self) -> u64 {
         self.charges.load(Ordering::SeqCst)
@@ -108,6 +117,17 @@ impl Sandbox {
 impl Gateway for Sandbox {
     fn kind(&self) -> &'static str {
         "sandbox"
+    }
+    fn lookup<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, GatewayError>> {
+        let found = match self.decision(idempotency_key) {
+            Some(SandboxAnswer::Approved(id)) => Some(ChargeOutcome::Approved { gateway_id: id }),
+            Some(SandboxAnswer::Declined) => Some(ChargeOutcome::Declined),
+            Some(SandboxAnswer::Error) | None => None,
+        };
+        Box::pin(std::future::ready(Ok(found)))
     }
     fn charge<'a>(
         &'a self,
@@ -127,10 +147,12 @@ impl Gateway for Sandbox {
     }
 }
 
-/// The sandbox's HTTP form: `POST /v1/charges`, `GET /v1/stats`, `GET /health`.
+/// The sandbox's HTTP form: `POST /v1/charges`, `GET /v1/charges/{idempotency_key}`,
+/// `GET /v1/stats`, `GET /health`.
 pub fn router(sandbox: Arc<Sandbox>) -> Router {
     Router::new()
         .route("/v1/charges", post(charge))
+        .route("/v1/charges/{key}", get(lookup))
         .route("/v1/stats", get(stats))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(sandbox)
@@ -182,6 +204,27 @@ async fn charge(
         SandboxAnswer::Error => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"status": "error", "error": "processing error"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn lookup(
+    State(sandbox): State<Arc<Sandbox>>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+) -> Response {
+    match sandbox.decision(&key) {
+        Some(SandboxAnswer::Approved(id)) => (
+            StatusCode::OK,
+            Json(json!({"id": id, "status": "approved"})),
+        )
+            .into_response(),
+        Some(SandboxAnswer::Declined) => {
+            (StatusCode::OK, Json(json!({"status": "declined"}))).into_response()
+        }
+        Some(SandboxAnswer::Error) | None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no charge with this idempotency key"})),
         )
             .into_response(),
     }
