@@ -1276,3 +1276,46 @@ async fn a_gateway_timeout_is_not_reported_as_nothing_charged() {
     );
     assert_eq!(gateway_stats(&http, &gw).await.0, 1);
 }
+
+#[tokio::test]
+async fn sigterm_finishes_payments_in_flight_before_exiting() {
+    let http = client();
+    let mut svc = Proc::start("payment-system", &[("SANDBOX_LATENCY_MS", "800")])
+        .await
+        .expect("start");
+    let in_flight: Vec<_> = (0..3)
+        .map(|i| {
+            let (http, url) = (http.clone(), svc.url("/payment"));
+            tokio::spawn(async move {
+                http.post(url)
+                    .json(&payment(&format!("cust_term_{i}"), json!("5.00")))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    // wait until all three are inside the service (the sandbox holds each for 800 ms)
+    eventually(Duration::from_secs(5), "three payments in flight", || async {
+        let metrics = http.get(svc.url("/metrics")).send().await.ok()?.text().await.ok()?;
+        let started = metrics.lines().find(|l| l.starts_with(r#"tai_pipeline_step_duration_seconds_count{pipeline="payment",step="policy"}"#))?.rsplit(' ').next()?.parse::<u64>().ok()?;
+        (started == 3).then_some(())
+    })
+    .await;
+    svc.terminate();
+    for t in in_flight {
+        let r = t
+            .await
+            .expect("task")
+            .expect("an answer, not a dropped connection");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.expect("json")["status"], "SUCCESS");
+    }
+    assert_eq!(
+        svc.wait_exit(Duration::from_secs(15)).await,
+        Some(0),
+        "{}",
+        svc.log()
+    );
+    let log = svc.log();
+    assert!(log.contains("queue drained"), "{log}");
+}
