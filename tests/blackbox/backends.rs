@@ -223,3 +223,145 @@ async fn the_jetstream_queue_bounds_acks_and_redelivers_across_a_crash() {
     again.refresh_depth().await;
     assert_eq!((again.depth().ready, again.depth().in_flight), (0, 0));
 }
+
+/// A Redis of this test's own, so the test can kill it.
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (make test installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        eventually(Duration::from_secs(10), "redis to answer", || {
+            let url = url.clone();
+            async move { RedisStore::connect(&url, "probe:").await.ok().map(|_| ()) }
+        })
+        .await;
+        Self { child, port }
+    }
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn when_redis_dies_payments_get_a_clear_503_and_recover_when_it_returns() {
+    use serde_json::{Value, json};
+    use tai_blackbox::{Proc, client};
+    let port = tai_blackbox::free_port();
+    let mut redis = OwnRedis::start(port).await;
+    let url = redis.url();
+    let http = client();
+    let svc = Proc::start("payment-system", &[("REDIS_URL", url.as_str())])
+        .await
+        .expect("start");
+    assert_eq!(
+        http.get(svc.url("/ready"))
+            .send()
+            .await
+            .expect("ready")
+            .status(),
+        200
+    );
+    let body =
+        json!({"amount": "3.00", "currency": "USD", "customer_id": "cust_r", "merchant_id": "m"});
+    assert_eq!(
+        http.post(svc.url("/payment"))
+            .json(&body)
+            .send()
+            .await
+            .expect("pay")
+            .status(),
+        200
+    );
+
+    redis.kill();
+    let r = http.get(svc.url("/ready")).send().await.expect("ready");
+    assert_eq!(r.status(), 503);
+    let ready: Value = r.json().await.expect("json");
+    assert!(
+        ready["error"]["message"]
+            .as_str()
+            .expect("m")
+            .contains("redis"),
+        "{ready}"
+    );
+    let r = http
+        .post(svc.url("/payment"))
+        .json(&body)
+        .send()
+        .await
+        .expect("pay");
+    assert_eq!(
+        r.status(),
+        503,
+        "a dependency down is a 503, never a hang or a 500"
+    );
+    assert!(r.headers().contains_key("retry-after"));
+    let err: Value = r.json().await.expect("json");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .expect("m")
+            .contains("redis"),
+        "{err}"
+    );
+    assert_eq!(
+        http.get(svc.url("/health"))
+            .send()
+            .await
+            .expect("health")
+            .status(),
+        200,
+        "alive, just not ready"
+    );
+
+    let _back = OwnRedis::start(port).await;
+    eventually(
+        Duration::from_secs(20),
+        "the service to reconnect",
+        || async {
+            let r = http
+                .post(svc.url("/payment"))
+                .json(&body)
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        http.get(svc.url("/ready"))
+            .send()
+            .await
+            .expect("ready")
+            .status(),
+        200
+    );
+}
