@@ -923,26 +923,34 @@ async fn every_transition_is_published_to_a_jetstream_stream() {
         .get_stream(&stream_name)
         .await
         .expect("the stream exists");
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            filter_subject: format!("{prefix}.{id}"),
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut messages = consumer
-        .fetch()
-        .max_messages(200)
-        .expires(Duration::from_secs(1))
-        .messages()
-        .await
-        .expect("fetch");
-    let mut published = Vec::new();
-    while let Some(Ok(m)) = messages.next().await {
-        let v: Value = serde_json::from_slice(&m.payload).expect("json event");
-        assert_eq!(v["deployment_id"], id);
-        published.push(v["event"]["kind"].as_str().unwrap_or("").to_owned());
-    }
+    // the controller publishes right after it stores: read until every event has arrived
+    let published = eventually(Duration::from_secs(15), "every event in the stream", || {
+        let (stream, subject, kinds) = (stream.clone(), format!("{prefix}.{id}"), kinds.clone());
+        async move {
+            let consumer = stream
+                .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                    filter_subject: subject,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            let mut messages = consumer
+                .fetch()
+                .max_messages(200)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+                .ok()?;
+            let mut published = Vec::new();
+            while let Some(Ok(m)) = messages.next().await {
+                let v: Value = serde_json::from_slice(&m.payload).expect("json event");
+                assert_eq!(v["deployment_id"], id);
+                published.push(v["event"]["kind"].as_str().unwrap_or("").to_owned());
+            }
+            (published.len() >= kinds.len()).then_some(published)
+        }
+    })
+    .await;
     assert_eq!(published, kinds, "every event, in order, once");
     assert!(published.contains(&"gate_failed".to_owned()));
 }
