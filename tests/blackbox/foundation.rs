@@ -446,3 +446,63 @@ async fn api_keys_come_from_vault_when_it_is_configured() {
     );
     assert!(!wrong.log().contains("s.wrong"));
 }
+
+/// The page as a person's browser shows it: headless Chromium runs its script, then the DOM.
+async fn rendered(url: &str) -> String {
+    let profile = std::env::temp_dir().join(unique("chromium-profile"));
+    let out = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", profile.display()),
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .await
+        .expect("chromium (make test installs it)");
+    let _ = std::fs::remove_dir_all(&profile);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_andon_page_shows_the_level_and_its_reasons_in_a_browser() {
+    let pay = Proc::start("payment-system", &[]).await.expect("start");
+    let dom = rendered(&pay.url("/")).await;
+    assert!(
+        dom.contains(r#"<header id="level" class="GREEN">payment-system: GREEN</header>"#),
+        "{dom}"
+    );
+    assert!(dom.contains("payment-gateway: closed"), "{dom}");
+    assert!(dom.contains("payment-confirmations (local)"), "{dom}");
+
+    // one blocked payment of one: the fraud share is far over 2%
+    let body = serde_json::json!({"amount": 1, "currency": "USD", "customer_id": "cust_blacklist", "merchant_id": "m"});
+    client()
+        .post(pay.url("/payment"))
+        .json(&body)
+        .send()
+        .await
+        .expect("pay");
+    let dom = rendered(&pay.url("/")).await;
+    assert!(
+        dom.contains(r#"<header id="level" class="RED">payment-system: RED</header>"#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("share of recent payments blocked for fraud"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("GREEN → RED"),
+        "the history shows the change: {dom}"
+    );
+    assert!(dom.contains("fraud_rate: 1"), "{dom}");
+}

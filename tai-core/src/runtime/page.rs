@@ -29,6 +29,7 @@ pub(crate) const ANDON_PAGE: &str = r#"<!doctype html>
     <div class="figure" id="p99">–</div><small>p99 latency</small></section>
   <section><h2>Circuit breakers</h2><ul id="breakers"></ul></section>
   <section><h2>Queues</h2><ul id="queues"></ul></section>
+  <section><h2>Figures Andon judges</h2><ul id="figures"></ul></section>
   <section><h2>History</h2><ul id="history"></ul></section>
   <section><h2>Service</h2><div id="service"></div></section>
 </main>
@@ -52,6 +53,7 @@ async function refresh() {
     text('p99', k.p99_ms.toFixed(1) + ' ms');
     list('breakers', status.breakers.length ? status.breakers.map(b => `${b.name}: ${b.state}`) : ['none']);
     list('queues', status.queues.length ? status.queues.map(q => `${q.name} (${q.backend}): ${q.depth.ready} ready, ${q.depth.in_flight} in flight`) : ['none']);
+    list('figures', Object.entries(status.figures).map(([k, v]) => `${k}: ${Number.isInteger(v) ? v : v.toFixed(4)}`));
     text('service', `${status.service} ${status.version} · ${status.profile} · up ${Math.round(status.uptime_secs)} s`);
   } catch (e) {
     const header = document.getElementById('level');
