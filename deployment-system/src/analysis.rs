@@ -44,11 +44,11 @@ impl AnalysisProvider for SimAnalysis {
         &'a self,
         service: &'a str,
         version: &'a str,
-        _region: &'a str,
+        region: &'a str,
     ) -> BoxFuture<'a, Result<HealthSample, String>> {
         let sample = self
             .fleet
-            .health(service, version)
+            .health(service, version, region)
             .ok_or_else(|| format!("the simulated fleet has no health data for {service}"));
         Box::pin(std::future::ready(sample))
     }

@@ -36,6 +36,9 @@ pub struct ServiceFixture {
     pub healthy: HealthSample,
     /// Health of any version other than the stable one.
     pub new_versions: Option<HealthSample>,
+    /// Health of new versions in particular regions, overriding `new_versions` there.
+    #[serde(default)]
+    pub new_versions_in: BTreeMap<String, HealthSample>,
 }
 
 /// A region in the fixture.
@@ -133,13 +136,19 @@ impl SimFleet {
         &self.fixture
     }
 
-    /// The simulated health of `version` of `service` (the same in every region).
-    pub fn health(&self, service: &str, version: &str) -> Option<HealthSample> {
+    /// The simulated health of `version` of `service` in `region`.
+    pub fn health(&self, service: &str, version: &str, region: &str) -> Option<HealthSample> {
         let s = self.fixture.services.get(service)?;
         if version == s.stable {
             Some(s.healthy)
         } else {
-            Some(s.new_versions.unwrap_or(s.healthy))
+            Some(
+                s.new_versions_in
+                    .get(region)
+                    .copied()
+                    .or(s.new_versions)
+                    .unwrap_or(s.healthy),
+            )
         }
     }
 
@@ -290,11 +299,15 @@ mod tests {
             "v2.0.0"
         );
         assert_eq!(
-            fleet.health("bad-service", "v1.0.0").map(|h| h.error_rate),
+            fleet
+                .health("bad-service", "v1.0.0", "us-west-2")
+                .map(|h| h.error_rate),
             Some(0.12)
         );
         assert_eq!(
-            fleet.health("bad-service", "v0.9.0").map(|h| h.error_rate),
+            fleet
+                .health("bad-service", "v0.9.0", "us-west-2")
+                .map(|h| h.error_rate),
             Some(0.001)
         );
         let reg = crate::registry::FixtureRegistry::new(fleet.fixture());

@@ -1016,3 +1016,56 @@ async fn two_replicas_never_drive_one_rollout_and_a_standby_takes_over() {
     }
     assert!(second.log().contains("took the controller lease"));
 }
+
+#[tokio::test]
+async fn a_failing_region_halts_continues_or_rolls_back_all_as_asked() {
+    let http = client();
+    let regions = ["us-west-2", "eu-west-1", "us-east-1"];
+    // edge-service's new versions fail only in eu-west-1, the second region
+    for (policy, want_status, want_regions, want_stable) in [
+        (
+            "halt",
+            "ROLLED_BACK",
+            ["SUCCESS", "ROLLED_BACK", "SKIPPED"],
+            ["v3.1.0", "v3.0.0", "v3.0.0"],
+        ),
+        (
+            "continue",
+            "FAILED",
+            ["SUCCESS", "ROLLED_BACK", "SUCCESS"],
+            ["v3.1.0", "v3.0.0", "v3.1.0"],
+        ),
+        (
+            "rollback_all",
+            "ROLLED_BACK",
+            ["ROLLED_BACK", "ROLLED_BACK", "SKIPPED"],
+            ["v3.0.0", "v3.0.0", "v3.0.0"],
+        ),
+    ] {
+        let svc = Proc::start("deployment-system", &[]).await.expect("start");
+        let mut body = request("edge-service", "v3.1.0", 0.05);
+        body["regions"] = json!(regions);
+        body["on_region_failure"] = json!(policy);
+        let (s, d) = post(&http, &svc, "/deploy?wait=true", &body).await;
+        assert_eq!(
+            (s, d["status"].as_str()),
+            (200, Some(want_status)),
+            "{policy}: {d}"
+        );
+        let got: Vec<&str> = d["regions"]
+            .as_array()
+            .expect("regions")
+            .iter()
+            .map(|r| r["status"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(got, want_regions, "{policy}");
+        for (region, stable) in regions.iter().zip(want_stable) {
+            let t = traffic(&http, &svc, region, "edge-service").await;
+            assert_eq!(
+                (t["stable"].as_str(), t["canary"].is_null()),
+                (Some(stable), true),
+                "{policy}: {region}"
+            );
+        }
+    }
+}
