@@ -30,6 +30,9 @@ pub mod reconcile;
 pub mod record;
 pub mod signal;
 
+#[cfg(test)]
+mod props;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
