@@ -92,3 +92,68 @@ pub trait WindowCounter: Send + Sync + std::fmt::Debug {
     /// The largest count that is still allowed.
     fn limit(&self) -> u64;
 }
+
+#[cfg(test)]
+mod props {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::{GcraLimiter, MemoryWindowCounter, Quota};
+    use crate::clock::ManualClock;
+
+    proptest! {
+        /// Whatever the arrival pattern, no span of time admits more than the burst plus one
+        /// request per interval that passed, and a refused request's retry-after is honest.
+        #[test]
+        fn gcra_never_admits_more_than_burst_plus_elapsed_intervals(
+            burst in 1u32..8,
+            interval_ms in 1u64..200,
+            gaps in prop::collection::vec(0u64..300, 1..200),
+        ) {
+            let clock = ManualClock::new();
+            let interval = Duration::from_millis(interval_ms);
+            let limiter = GcraLimiter::new(Quota { burst, interval }, clock.shared());
+            let mut admitted_at: Vec<u64> = Vec::new();
+            let mut now = 0u64;
+            for gap in gaps {
+                clock.advance(Duration::from_millis(gap));
+                now += gap;
+                let d = limiter.check_now("k");
+                if d.allowed {
+                    admitted_at.push(now);
+                } else {
+                    let wait = d.retry_after.expect("a refusal says when");
+                    prop_assert!(wait > Duration::ZERO && wait <= interval * burst);
+                }
+            }
+            for (i, start) in admitted_at.iter().enumerate() {
+                for (j, end) in admitted_at.iter().enumerate().skip(i) {
+                    let allowed = u64::from(burst) + (end - start) / interval_ms;
+                    prop_assert!((j - i + 1) as u64 <= allowed, "{} admitted in {} ms", j - i + 1, end - start);
+                }
+            }
+        }
+
+        /// The sliding window's count is exactly the number of events in the last window.
+        #[test]
+        fn the_window_count_matches_a_model(
+            window_ms in 1u64..500,
+            gaps in prop::collection::vec(0u64..200, 1..200),
+        ) {
+            let clock = ManualClock::new();
+            let counter = MemoryWindowCounter::new(Duration::from_millis(window_ms), 5, clock.shared());
+            let mut events: Vec<u64> = Vec::new();
+            let mut now = 0u64;
+            for gap in gaps {
+                clock.advance(Duration::from_millis(gap));
+                now += gap;
+                events.push(now);
+                let expected = events.iter().filter(|t| now - **t < window_ms).count() as u64;
+                let d = counter.hit_now("k");
+                prop_assert_eq!(d.count, expected);
+                prop_assert_eq!(d.allowed, expected <= 5);
+            }
+        }
+    }
+}
