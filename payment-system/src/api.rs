@@ -108,7 +108,7 @@ pub(crate) async fn create_payment(
     }
     let fp = fingerprint(&body);
     if let Some(k) = &key {
-        match app.idempotency.claim(k, &fp).await? {
+        match app.idempotency.claim(&request.merchant_id, k, &fp).await? {
             Claim::Proceed => {}
             Claim::Replay { status, body } => {
                 let mut extra = limit_headers;
@@ -136,7 +136,10 @@ pub(crate) async fn create_payment(
                     Ok(o) => o.output,
                     Err(e) => {
                         if let Some(k) = &attempt.idempotency_key {
-                            let _ = app.idempotency.release(k).await;
+                            let _ = app
+                                .idempotency
+                                .release(&attempt.request.merchant_id, k)
+                                .await;
                         }
                         return Err(ApiError::unavailable(
                             "store_unavailable",
@@ -152,7 +155,13 @@ pub(crate) async fn create_payment(
                     && answer.record.status != PaymentStatus::Processing
                     && let Err(e) = app
                         .idempotency
-                        .complete(k, &fp, answer.record.http_status, &body)
+                        .complete(
+                            &attempt.request.merchant_id,
+                            k,
+                            &fp,
+                            answer.record.http_status,
+                            &body,
+                        )
                         .await
                 {
                     tracing::error!(error = %e, "could not store the idempotent answer");

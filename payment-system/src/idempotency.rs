@@ -87,9 +87,14 @@ impl Idempotency {
         }
     }
 
-    /// Claims `key` for a body with `fingerprint`, or says why not.
-    pub async fn claim(&self, key: &str, fingerprint: &str) -> Result<Claim, ClaimError> {
-        let k = keys::idempotency(key);
+    /// Claims `merchant`'s `key` for a body with `fingerprint`, or says why not.
+    pub async fn claim(
+        &self,
+        merchant: &str,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Claim, ClaimError> {
+        let k = keys::idempotency(merchant, key);
         let mine = serde_json::to_vec(&Entry::InFlight {
             fingerprint: fingerprint.to_owned(),
         })
@@ -127,6 +132,7 @@ impl Idempotency {
     /// Stores the answer for `key`, kept for [`KEEP_FOR`].
     pub async fn complete(
         &self,
+        merchant: &str,
         key: &str,
         fingerprint: &str,
         status: u16,
@@ -139,7 +145,7 @@ impl Idempotency {
         };
         self.store
             .put(
-                &keys::idempotency(key),
+                &keys::idempotency(merchant, key),
                 serde_json::to_vec(&entry).unwrap_or_default(),
                 Some(KEEP_FOR),
             )
@@ -147,8 +153,8 @@ impl Idempotency {
     }
 
     /// Gives a claim up (the request failed before anything was charged).
-    pub async fn release(&self, key: &str) -> Result<bool, BackendError> {
-        self.store.delete(&keys::idempotency(key)).await
+    pub async fn release(&self, merchant: &str, key: &str) -> Result<bool, BackendError> {
+        self.store.delete(&keys::idempotency(merchant, key)).await
     }
 }
 
@@ -200,36 +206,45 @@ mod tests {
         let clock = ManualClock::new();
         let store = Arc::new(MemoryStore::new(clock.shared()));
         let idem = Idempotency::new(store, Duration::from_secs(30));
-        assert!(matches!(idem.claim("k", "f1").await, Ok(Claim::Proceed)));
         assert!(matches!(
-            idem.claim("k", "f1").await,
+            idem.claim("m", "k", "f1").await,
+            Ok(Claim::Proceed)
+        ));
+        assert!(matches!(
+            idem.claim("m", "k", "f1").await,
             Err(ClaimError::InFlight)
         ));
         assert!(matches!(
-            idem.claim("k", "f2").await,
+            idem.claim("m", "k", "f2").await,
             Err(ClaimError::Mismatch)
         ));
-        idem.complete("k", "f1", 200, &serde_json::json!({"id": 1}))
+        idem.complete("m", "k", "f1", 200, &serde_json::json!({"id": 1}))
             .await
             .expect("store");
-        match idem.claim("k", "f1").await {
+        match idem.claim("m", "k", "f1").await {
             Ok(Claim::Replay { status, body }) => {
                 assert_eq!((status, body["id"].as_i64()), (200, Some(1)))
             }
             other => panic!("expected a replay, got {other:?}"),
         }
         assert!(matches!(
-            idem.claim("k", "f2").await,
+            idem.claim("m", "k", "f2").await,
             Err(ClaimError::Mismatch)
         ));
         // an abandoned claim lapses
-        assert!(matches!(idem.claim("k2", "f").await, Ok(Claim::Proceed)));
+        assert!(matches!(
+            idem.claim("m", "k2", "f").await,
+            Ok(Claim::Proceed)
+        ));
         clock.advance(Duration::from_secs(30));
-        assert!(matches!(idem.claim("k2", "f").await, Ok(Claim::Proceed)));
+        assert!(matches!(
+            idem.claim("m", "k2", "f").await,
+            Ok(Claim::Proceed)
+        ));
         // answers are kept 24 hours
         clock.advance(KEEP_FOR - Duration::from_secs(31));
         assert!(matches!(
-            idem.claim("k", "f1").await,
+            idem.claim("m", "k", "f1").await,
             Ok(Claim::Replay { .. })
         ));
     }

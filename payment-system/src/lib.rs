@@ -111,9 +111,9 @@ pub mod keys {
     pub fn blocklist(customer: &str) -> String {
         format!("pay:blocklist:{customer}")
     }
-    /// An idempotency key.
-    pub fn idempotency(key: &str) -> String {
-        format!("pay:idem:{key}")
+    /// An idempotency key, scoped to its merchant (two merchants may use the same key).
+    pub fn idempotency(merchant: &str, key: &str) -> String {
+        format!("pay:idem:{merchant}:{key}")
     }
     /// A payment sent to the gateway and not finished yet (the reconciler's work list).
     pub fn processing(id: &str) -> String {

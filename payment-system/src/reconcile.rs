@@ -132,7 +132,13 @@ impl Reconciler {
                     .await?;
                 if let (Some(k), Some(fp)) = (&record.idempotency_key, &record.fingerprint) {
                     self.idempotency
-                        .complete(k, fp, record.http_status, &record.answer_body())
+                        .complete(
+                            &record.merchant_id,
+                            k,
+                            fp,
+                            record.http_status,
+                            &record.answer_body(),
+                        )
                         .await?;
                 }
                 self.metrics.reconciled(record.status);
@@ -207,7 +213,7 @@ mod tests {
         let queue = MemoryQueue::<String>::new(QueueConfig::new("c", 10), clock.shared());
         let idem = Idempotency::new(store.clone(), Duration::from_secs(60));
         assert!(matches!(
-            idem.claim("client-key", "fp").await,
+            idem.claim("m", "client-key", "fp").await,
             Ok(crate::idempotency::Claim::Proceed)
         ));
         let kaizen = tai_core::kaizen::Kaizen::new("t", clock.shared());
@@ -282,7 +288,7 @@ mod tests {
             "the success is queued for confirmation"
         );
         // the client's retry replays the reconciled answer
-        match idem.claim("client-key", "fp").await {
+        match idem.claim("m", "client-key", "fp").await {
             Ok(crate::idempotency::Claim::Replay { status, body }) => {
                 assert_eq!((status, body["status"].as_str()), (200, Some("SUCCESS")))
             }

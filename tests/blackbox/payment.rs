@@ -352,6 +352,18 @@ async fn idempotency_replays_refuses_other_bodies_and_charges_once() {
     let conflict = pay(&http, &svc, &other, Some(&key)).await;
     assert_eq!(conflict.status, 422, "{}", conflict.text);
     assert_eq!(conflict.json["error"]["code"], "idempotency_key_reused");
+    // keys belong to a merchant: another merchant may use the same key for its own payment
+    let mut elsewhere = with_card("cust_idem_other", "4242424242424242");
+    elsewhere["merchant_id"] = json!("merc_other");
+    let theirs = pay(&http, &svc, &elsewhere, Some(&key)).await;
+    assert_eq!(theirs.status, 200, "{}", theirs.text);
+    assert!(theirs.headers.get("idempotent-replayed").is_none());
+    assert_ne!(theirs.json["transaction_id"], first.json["transaction_id"]);
+    assert_eq!(
+        gateway_stats(&http, &gw).await.0,
+        2,
+        "their charge is their own"
+    );
 
     // 8 concurrent duplicates: one charge; the rest replay it or are told it is in flight
     let key = unique("idem-burst");
@@ -389,7 +401,7 @@ async fn idempotency_replays_refuses_other_bodies_and_charges_once() {
     assert_eq!(ids.len(), 1, "one transaction");
     assert_eq!(
         gateway_stats(&http, &gw).await.0,
-        2,
+        3,
         "exactly one more charge"
     );
     assert_no_card_numbers(&[svc.log()]);
