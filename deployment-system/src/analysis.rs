@@ -54,6 +54,14 @@ impl AnalysisProvider for SimAnalysis {
     }
 }
 
+/// An HTTP client whose every request gives up after `timeout`.
+pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 fn fill(template: &str, service: &str, version: &str, region: &str) -> String {
     template
         .replace("{service}", service)
@@ -73,10 +81,7 @@ pub struct HttpProbe {
 impl HttpProbe {
     /// Probes URLs made from `template`, each with `timeout`.
     pub fn new(template: &str, timeout: Duration) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = http_client(timeout)?;
         Ok(Self {
             template: template.to_owned(),
             client,
@@ -133,10 +138,7 @@ impl PrometheusAnalysis {
         p99_seconds_query: &str,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = http_client(timeout)?;
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             error_rate_query: error_rate_query.to_owned(),

@@ -80,10 +80,7 @@ pub fn split_reference(image: &str) -> (String, String) {
 impl OciRegistry {
     /// A client of the registry at `base` (e.g. `http://127.0.0.1:5000`).
     pub fn new(base: &str, timeout: Duration) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = crate::analysis::http_client(timeout)?;
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             client,
