@@ -239,7 +239,7 @@ async fn operate(app: &App, id: &str, op: Op) -> Result<Json<Value>, ApiError> {
             message,
         )),
         Err(OpError::NotLeader) => Err(ApiError::unavailable(
-            "not_leader",
+            "controller_unavailable",
             OpError::NotLeader.to_string(),
             Some(Duration::from_secs(1)),
         )),

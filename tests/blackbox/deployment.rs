@@ -997,12 +997,22 @@ async fn two_replicas_never_drive_one_rollout_and_a_standby_takes_over() {
         (d["regions"][0]["stages_completed"] == json!(["canary"])).then_some(())
     })
     .await;
-    // operator commands go to the lease holder
+    // an operator command sent to the standby is carried out by the lease holder
+    let (s, body) = post(&http, &second, &format!("/deploy/{id}/pause"), &json!({})).await;
+    assert_eq!((s, body["paused"].as_bool()), (200, Some(true)), "{body}");
+    assert_eq!(
+        get(&http, &first, &format!("/deploy/{id}")).await["paused"],
+        true,
+        "the leader holds it paused"
+    );
     let (s, body) = post(&http, &second, &format!("/deploy/{id}/pause"), &json!({})).await;
     assert_eq!(
         (s, body["error"]["code"].as_str()),
-        (503, Some("not_leader"))
+        (409, Some("deployment_state_conflict")),
+        "its refusals too"
     );
+    let (s, _) = post(&http, &second, &format!("/deploy/{id}/resume"), &json!({})).await;
+    assert_eq!(s, 200);
     first.kill(); // the leader dies mid-rollout; the standby takes the lease after it lapses
     let d = wait_terminal(&http, &second, &id, Duration::from_secs(20)).await;
     assert_eq!(d["status"], "SUCCESS", "{d}");

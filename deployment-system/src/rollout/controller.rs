@@ -33,7 +33,8 @@ use crate::metrics::DeploymentMetrics;
 use crate::signal::{OnRegionFailure, Provider};
 
 /// What an operator can ask of a deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Op {
     /// Roll back and stop.
     Abort,
@@ -54,8 +55,8 @@ pub enum OpError {
     /// The deployment is in a state the command does not fit.
     #[error("{0}")]
     Conflict(String),
-    /// Another replica holds the controller lease.
-    #[error("this replica is not the controller leader; retry (a load balancer will reach it)")]
+    /// No controller holds the lease, or the holder did not answer in time.
+    #[error("no controller took the command within 5 s (the lease may be changing hands); retry")]
     NotLeader,
     /// The store failed.
     #[error(transparent)]
@@ -144,6 +145,65 @@ impl ControllerHandle {
 }
 
 const LEASE_KEY: &str = "dep:controller:lease";
+const CMD_PREFIX: &str = "dep:cmd:";
+const RESULT_PREFIX: &str = "dep:cmdresult:";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Forwarded {
+    id: String,
+    op: Op,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+enum ForwardedAnswer {
+    Done(Box<Deployment>),
+    NotFound,
+    Conflict(String),
+    Failed(String),
+}
+
+/// Hands `op` on deployment `id` to the lease holder and waits (up to 5 s) for its answer.
+async fn forward(store: Arc<dyn StateStore>, id: &str, op: Op) -> Result<Deployment, OpError> {
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let cmd = serde_json::to_vec(&Forwarded {
+        id: id.to_owned(),
+        op,
+    })
+    .unwrap_or_default();
+    store
+        .put(
+            &format!("{CMD_PREFIX}{nonce}"),
+            cmd,
+            Some(Duration::from_secs(30)),
+        )
+        .await?;
+    let result_key = format!("{RESULT_PREFIX}{nonce}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(bytes) = store.get(&result_key).await? {
+            let _ = store.delete(&result_key).await;
+            return match serde_json::from_slice::<ForwardedAnswer>(&bytes) {
+                Ok(ForwardedAnswer::Done(d)) => Ok(*d),
+                Ok(ForwardedAnswer::NotFound) => Err(OpError::NotFound),
+                Ok(ForwardedAnswer::Conflict(m)) => Err(OpError::Conflict(m)),
+                Ok(ForwardedAnswer::Failed(m)) => {
+                    Err(OpError::Backend(BackendError::Unavailable {
+                        backend: "controller",
+                        message: m,
+                    }))
+                }
+                Err(e) => Err(OpError::Backend(BackendError::Protocol {
+                    backend: "controller",
+                    message: e.to_string(),
+                })),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // nobody took it: take it back, so it does not run later by surprise
+    let _ = store.delete(&format!("{CMD_PREFIX}{nonce}")).await;
+    Err(OpError::NotLeader)
+}
 const FENCE_KEY: &str = "dep:controller:fence";
 
 fn not_leader() -> BackendError {
@@ -183,6 +243,7 @@ pub struct Controller {
     lease_ttl: Duration,
     last_lease: std::time::Instant,
     last_sync: std::time::Instant,
+    last_commands: std::time::Instant,
     /// Where every event is published, and how many of each deployment's events were.
     audit: Arc<dyn AuditSink>,
     subject_prefix: String,
@@ -255,6 +316,7 @@ impl Controller {
             lease_ttl,
             last_lease: long_ago,
             last_sync: long_ago,
+            last_commands: long_ago,
             audit,
             subject_prefix: subject_prefix.to_owned(),
             published,
@@ -374,6 +436,42 @@ impl Controller {
         self.metrics.set_in_progress(active);
     }
 
+    /// Runs the operator commands standbys forwarded, and leaves each answer where its standby
+    /// waits for it.
+    async fn take_forwarded(&mut self) {
+        self.last_commands = std::time::Instant::now();
+        let Ok(keys) = self.store.keys(CMD_PREFIX).await else {
+            return;
+        };
+        for k in keys {
+            let Ok(Some(bytes)) = self.store.get(&k).await else {
+                continue;
+            };
+            // delete first: if another leader raced us, only one of us runs it
+            if !matches!(self.store.delete(&k).await, Ok(true)) {
+                continue;
+            }
+            let Ok(cmd) = serde_json::from_slice::<Forwarded>(&bytes) else {
+                continue;
+            };
+            let answer = match self.operate(&cmd.id, cmd.op).await {
+                Ok(d) => ForwardedAnswer::Done(Box::new(d)),
+                Err(OpError::NotFound) => ForwardedAnswer::NotFound,
+                Err(OpError::Conflict(m)) => ForwardedAnswer::Conflict(m),
+                Err(e) => ForwardedAnswer::Failed(e.to_string()),
+            };
+            let nonce = &k[CMD_PREFIX.len()..];
+            let _ = self
+                .store
+                .put(
+                    &format!("{RESULT_PREFIX}{nonce}"),
+                    serde_json::to_vec(&answer).unwrap_or_default(),
+                    Some(Duration::from_secs(30)),
+                )
+                .await;
+        }
+    }
+
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
@@ -393,6 +491,9 @@ impl Controller {
                 self.sync(false).await;
             }
             if self.leader_token.is_some() {
+                if self.last_commands.elapsed() >= Duration::from_millis(100) {
+                    self.take_forwarded().await;
+                }
                 self.reconcile().await;
             }
         }
@@ -474,9 +575,17 @@ impl Controller {
                 }
                 let _ = reply.send(result);
             }
-            Command::Operate(id, op, reply) => {
+            Command::Operate(id, op, reply) if self.leader_token.is_some() => {
                 let result = self.operate(&id, op).await;
                 let _ = reply.send(result);
+            }
+            Command::Operate(id, op, reply) => {
+                // a standby hands the command to the lease holder through the store, and waits
+                // for its answer without holding up this loop
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(forward(store, &id, op).await);
+                });
             }
         }
     }
