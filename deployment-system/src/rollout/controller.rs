@@ -146,6 +146,7 @@ impl ControllerHandle {
 
 const LEASE_KEY: &str = "dep:controller:lease";
 const CMD_PREFIX: &str = "dep:cmd:";
+const CMD_SEQ: &str = "dep:cmdseq";
 const RESULT_PREFIX: &str = "dep:cmdresult:";
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -177,6 +178,10 @@ async fn forward(store: Arc<dyn StateStore>, id: &str, op: Op) -> Result<Deploym
             Some(Duration::from_secs(30)),
         )
         .await?;
+    if let Err(e) = store.incr(CMD_SEQ).await {
+        let _ = store.delete(&format!("{CMD_PREFIX}{nonce}")).await;
+        return Err(e.into());
+    }
     let result_key = format!("{RESULT_PREFIX}{nonce}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while tokio::time::Instant::now() < deadline {
@@ -244,6 +249,7 @@ pub struct Controller {
     last_lease: std::time::Instant,
     last_sync: std::time::Instant,
     last_commands: std::time::Instant,
+    commands_seen: Vec<u8>,
     /// Where every event is published, and how many of each deployment's events were.
     audit: Arc<dyn AuditSink>,
     subject_prefix: String,
@@ -317,6 +323,7 @@ impl Controller {
             last_lease: long_ago,
             last_sync: long_ago,
             last_commands: long_ago,
+            commands_seen: Vec::new(),
             audit,
             subject_prefix: subject_prefix.to_owned(),
             published,
@@ -440,6 +447,16 @@ impl Controller {
     /// waits for it.
     async fn take_forwarded(&mut self) {
         self.last_commands = std::time::Instant::now();
+        // one read tells whether anything was forwarded since the last look; only then list
+        // the commands (a key scan is far dearer than a read in a shared Redis)
+        let seq = match self.store.get(CMD_SEQ).await {
+            Ok(v) => v.unwrap_or_default(),
+            Err(_) => return,
+        };
+        if seq == self.commands_seen {
+            return;
+        }
+        self.commands_seen = seq;
         let Ok(keys) = self.store.keys(CMD_PREFIX).await else {
             return;
         };
