@@ -506,3 +506,62 @@ async fn the_andon_page_shows_the_level_and_its_reasons_in_a_browser() {
     );
     assert!(dom.contains("fraud_rate: 1"), "{dom}");
 }
+
+#[tokio::test]
+async fn the_openapi_documents_name_every_route_each_service_serves() {
+    let http = client();
+    for (name, routes) in [
+        (
+            "payment-system",
+            vec![
+                ("/payment", "post"),
+                ("/payment/{transaction_id}", "get"),
+                ("/admin/blocklist", "post"),
+                ("/admin/blocklist", "get"),
+                ("/admin/blocklist/{customer_id}", "delete"),
+            ],
+        ),
+        (
+            "deployment-system",
+            vec![
+                ("/deploy", "post"),
+                ("/deploy/{deployment_id}", "get"),
+                ("/deploy/{deployment_id}/abort", "post"),
+                ("/deploy/{deployment_id}/promote", "post"),
+                ("/deploy/{deployment_id}/pause", "post"),
+                ("/deploy/{deployment_id}/resume", "post"),
+                ("/deployments", "get"),
+                ("/fleet", "get"),
+            ],
+        ),
+    ] {
+        let svc = Proc::start(name, &[]).await.expect("start");
+        let api: Value = http
+            .get(svc.url("/openapi.json"))
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        for (path, method) in routes.iter().chain(
+            [
+                ("/health", "get"),
+                ("/ready", "get"),
+                ("/metrics", "get"),
+                ("/status", "get"),
+                ("/andon", "get"),
+                ("/", "get"),
+                ("/openapi.json", "get"),
+            ]
+            .iter(),
+        ) {
+            let op = &api["paths"][*path][*method];
+            assert!(op.is_object(), "{name}: {method} {path} is not documented");
+            assert!(
+                op["responses"].is_object(),
+                "{name}: {method} {path} documents no responses"
+            );
+        }
+    }
+}
