@@ -58,6 +58,8 @@ pub struct PaymentAction {
     pub clock: SharedClock,
     /// A charge slower than this is abandoned and counted as a gateway failure.
     pub gateway_timeout: Duration,
+    /// Set when this process leaves a payment for the reconciler.
+    pub reconcile_hint: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn failure(kind: &str, code: &str, message: impl Into<String>) -> Option<FailureInfo> {
@@ -323,6 +325,12 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                 tracing::error!(transaction_id = %record.transaction_id, error = %e, "could not queue the confirmation");
                 intent_written = false;
             }
+        }
+        if record.status == PaymentStatus::Processing
+            || (record.status == PaymentStatus::Success && !intent_written)
+        {
+            self.reconcile_hint
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         if intent_written && record.status != PaymentStatus::Processing {
             // finished: nothing left for the reconciler

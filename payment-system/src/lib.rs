@@ -328,8 +328,11 @@ pub async fn build(
         clock: clock.clone(),
         after: reconcile_after,
     };
+    let reconcile_hint = Arc::new(std::sync::atomic::AtomicBool::new(false));
     runtime.spawn_worker(reconciler.run(
         Duration::from_millis(cfg.setting_or("RECONCILE_EVERY_MS", 1000u64)?),
+        Duration::from_millis(cfg.setting_or("RECONCILE_SWEEP_MS", 30_000u64)?),
+        reconcile_hint.clone(),
         runtime.shutdown_signal(),
     ));
     let action = PaymentAction {
@@ -341,6 +344,7 @@ pub async fn build(
         facts: facts.clone(),
         clock: clock.clone(),
         gateway_timeout,
+        reconcile_hint,
     };
     let pipeline = Pipeline::new(
         "payment",

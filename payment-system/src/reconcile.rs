@@ -9,6 +9,7 @@
 //! the client's `Idempotency-Key` will replay, and queues the confirmation of a success.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tai_core::backend::BackendError;
@@ -23,6 +24,15 @@ use crate::idempotency::Idempotency;
 use crate::keys;
 use crate::metrics::PaymentMetrics;
 use crate::record::{FailureInfo, PaymentRecord, PaymentStatus};
+
+/// What a pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Payments finished.
+    pub finished: usize,
+    /// Marked payments left for a later pass (too young, or the gateway did not answer).
+    pub waiting: usize,
+}
 
 /// Finishes payments left `PROCESSING`.
 #[derive(Debug, Clone)]
@@ -45,11 +55,31 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Runs a pass every `every` until shutdown.
-    pub async fn run(self, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until shutdown: a pass at start (what a crash left), then every `every` while this
+    /// process knows of unfinished payments (`hint`, set by the action) or the last pass left
+    /// some waiting, and in any case every `sweep` (what another replica's crash left). Listing
+    /// the markers scans the store's keys, so it is not done more often than that.
+    pub async fn run(
+        self,
+        every: Duration,
+        sweep: Duration,
+        hint: Arc<AtomicBool>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut last_sweep: Option<std::time::Instant> = None;
         loop {
-            if let Err(e) = self.pass().await {
-                tracing::warn!(error = %e, "reconciliation pass failed; will try again");
+            let due = hint.swap(false, Ordering::SeqCst)
+                || last_sweep.is_none_or(|t| t.elapsed() >= sweep);
+            if due {
+                last_sweep = Some(std::time::Instant::now());
+                match self.pass().await {
+                    Ok(p) if p.waiting > 0 => hint.store(true, Ordering::SeqCst),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reconciliation pass failed; will try again");
+                        hint.store(true, Ordering::SeqCst);
+                    }
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -58,11 +88,13 @@ impl Reconciler {
         }
     }
 
-    /// One pass over the marked payments; returns how many were finished.
-    pub async fn pass(&self) -> Result<usize, BackendError> {
+    /// One pass over the marked payments.
+    pub async fn pass(&self) -> Result<Pass, BackendError> {
         let prefix = keys::processing("");
         let mut finished = 0;
-        for marker in self.store.keys(&prefix).await? {
+        let markers = self.store.keys(&prefix).await?;
+        let seen = markers.len();
+        for marker in markers {
             let id = marker[prefix.len()..].to_owned();
             // one replica at a time per payment
             let lock = format!("pay:reconciling:{id}");
@@ -79,7 +111,10 @@ impl Reconciler {
                 finished += 1;
             }
         }
-        Ok(finished)
+        Ok(Pass {
+            finished,
+            waiting: seen - finished,
+        })
     }
 
     async fn finish(&self, id: &str, marker: &str) -> Result<bool, BackendError> {
@@ -248,11 +283,20 @@ mod tests {
         }
         assert_eq!(
             r.pass().await.expect("pass"),
-            0,
+            Pass {
+                finished: 0,
+                waiting: 2
+            },
             "too young: a request may still be in flight"
         );
         clock.advance(Duration::from_secs(10));
-        assert_eq!(r.pass().await.expect("pass"), 2);
+        assert_eq!(
+            r.pass().await.expect("pass"),
+            Pass {
+                finished: 2,
+                waiting: 0
+            }
+        );
         let a: PaymentRecord = serde_json::from_slice(
             &store
                 .get(&keys::transaction("txn_a"))
