@@ -147,6 +147,8 @@ impl ControllerHandle {
 const LEASE_KEY: &str = "dep:controller:lease";
 const CMD_PREFIX: &str = "dep:cmd:";
 const CMD_SEQ: &str = "dep:cmdseq";
+const CHANGE_SEQ: &str = "dep:changeseq";
+const CREATE_SEQ: &str = "dep:createseq";
 const RESULT_PREFIX: &str = "dep:cmdresult:";
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -250,6 +252,7 @@ pub struct Controller {
     last_sync: std::time::Instant,
     last_commands: std::time::Instant,
     commands_seen: Vec<u8>,
+    synced_seq: Vec<u8>,
     /// Where every event is published, and how many of each deployment's events were.
     audit: Arc<dyn AuditSink>,
     subject_prefix: String,
@@ -324,6 +327,7 @@ impl Controller {
             last_sync: long_ago,
             last_commands: long_ago,
             commands_seen: Vec::new(),
+            synced_seq: Vec::new(),
             audit,
             subject_prefix: subject_prefix.to_owned(),
             published,
@@ -403,6 +407,20 @@ impl Controller {
     /// the leader the ones it does not know yet (accepted by standbys) or, on `takeover`, all.
     async fn sync(&mut self, takeover: bool) {
         self.last_sync = std::time::Instant::now();
+        // a standby reloads when the leader changed anything, the leader when a standby
+        // accepted a deployment: one read decides, the key scan only follows a change
+        let watched = if self.leader_token.is_some() {
+            CREATE_SEQ
+        } else {
+            CHANGE_SEQ
+        };
+        if !takeover {
+            match self.store.get(watched).await {
+                Ok(seq) if seq.clone().unwrap_or_default() == self.synced_seq => return,
+                Ok(seq) => self.synced_seq = seq.unwrap_or_default(),
+                Err(_) => return,
+            }
+        }
         let keys = match self.store.keys("dep:dpl:").await {
             Ok(k) => k,
             Err(e) => {
@@ -544,6 +562,8 @@ impl Controller {
             self.leader_token = None;
             return Err(not_leader());
         }
+        // standbys reload their view when this moves
+        let _ = self.store.incr(CHANGE_SEQ).await;
         self.update_view(d);
         self.publish_events(d).await;
         Ok(())
@@ -579,13 +599,18 @@ impl Controller {
                     // a standby stores it as accepted; the leader picks it up on its next sync
                     d.refresh(self.clock.wall());
                     let bytes = serde_json::to_vec(&d).unwrap_or_default();
-                    self.store
+                    match self
+                        .store
                         .put_if_absent(&key(&d.deployment_id), bytes, None)
                         .await
-                        .map(|_| {
+                    {
+                        Ok(_) => {
+                            let _ = self.store.incr(CREATE_SEQ).await;
                             self.update_view(&d);
-                            d.clone()
-                        })
+                            Ok(d.clone())
+                        }
+                        Err(e) => Err(e),
+                    }
                 };
                 if result.is_ok() {
                     tracing::info!(deployment_id = %d.deployment_id, service = %d.service, version = %d.version, regions = ?d.regions.iter().map(|r| r.region.as_str()).collect::<Vec<_>>(), "deployment accepted");
