@@ -60,6 +60,8 @@ pub struct PaymentAction {
     pub gateway_timeout: Duration,
     /// Set when this process leaves a payment for the reconciler.
     pub reconcile_hint: Arc<std::sync::atomic::AtomicBool>,
+    /// Idempotency claims, held once a charge may be sent.
+    pub idempotency: crate::idempotency::Idempotency,
 }
 
 fn failure(kind: &str, code: &str, message: impl Into<String>) -> Option<FailureInfo> {
@@ -285,12 +287,24 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                     };
                     let record = self.record(attempt, verdict, &intent);
                     let marker = keys::processing(&attempt.transaction_id);
-                    let (stored, marked) = tokio::join!(
+                    let hold = async {
+                        match (&attempt.idempotency_key, &attempt.fingerprint) {
+                            (Some(k), Some(fp)) => {
+                                self.idempotency
+                                    .hold(&req.merchant_id, k, fp, crate::idempotency::KEEP_FOR)
+                                    .await
+                            }
+                            _ => Ok(()),
+                        }
+                    };
+                    let (stored, marked, held) = tokio::join!(
                         self.store(&record),
-                        self.store.put(&marker, Vec::new(), None)
+                        self.store.put(&marker, Vec::new(), None),
+                        hold
                     );
                     stored?;
                     marked?;
+                    held?;
                     intent_written = true;
                     self.charge(attempt, permit).await
                 }

@@ -8,8 +8,10 @@
 //! - the same key with another body is a 422;
 //! - the same key while the first request is still being processed is a 409.
 //!
-//! The claim expires on its own after `in_flight_ttl`, so a crash mid-request does not lock the
-//! key for a day; the gateway is called with the same key, so even then nothing is charged twice.
+//! The claim expires on its own after `in_flight_ttl`, so a crash before anything was sent does
+//! not lock the key for a day. Once a charge is about to be sent, the claim is held for 24 hours
+//! instead ([`Idempotency::hold`]): until the answer, or the reconciler, completes it, a retry is
+//! told the first request is still in flight rather than allowed to start a second one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,6 +154,27 @@ impl Idempotency {
             .await
     }
 
+    /// Keeps a claim in flight for `ttl` (once a charge may have been sent: until the answer or
+    /// the reconciler completes it, a retry must get 409, not a second attempt).
+    pub async fn hold(
+        &self,
+        merchant: &str,
+        key: &str,
+        fingerprint: &str,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let entry = Entry::InFlight {
+            fingerprint: fingerprint.to_owned(),
+        };
+        self.store
+            .put(
+                &keys::idempotency(merchant, key),
+                serde_json::to_vec(&entry).unwrap_or_default(),
+                Some(ttl),
+            )
+            .await
+    }
+
     /// Gives a claim up (the request failed before anything was charged).
     pub async fn release(&self, merchant: &str, key: &str) -> Result<bool, BackendError> {
         self.store.delete(&keys::idempotency(merchant, key)).await
@@ -200,6 +223,39 @@ mod tests {
     use tai_core::store::MemoryStore;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_held_claim_outlives_the_in_flight_ttl_until_completed() {
+        let clock = ManualClock::new();
+        let idem = Idempotency::new(
+            Arc::new(MemoryStore::new(clock.shared())),
+            Duration::from_secs(30),
+        );
+        assert!(matches!(
+            idem.claim("m", "k", "f").await,
+            Ok(Claim::Proceed)
+        ));
+        idem.hold("m", "k", "f", KEEP_FOR).await.expect("store");
+        clock.advance(Duration::from_secs(3600));
+        assert!(
+            matches!(idem.claim("m", "k", "f").await, Err(ClaimError::InFlight)),
+            "still in flight an hour on"
+        );
+        idem.complete("m", "k", "f", 200, &serde_json::json!({"ok": true}))
+            .await
+            .expect("store");
+        assert!(matches!(
+            idem.claim("m", "k", "f").await,
+            Ok(Claim::Replay { status: 200, .. })
+        ));
+        assert!(
+            matches!(
+                idem.claim("other-merchant", "k", "g").await,
+                Ok(Claim::Proceed)
+            ),
+            "keys are per merchant"
+        );
+    }
 
     #[tokio::test]
     async fn claim_replay_mismatch_in_flight_and_lapse() {

@@ -345,6 +345,7 @@ pub async fn build(
         clock: clock.clone(),
         gateway_timeout,
         reconcile_hint,
+        idempotency: idempotency.clone(),
     };
     let pipeline = Pipeline::new(
         "payment",
