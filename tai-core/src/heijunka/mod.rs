@@ -12,6 +12,21 @@
 //!
 //! Both answer with what a client needs to behave: allowed or not, how much is left, and when to
 //! retry, which the HTTP layer turns into `429`, `Retry-After` and `RateLimit-*` headers.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tai_core::clock::ManualClock;
+//! use tai_core::heijunka::{GcraLimiter, Quota};
+//!
+//! let clock = ManualClock::new();
+//! let limiter = GcraLimiter::new(Quota { burst: 2, interval: Duration::from_secs(1) }, clock.shared());
+//! assert!(limiter.check_now("merchant-1").allowed);
+//! assert!(limiter.check_now("merchant-1").allowed);
+//! let refused = limiter.check_now("merchant-1");
+//! assert!(!refused.allowed);
+//! assert_eq!(refused.retry_after, Some(Duration::from_secs(1)));
+//! assert!(limiter.check_now("merchant-2").allowed, "every key has its own budget");
+//! ```
 
 mod gcra;
 mod redis;

@@ -19,6 +19,25 @@
 //! Clones share one state. The state is exported as a gauge (0 closed, 1 open, 2 half-open) and
 //! every transition is broadcast as a [`BreakerEvent`]. [`layer::CircuitBreakerLayer`] wraps any
 //! `tower::Service` with a breaker.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tai_core::clock::ManualClock;
+//! use tai_core::jidoka::{BreakerConfig, BreakerState, CircuitBreaker, Outcome};
+//!
+//! let clock = ManualClock::new();
+//! let breaker = CircuitBreaker::new("gateway", BreakerConfig::default(), clock.shared());
+//! for _ in 0..5 {
+//!     let permit = breaker.try_acquire().expect("closed: calls go through");
+//!     // ... call the dependency, then say how it went
+//!     permit.record(Outcome::Failure);
+//! }
+//! assert_eq!(breaker.state(), BreakerState::Open);
+//! let refused = breaker.try_acquire().unwrap_err();
+//! assert_eq!(refused.retry_after, Duration::from_secs(30));
+//! clock.advance(Duration::from_secs(30));
+//! assert_eq!(breaker.state(), BreakerState::HalfOpen);
+//! ```
 
 pub mod layer;
 
