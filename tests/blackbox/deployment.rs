@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tai_blackbox::{Proc, backend, client, eventually, unique};
+use tai_blackbox::{Proc, backend, client, eventually, get_json, unique};
 
 fn stages(bake: f64) -> Value {
     json!([
@@ -29,13 +29,7 @@ async fn post(http: &reqwest::Client, svc: &Proc, path: &str, body: &Value) -> (
 }
 
 async fn get(http: &reqwest::Client, svc: &Proc, path: &str) -> Value {
-    http.get(svc.url(path))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json")
+    get_json(http, svc.url(path)).await
 }
 
 async fn wait_terminal(http: &reqwest::Client, svc: &Proc, id: &str, within: Duration) -> Value {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tai_blackbox::{Proc, backend, client, eventually, unique};
+use tai_blackbox::{Proc, backend, client, eventually, get_json, unique};
 
 const SERVICES: [&str; 2] = ["payment-system", "deployment-system"];
 const DOMAIN_ROUTE: [&str; 2] = ["/payment", "/deploy"];
@@ -22,27 +22,13 @@ async fn both_services_serve_the_common_routes() {
             serde_json::json!({"status":"ok"})
         );
 
-        let status: Value = http
-            .get(svc.url("/status"))
-            .send()
-            .await
-            .expect("s")
-            .json()
-            .await
-            .expect("json");
+        let status: Value = get_json(&http, svc.url("/status")).await;
         assert_eq!(status["service"], name);
         assert_eq!(status["profile"], "dev");
         assert_eq!(status["backends"]["state"], "memory");
         assert!(status["uptime_secs"].as_f64().is_some());
 
-        let andon: Value = http
-            .get(svc.url("/andon"))
-            .send()
-            .await
-            .expect("a")
-            .json()
-            .await
-            .expect("json");
+        let andon: Value = get_json(&http, svc.url("/andon")).await;
         assert_eq!(andon["level"], "GREEN");
         assert!(andon["history"].is_array());
 
@@ -55,14 +41,7 @@ async fn both_services_serve_the_common_routes() {
         );
         assert!(page.text().await.expect("html").contains("/andon"));
 
-        let api: Value = http
-            .get(svc.url("/openapi.json"))
-            .send()
-            .await
-            .expect("o")
-            .json()
-            .await
-            .expect("json");
+        let api: Value = get_json(&http, svc.url("/openapi.json")).await;
         assert_eq!(api["info"]["title"], name);
         assert!(api["paths"]["/status"]["get"].is_object());
 
@@ -131,14 +110,7 @@ async fn rejections_are_json_errors_with_the_right_status_never_5xx() {
                 "{name}: {what}: {body}"
             );
         }
-        let status: Value = http
-            .get(svc.url("/status"))
-            .send()
-            .await
-            .expect("s")
-            .json()
-            .await
-            .expect("json");
+        let status: Value = get_json(&http, svc.url("/status")).await;
         assert_eq!(status["kaizen"]["errors"], 0, "none of these was a 5xx");
     }
 }
@@ -382,23 +354,9 @@ async fn api_keys_come_from_vault_when_it_is_configured() {
     )
     .await
     .expect("start");
-    let status: Value = http
-        .get(svc.url("/status"))
-        .send()
-        .await
-        .expect("s")
-        .json()
-        .await
-        .expect("json");
+    let status: Value = get_json(&http, svc.url("/status")).await;
     assert_eq!(status["backends"]["secrets"], "vault");
-    let ready: Value = http
-        .get(svc.url("/ready"))
-        .send()
-        .await
-        .expect("r")
-        .json()
-        .await
-        .expect("json");
+    let ready: Value = get_json(&http, svc.url("/ready")).await;
     assert_eq!(ready["checks"]["vault"], "ok");
     let body = serde_json::json!({"amount": "1.00", "currency": "USD", "customer_id": "cust_v", "merchant_id": "m"});
     assert_eq!(
@@ -536,14 +494,7 @@ async fn the_openapi_documents_name_every_route_each_service_serves() {
         ),
     ] {
         let svc = Proc::start(name, &[]).await.expect("start");
-        let api: Value = http
-            .get(svc.url("/openapi.json"))
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json");
+        let api: Value = get_json(&http, svc.url("/openapi.json")).await;
         for (path, method) in routes.iter().chain(
             [
                 ("/health", "get"),

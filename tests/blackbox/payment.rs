@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-use tai_blackbox::{Proc, client, eventually, unique};
+use tai_blackbox::{Proc, client, eventually, get_json, unique};
 
 struct Answer {
     status: u16,
@@ -45,14 +45,7 @@ fn with_card(customer: &str, number: &str) -> Value {
 }
 
 async fn gateway_stats(http: &reqwest::Client, gw: &Proc) -> (u64, u64) {
-    let s: Value = http
-        .get(gw.url("/v1/stats"))
-        .send()
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("json");
+    let s: Value = get_json(http, gw.url("/v1/stats")).await;
     (
         s["charges"].as_u64().expect("charges"),
         s["requests"].as_u64().expect("requests"),
@@ -60,13 +53,7 @@ async fn gateway_stats(http: &reqwest::Client, gw: &Proc) -> (u64, u64) {
 }
 
 async fn status_of(http: &reqwest::Client, svc: &Proc) -> Value {
-    http.get(svc.url("/status"))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json")
+    get_json(http, svc.url("/status")).await
 }
 
 /// Sends `n` payments by `customer` at once, spread over `services`; counts the SUCCESSes.
@@ -215,14 +202,7 @@ async fn quick_start_scenarios_hold_as_written() {
 
     // every attempt is stored, blocked ones too
     let id = b.json["transaction_id"].as_str().expect("id");
-    let stored: Value = http
-        .get(svc.url(&format!("/payment/{id}")))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let stored: Value = get_json(&http, svc.url(&format!("/payment/{id}"))).await;
     assert_eq!(stored["status"], "FRAUD_BLOCKED");
     let metrics = http
         .get(svc.url("/metrics"))
@@ -239,14 +219,7 @@ async fn quick_start_scenarios_hold_as_written() {
     assert!(metrics.contains(r#"payment_fraud_detected_total{rule="velocity"} 5"#));
     assert!(metrics.contains("payment_processing_duration_seconds_count 13"));
     // 6 of 13 blocked is far over 2%
-    let andon: Value = http
-        .get(svc.url("/andon"))
-        .send()
-        .await
-        .expect("a")
-        .json()
-        .await
-        .expect("j");
+    let andon: Value = get_json(&http, svc.url("/andon")).await;
     assert_eq!(andon["level"], "RED");
     assert!(
         andon["reasons"]
@@ -491,14 +464,7 @@ async fn the_gateway_breaker_opens_refuses_without_calling_and_closes_again() {
         5,
         "refused without reaching the gateway"
     );
-    let andon: Value = http
-        .get(svc.url("/andon"))
-        .send()
-        .await
-        .expect("a")
-        .json()
-        .await
-        .expect("j");
+    let andon: Value = get_json(&http, svc.url("/andon")).await;
     assert_eq!(andon["level"], "RED");
     assert!(
         andon["reasons"]
@@ -541,14 +507,7 @@ async fn the_gateway_breaker_opens_refuses_without_calling_and_closes_again() {
     )
     .await;
     assert_eq!(refused.json["error"]["code"], "gateway_unavailable");
-    let andon: Value = http
-        .get(svc.url("/andon"))
-        .send()
-        .await
-        .expect("a")
-        .json()
-        .await
-        .expect("j");
+    let andon: Value = get_json(&http, svc.url("/andon")).await;
     assert_eq!(andon["level"], "RED");
     gw.restart().await.expect("restart gateway");
     trials_close_the_breaker(&http, &svc).await;
@@ -1204,14 +1163,7 @@ async fn a_payment_cut_off_by_a_crash_is_finished_after_restart_and_charged_once
         .as_str()
         .expect("id")
         .to_owned();
-    let stored: Value = http
-        .get(svc.url(&format!("/payment/{id}")))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let stored: Value = get_json(&http, svc.url(&format!("/payment/{id}"))).await;
     assert_eq!(stored["status"], "SUCCESS");
     assert_eq!(stored["gateway_response"], replay.json["gateway_response"]);
     let metrics = http

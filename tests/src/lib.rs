@@ -271,6 +271,17 @@ pub fn client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// GETs `url` and reads the body as JSON, failing the test if either step fails.
+pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> serde_json::Value {
+    http.get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("a JSON body")
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, or fails after `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
 where
