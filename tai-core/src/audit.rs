@@ -77,6 +77,9 @@ impl JetStreamSink {
             name: stream.to_owned(),
             subjects: vec![subjects.to_owned()],
             storage: jetstream::stream::StorageType::File,
+            // a publisher that lost its ack (a NATS outage, a crash before it recorded the
+            // publish) sends again later: ten minutes of ids catches those repeats
+            duplicate_window: Duration::from_secs(600),
             ..Default::default()
         })
         .await

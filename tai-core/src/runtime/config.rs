@@ -188,7 +188,14 @@ pub struct RuntimeConfig {
     pub listen_addr: SocketAddr,
     /// `TAI_PROFILE`.
     pub profile: Profile,
-    /// `REDIS_URL`: state, counters, rate limits in Redis when set.
+    /// `DATABASE_URL`: the system of record: `sqlite://PATH`, `postgres://…` or `memory`;
+    /// unset means a SQLite file under [`RuntimeConfig::data_dir`].
+    pub database_url: Secret,
+    /// `TAI_DATA_DIR` (default `./data`): where the embedded SQLite database lives.
+    pub data_dir: std::path::PathBuf,
+    /// `TAI_SINGLE_NODE`: the operator's word that one replica runs (SQLite in `prod`).
+    pub single_node: bool,
+    /// `REDIS_URL`: hot shared state (rate limits, velocity windows, locks) in Redis when set.
     pub redis_url: Option<Secret>,
     /// `NATS_URL`: queues and audit streams in JetStream when set.
     pub nats_url: Option<String>,
@@ -259,10 +266,35 @@ impl RuntimeConfig {
             None if profile == Profile::Prod => LogFormat::Json,
             None => LogFormat::Pretty,
         };
+        let data_dir = std::path::PathBuf::from(
+            sources
+                .get("TAI_DATA_DIR")
+                .unwrap_or_else(|| "./data".to_owned()),
+        );
+        let database_url = sources.get("DATABASE_URL").unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                data_dir.join(format!("{service}.db")).display()
+            )
+        });
+        let single_node = match sources.get("TAI_SINGLE_NODE").as_deref() {
+            None | Some("false") | Some("0") => false,
+            Some("true") | Some("1") => true,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "TAI_SINGLE_NODE".into(),
+                    value: other.into(),
+                    expected: "true or false".into(),
+                });
+            }
+        };
         let config = Self {
             service: service.to_owned(),
             listen_addr,
             profile,
+            database_url: Secret::new(database_url),
+            data_dir,
+            single_node,
             redis_url: sources.get("REDIS_URL").map(Secret::new),
             nats_url: sources.get("NATS_URL"),
             vault_addr: sources.get("VAULT_ADDR"),
@@ -288,12 +320,40 @@ impl RuntimeConfig {
                     .into(),
             ));
         }
+        if config.profile == Profile::Prod {
+            let db = config.database_url.expose();
+            if db == "memory" || db == "sqlite::memory:" {
+                return Err(ConfigError::Refused(
+                    "the prod profile refuses the memory store: set DATABASE_URL to postgres://... \
+                     (or sqlite://PATH with TAI_SINGLE_NODE=true)"
+                        .into(),
+                ));
+            }
+            if db.starts_with("sqlite:") && !config.single_node {
+                return Err(ConfigError::Refused(
+                    "the prod profile refuses SQLite unless TAI_SINGLE_NODE=true (one replica): \
+                     set DATABASE_URL to postgres://... for several replicas"
+                        .into(),
+                ));
+            }
+        }
         Ok(config)
     }
 
     /// A service setting by its environment name, with the same precedence as the runtime's own.
     pub fn setting(&self, name: &str) -> Option<String> {
         self.sources.get(name)
+    }
+
+    /// Refuses, in the `prod` profile, a part that only the embedded default provides: `what`
+    /// names it, `fix` says which setting to change.
+    pub fn refuse_in_prod(&self, embedded: bool, what: &str, fix: &str) -> Result<(), ConfigError> {
+        if self.profile == Profile::Prod && embedded {
+            return Err(ConfigError::Refused(format!(
+                "the prod profile refuses {what}: {fix}"
+            )));
+        }
+        Ok(())
     }
 
     /// A service setting parsed as `T`, or `default` when unset.
@@ -308,6 +368,9 @@ impl RuntimeConfig {
             ("service".into(), self.service.clone()),
             ("LISTEN_ADDR".into(), self.listen_addr.to_string()),
             ("TAI_PROFILE".into(), self.profile.as_str().into()),
+            ("DATABASE_URL".into(), mask_url(self.database_url.expose())),
+            ("TAI_DATA_DIR".into(), self.data_dir.display().to_string()),
+            ("TAI_SINGLE_NODE".into(), self.single_node.to_string()),
             (
                 "REDIS_URL".into(),
                 self.redis_url

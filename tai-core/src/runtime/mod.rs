@@ -148,6 +148,7 @@ pub struct Runtime {
     shutdown_tx: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
     redis: Option<crate::store::RedisStore>,
+    database: Option<crate::db::Database>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -260,6 +261,7 @@ impl Runtime {
             shutdown_tx,
             workers: Vec::new(),
             redis: None,
+            database: None,
         }
     }
 
@@ -314,32 +316,121 @@ impl Runtime {
         self.andon_rules.push(rule);
     }
 
-    /// The state store the configuration asks for: Redis when `REDIS_URL` is set (keys prefixed
-    /// with `REDIS_KEY_PREFIX`, default `tai:<service>:`), memory otherwise. Registers it on
-    /// `/status` and, for Redis, as a `/ready` probe.
+    /// The system of record (`DATABASE_URL`; a SQLite file under `TAI_DATA_DIR` by default),
+    /// connected once with tai-core's tables in place. Registers it on `/status` and `/ready`.
+    pub async fn database(&mut self) -> Result<crate::db::Database, BackendError> {
+        if let Some(db) = &self.database {
+            return Ok(db.clone());
+        }
+        let max = self
+            .config
+            .setting("DATABASE_MAX_CONNECTIONS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10u32);
+        let db = crate::db::Database::connect(self.config.database_url.expose(), max).await?;
+        db.migrate_core().await?;
+        tracing::info!(database = %db.location(), engine = db.dialect().as_str(), "system of record ready");
+        let probe = db.clone();
+        self.add_readiness("database", move || {
+            let probe = probe.clone();
+            Box::pin(async move { probe.ping().await })
+        });
+        self.set_backend("database", db.dialect().as_str());
+        self.database = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Whether `DATABASE_URL` asks for the memory store (fast tests; nothing survives).
+    pub fn memory_store(&self) -> bool {
+        matches!(
+            self.config.database_url.expose(),
+            "memory" | "sqlite::memory:"
+        )
+    }
+
+    /// The state store for records: the system of record's `tai_kv` table, or memory when
+    /// `DATABASE_URL=memory`. Connects Redis too when `REDIS_URL` is set, for the hot shared
+    /// state ([`Runtime::redis`]). Registers both on `/status` and `/ready`.
     pub async fn state_store(&mut self) -> Result<Arc<dyn crate::store::StateStore>, BackendError> {
-        let store: Arc<dyn crate::store::StateStore> = match &self.config.redis_url {
-            Some(url) => {
-                let prefix = self
-                    .config
-                    .setting("REDIS_KEY_PREFIX")
-                    .unwrap_or_else(|| format!("tai:{}:", self.config.service));
-                let redis = crate::store::RedisStore::connect(url.expose(), &prefix).await?;
-                self.redis = Some(redis.clone());
-                let probe = redis.clone();
-                self.add_readiness("redis", move || {
-                    let probe = probe.clone();
-                    Box::pin(async move { crate::store::StateStore::ping(&probe).await })
-                });
-                Arc::new(redis)
-            }
-            None => Arc::new(crate::store::MemoryStore::new(self.clock.clone())),
+        self.connect_redis().await?;
+        let store: Arc<dyn crate::store::StateStore> = if self.memory_store() {
+            Arc::new(crate::store::MemoryStore::new(self.clock.clone()))
+        } else {
+            let db = self.database().await?;
+            let sql = crate::store::SqlStore::new(db, self.clock.clone());
+            self.spawn_worker(
+                sql.clone()
+                    .sweep_every(std::time::Duration::from_secs(30), self.shutdown_signal()),
+            );
+            Arc::new(sql)
         };
         self.set_backend("state", store.backend());
         Ok(store)
     }
 
-    /// The Redis store, once [`Runtime::state_store`] connected one: for other parts that must
+    /// Connects Redis when `REDIS_URL` is set (keys prefixed with `REDIS_KEY_PREFIX`, default
+    /// `tai:<service>:`), once.
+    async fn connect_redis(&mut self) -> Result<(), BackendError> {
+        let Some(url) = self.config.redis_url.clone() else {
+            self.set_backend("hot_state", "memory");
+            return Ok(());
+        };
+        if self.redis.is_some() {
+            return Ok(());
+        }
+        let prefix = self
+            .config
+            .setting("REDIS_KEY_PREFIX")
+            .unwrap_or_else(|| format!("tai:{}:", self.config.service));
+        let redis = crate::store::RedisStore::connect(url.expose(), &prefix).await?;
+        self.redis = Some(redis.clone());
+        self.add_readiness("redis", move || {
+            let probe = redis.clone();
+            Box::pin(async move { crate::store::StateStore::ping(&probe).await })
+        });
+        self.set_backend("hot_state", "redis");
+        Ok(())
+    }
+
+    /// Relays the outbox of the system of record to the JetStream stream `stream` (capturing
+    /// `subjects`) when `NATS_URL` is set; answers the relay, or `None` when events stay in the
+    /// database only. Registers it on `/status` (`events`) and `/ready`.
+    pub async fn outbox_relay(
+        &mut self,
+        stream: &str,
+        subjects: &str,
+        store: Arc<dyn crate::store::StateStore>,
+    ) -> Result<Option<crate::outbox::OutboxRelay>, BackendError> {
+        let Some(url) = self.config.nats_url.clone() else {
+            self.set_backend("events", "database");
+            return Ok(None);
+        };
+        let db = self.database().await?;
+        let sink = crate::audit::JetStreamSink::connect(&url, stream, subjects).await?;
+        let probe = sink.clone();
+        self.add_readiness("nats", move || {
+            let probe = probe.clone();
+            Box::pin(async move { crate::audit::AuditSink::ping(&probe).await })
+        });
+        let relay = crate::outbox::OutboxRelay::new(
+            db,
+            Arc::new(sink),
+            store,
+            self.clock.clone(),
+            &format!("outbox:lease:{stream}"),
+        );
+        let every = std::time::Duration::from_millis(
+            self.config
+                .setting("OUTBOX_POLL_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100u64),
+        );
+        self.spawn_worker(relay.clone().run(every, self.shutdown_signal()));
+        self.set_backend("events", "jetstream");
+        Ok(Some(relay))
+    }
+
+    /// The Redis store, once [`Runtime::state_store`] connected one: for the hot parts that must
     /// be shared across replicas (rate limits, counters) to use the same connection and prefix.
     pub fn redis(&self) -> Option<&crate::store::RedisStore> {
         self.redis.as_ref()

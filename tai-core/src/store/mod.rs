@@ -12,8 +12,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod redis;
+mod sql;
 
 pub use self::redis::RedisStore;
+pub use self::sql::SqlStore;
 
 use crate::backend::{BackendError, BoxFuture};
 use crate::clock::SharedClock;
