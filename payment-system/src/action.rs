@@ -5,10 +5,12 @@
 //! `gateway_unavailable` and the time until the breaker admits a trial. A charge that goes
 //! through is classified for the breaker: approvals and declines show a working gateway;
 //! errors, refused connections and answers slower than the gateway timeout are failures.
-//! Every outcome is stored before it is answered; successes are queued for confirmation.
-//! Before the gateway is called, the payment is stored as `PROCESSING` with a marker, so that
-//! a crash mid-charge, or a gateway that does not answer in time, leaves something for the
-//! reconciler (`crate::reconcile`) to finish by asking the gateway how the charge ended.
+//! Every outcome is stored in the system of record ([`crate::ledger`]) before it is answered,
+//! with its idempotent answer and its event in the same transaction; successes are queued for
+//! confirmation. Before the gateway is called, the payment is stored as `PROCESSING` (the
+//! write-ahead intent), so that a crash mid-charge, or a gateway that does not answer in time,
+//! leaves something for the reconciler (`crate::reconcile`) to finish by asking the gateway
+//! how the charge ended.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,14 +21,13 @@ use tai_core::jidoka::{CircuitBreaker, Outcome};
 use tai_core::kanban::SharedQueue;
 use tai_core::pipeline::Action;
 use tai_core::policy::{Decision, Verdict};
-use tai_core::store::StateStore;
 use tracing::Instrument;
 
 use crate::PaymentAttempt;
 use crate::card::CardSummary;
 use crate::fraud::{FraudFactSource, FraudFacts};
 use crate::gateway::{ChargeOutcome, ChargeRequest, Gateway, GatewayError};
-use crate::keys;
+use crate::ledger::Ledger;
 use crate::metrics::PaymentMetrics;
 use crate::record::{FailureInfo, PaymentRecord, PaymentStatus};
 
@@ -47,7 +48,7 @@ pub struct PaymentAction {
     /// Its breaker.
     pub breaker: CircuitBreaker,
     /// Where records live.
-    pub store: Arc<dyn StateStore>,
+    pub ledger: Ledger,
     /// Successful charges to confirm.
     pub confirmations: SharedQueue<String>,
     /// Payment metrics.
@@ -58,10 +59,6 @@ pub struct PaymentAction {
     pub clock: SharedClock,
     /// A charge slower than this is abandoned and counted as a gateway failure.
     pub gateway_timeout: Duration,
-    /// Set when this process leaves a payment for the reconciler.
-    pub reconcile_hint: Arc<std::sync::atomic::AtomicBool>,
-    /// Idempotency claims, held once a charge may be sent.
-    pub idempotency: crate::idempotency::Idempotency,
 }
 
 fn failure(kind: &str, code: &str, message: impl Into<String>) -> Option<FailureInfo> {
@@ -220,13 +217,6 @@ impl PaymentAction {
             fingerprint: attempt.fingerprint.clone(),
         }
     }
-
-    async fn store(&self, record: &PaymentRecord) -> Result<(), BackendError> {
-        let bytes = serde_json::to_vec(record).unwrap_or_default();
-        self.store
-            .put(&keys::transaction(&record.transaction_id), bytes, None)
-            .await
-    }
 }
 
 impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
@@ -241,10 +231,10 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
     ) -> Result<Answer, BackendError> {
         let req = &attempt.request;
         let mut retry_after = None;
-        let mut intent_written = false;
-        let charged = if verdict.decision == Decision::Deny {
+        let decided_here = |charged: Charged| (charged, None::<i64>);
+        let (charged, intent_version) = if verdict.decision == Decision::Deny {
             let rules: Vec<&str> = verdict.reasons.iter().map(|r| r.rule.as_str()).collect();
-            Charged {
+            decided_here(Charged {
                 status: PaymentStatus::FraudBlocked,
                 http_status: 402,
                 gateway_id: None,
@@ -257,7 +247,7 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                         rules.join(", ")
                     ),
                 ),
-            }
+            })
         } else {
             match tracing::info_span!("breaker_checked", breaker = self.breaker.name())
                 .in_scope(|| self.breaker.try_acquire())
@@ -265,7 +255,7 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                 Err(rejected) => {
                     tracing::warn!(transaction_id = %attempt.transaction_id, "gateway breaker open; not calling the gateway");
                     retry_after = Some(rejected.retry_after);
-                    Charged {
+                    decided_here(Charged {
                         status: PaymentStatus::Failed,
                         http_status: 503,
                         gateway_id: None,
@@ -274,49 +264,61 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                             "gateway_unavailable",
                             "The payment gateway is unavailable (circuit breaker open); nothing was charged. Retry later.",
                         ),
-                    }
+                    })
                 }
                 Ok(permit) => {
-                    // Write-ahead: the intent is stored before the gateway is called, so a crash
-                    // in between leaves a PROCESSING record that the reconciler finishes.
+                    // Write-ahead: the intent is stored (and the idempotency key moved to
+                    // charge_started) before the gateway is called, so a crash in between
+                    // leaves a PROCESSING record that the reconciler finishes.
                     let intent = Charged {
                         status: PaymentStatus::Processing,
                         http_status: 0,
                         gateway_id: None,
                         error: None,
                     };
-                    let record = self.record(attempt, verdict, &intent);
-                    let marker = keys::processing(&attempt.transaction_id);
-                    let hold = async {
-                        match (&attempt.idempotency_key, &attempt.fingerprint) {
-                            (Some(k), Some(fp)) => {
-                                self.idempotency
-                                    .hold(&req.merchant_id, k, fp, crate::idempotency::KEEP_FOR)
-                                    .await
-                            }
-                            _ => Ok(()),
-                        }
-                    };
-                    let (stored, marked, held) = tokio::join!(
-                        self.store(&record),
-                        self.store.put(&marker, Vec::new(), None),
-                        hold
-                    );
-                    stored?;
-                    marked?;
-                    held?;
-                    intent_written = true;
-                    self.charge(attempt, permit).await
+                    let version = self
+                        .ledger
+                        .begin_charge(&self.record(attempt, verdict, &intent))
+                        .instrument(tracing::info_span!("intent_recorded"))
+                        .await?;
+                    (self.charge(attempt, permit).await, Some(version))
                 }
             }
         };
         let record = self.record(attempt, verdict, &charged);
-        self.store(&record)
-            .instrument(tracing::info_span!(
-                "recorded",
-                status = record.status.as_str()
-            ))
-            .await?;
+        match (intent_version, record.status) {
+            // not known yet: the record stays PROCESSING for the reconciler
+            (Some(_), PaymentStatus::Processing) => {}
+            (Some(version), _) => {
+                let settled = self
+                    .ledger
+                    .settle(&record, version)
+                    .instrument(tracing::info_span!(
+                        "recorded",
+                        status = record.status.as_str()
+                    ))
+                    .await?;
+                if !settled {
+                    // the reconciler got there first (this request outlived its patience):
+                    // answer with what the system of record says
+                    if let Some(stored) = self.ledger.get(&record.transaction_id).await? {
+                        return Ok(Answer {
+                            record: stored.record,
+                            retry_after,
+                        });
+                    }
+                }
+            }
+            (None, _) => {
+                self.ledger
+                    .record_final(&record)
+                    .instrument(tracing::info_span!(
+                        "recorded",
+                        status = record.status.as_str()
+                    ))
+                    .await?
+            }
+        }
         if record.status == PaymentStatus::Success {
             let (remembered, queued) = tokio::join!(
                 self.facts.remember_currency(
@@ -335,25 +337,8 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                 tracing::warn!(error = %e, "could not remember the currency for the geo rule");
             }
             if let Err(e) = queued {
-                // keep the marker: the reconciler queues it again
+                // the reconciler queues unconfirmed successes again
                 tracing::error!(transaction_id = %record.transaction_id, error = %e, "could not queue the confirmation");
-                intent_written = false;
-            }
-        }
-        if record.status == PaymentStatus::Processing
-            || (record.status == PaymentStatus::Success && !intent_written)
-        {
-            self.reconcile_hint
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        if intent_written && record.status != PaymentStatus::Processing {
-            // finished: nothing left for the reconciler
-            if let Err(e) = self
-                .store
-                .delete(&keys::processing(&record.transaction_id))
-                .await
-            {
-                tracing::warn!(error = %e, "could not clear the processing marker; the reconciler will");
             }
         }
         let rules: Vec<&str> = verdict.reasons.iter().map(|r| r.rule.as_str()).collect();
@@ -380,12 +365,9 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
     }
 }
 
-/// Confirms queued successful charges: sets `confirmed_at` on the record, then acks.
-pub async fn confirmation_worker(
-    queue: SharedQueue<String>,
-    store: Arc<dyn StateStore>,
-    clock: SharedClock,
-) {
+/// Confirms queued successful charges: marks the record confirmed (only a `SUCCESS` record,
+/// once), then acks.
+pub async fn confirmation_worker(queue: SharedQueue<String>, ledger: Ledger) {
     loop {
         let delivery = match queue.pull().await {
             Ok(Some(d)) => d,
@@ -396,27 +378,10 @@ pub async fn confirmation_worker(
                 continue;
             }
         };
-        let key = keys::transaction(&delivery.item);
-        let confirmed = async {
-            let Some(bytes) = store.get(&key).await? else {
-                return Ok::<bool, BackendError>(false);
-            };
-            let Ok(mut record) = serde_json::from_slice::<PaymentRecord>(&bytes) else {
-                return Ok(false);
-            };
-            if record.confirmed_at.is_none() {
-                record.confirmed_at = Some(clock.wall());
-                store
-                    .put(&key, serde_json::to_vec(&record).unwrap_or_default(), None)
-                    .await?;
-            }
-            Ok(true)
-        }
-        .await;
-        let settled = match confirmed {
+        let settled = match ledger.confirm(&delivery.item).await {
             Ok(true) => delivery.ack().await,
             Ok(false) => {
-                tracing::error!(transaction_id = %delivery.item, "confirmation for an unknown transaction; dropped");
+                tracing::debug!(transaction_id = %delivery.item, "nothing to confirm (confirmed already, or not a success)");
                 delivery.ack().await
             }
             Err(e) => {

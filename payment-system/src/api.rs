@@ -13,7 +13,7 @@ use tai_core::runtime::{ApiError, ApiJson, ErrorType, TraceContext};
 use tracing::Instrument;
 
 use crate::idempotency::{Claim, fingerprint, validate_key};
-use crate::record::{PaymentRecord, PaymentStatus};
+use crate::record::PaymentRecord;
 use crate::{App, PaymentAttempt, keys, signal};
 
 fn rate_headers(d: &RateDecision) -> Vec<(HeaderName, HeaderValue)> {
@@ -108,7 +108,12 @@ pub(crate) async fn create_payment(
     }
     let fp = fingerprint(&body);
     if let Some(k) = &key {
-        match app.idempotency.claim(&request.merchant_id, k, &fp).await? {
+        match app
+            .ledger
+            .idempotency()
+            .claim(&request.merchant_id, k, &fp)
+            .await?
+        {
             Claim::Proceed => {}
             Claim::Replay { status, body } => {
                 let mut extra = limit_headers;
@@ -135,9 +140,12 @@ pub(crate) async fn create_payment(
                 let answer = match outcome {
                     Ok(o) => o.output,
                     Err(e) => {
+                        // releases the key only if no charge was started under it; once the
+                        // intent is written, the key stays held until the payment settles
                         if let Some(k) = &attempt.idempotency_key {
                             let _ = app
-                                .idempotency
+                                .ledger
+                                .idempotency()
                                 .release(&attempt.request.merchant_id, k)
                                 .await;
                         }
@@ -148,24 +156,8 @@ pub(crate) async fn create_payment(
                         ));
                     }
                 };
+                // the idempotent answer was stored with the payment, in one transaction
                 let body = answer.record.answer_body();
-                // a payment whose outcome is not known yet keeps its key in flight: the
-                // reconciler stores the final answer for retries to replay
-                if let Some(k) = &attempt.idempotency_key
-                    && answer.record.status != PaymentStatus::Processing
-                    && let Err(e) = app
-                        .idempotency
-                        .complete(
-                            &attempt.request.merchant_id,
-                            k,
-                            &fp,
-                            answer.record.http_status,
-                            &body,
-                        )
-                        .await
-                {
-                    tracing::error!(error = %e, "could not store the idempotent answer");
-                }
                 Ok((answer, body))
             }
             .instrument(span),
@@ -210,9 +202,9 @@ pub(crate) async fn get_payment(
     if !well_formed {
         return Err(unknown());
     }
-    let bytes = app
-        .store
-        .get(&keys::transaction(&id))
+    let record = app
+        .ledger
+        .get(&id)
         .await
         .map_err(|e| {
             ApiError::unavailable(
@@ -221,15 +213,8 @@ pub(crate) async fn get_payment(
                 Some(Duration::from_secs(1)),
             )
         })?
-        .ok_or_else(unknown)?;
-    let record: PaymentRecord = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorType::ApiError,
-            "record_corrupt",
-            e.to_string(),
-        )
-    })?;
+        .ok_or_else(unknown)?
+        .record;
     let mut body = record.public();
     if let Value::Object(m) = &mut body {
         m.insert("confirmed".into(), json!(record.confirmed_at.is_some()));

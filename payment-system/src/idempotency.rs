@@ -1,50 +1,39 @@
-//! Idempotency keys with the IETF idempotency-key draft's meaning.
+//! Idempotency keys with the IETF idempotency-key draft's meaning, kept in the system of record
+//! (Stripe's design: a key row with a recovery point, changed in the same transactions as the
+//! payment it guards).
 //!
-//! The first request with a key claims it atomically (`put_if_absent`) with the fingerprint of
-//! its body; when it is answered, the answer is stored under the key for 24 hours. Then:
+//! The first request with a key claims it (`recovery_point = started`) with the fingerprint of
+//! its body. Then:
 //!
 //! - the same key and the same body replays the stored answer (`Idempotent-Replayed: true`),
 //!   without reaching the policy or the gateway;
 //! - the same key with another body is a 422;
 //! - the same key while the first request is still being processed is a 409.
 //!
-//! The claim expires on its own after `in_flight_ttl`, so a crash before anything was sent does
-//! not lock the key for a day. Once a charge is about to be sent, the claim is held for 24 hours
-//! instead ([`Idempotency::hold`]): until the answer, or the reconciler, completes it, a retry is
-//! told the first request is still in flight rather than allowed to start a second one.
+//! A claim on which nothing was sent lapses after `in_flight_ttl`, so a crash before the charge
+//! does not lock the key for a day. Once the intent to charge is written (`charge_started`, in
+//! the transaction that writes the `PROCESSING` payment), the claim is held until the answer is
+//! stored with the payment's final state (`finished`), by the live request or the reconciler:
+//! a retry is told the first request is in flight, never allowed to start a second charge.
+//! Entries live `IDEMPOTENCY_TTL_SECS` (24 h by default) after their answer.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use sqlx::Row;
 use tai_core::backend::BackendError;
+use tai_core::clock::SharedClock;
+use tai_core::db::{Database, db_error};
 use tai_core::runtime::{ApiError, ErrorType};
-use tai_core::store::StateStore;
 
-use crate::keys;
-
-/// How long an answer is kept.
+/// How long an answer is kept by default.
 pub const KEEP_FOR: Duration = Duration::from_secs(24 * 60 * 60);
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-enum Entry {
-    InFlight {
-        fingerprint: String,
-    },
-    Done {
-        fingerprint: String,
-        status: u16,
-        body: serde_json::Value,
-    },
-}
 
 /// What to do with a request carrying a key.
 #[derive(Debug)]
 pub enum Claim {
-    /// First use: process it, then [`Idempotency::complete`].
+    /// First use: process it.
     Proceed,
     /// Seen and answered: send this again.
     Replay {
@@ -55,11 +44,13 @@ pub enum Claim {
     },
 }
 
-/// The idempotency store.
+/// The idempotency keys of one database.
 #[derive(Debug, Clone)]
 pub struct Idempotency {
-    store: Arc<dyn StateStore>,
+    db: Database,
+    clock: SharedClock,
     in_flight_ttl: Duration,
+    keep_for: Duration,
 }
 
 /// A fingerprint of a request body: SHA-256 of its canonical JSON (keys sorted).
@@ -80,13 +71,60 @@ pub fn validate_key(key: &str) -> Result<(), ApiError> {
     }
 }
 
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// A claim as stored.
+struct Row_ {
+    fingerprint: String,
+    recovery_point: String,
+    locked_at: Option<i64>,
+    response_status: Option<i64>,
+    response_body: Option<String>,
+    expires_at: i64,
+}
+
 impl Idempotency {
-    /// Keys in `store`; a claim lapses after `in_flight_ttl` if never completed.
-    pub fn new(store: Arc<dyn StateStore>, in_flight_ttl: Duration) -> Self {
+    /// Keys in `db`; a claim on which nothing was sent lapses after `in_flight_ttl`; answers are
+    /// kept `keep_for`.
+    pub fn new(
+        db: Database,
+        clock: SharedClock,
+        in_flight_ttl: Duration,
+        keep_for: Duration,
+    ) -> Self {
         Self {
-            store,
+            db,
+            clock,
             in_flight_ttl,
+            keep_for,
         }
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.wall().timestamp_millis()
+    }
+
+    async fn read(&self, merchant: &str, key: &str) -> Result<Option<Row_>, BackendError> {
+        let row = sqlx::query(
+            "SELECT fingerprint, recovery_point, locked_at, response_status, response_body, expires_at \
+             FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2",
+        )
+        .bind(merchant)
+        .bind(key)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(Row_ {
+            fingerprint: r.try_get(0).map_err(db_error)?,
+            recovery_point: r.try_get(1).map_err(db_error)?,
+            locked_at: r.try_get(2).map_err(db_error)?,
+            response_status: r.try_get(3).map_err(db_error)?,
+            response_body: r.try_get(4).map_err(db_error)?,
+            expires_at: r.try_get(5).map_err(db_error)?,
+        }))
     }
 
     /// Claims `merchant`'s `key` for a body with `fingerprint`, or says why not.
@@ -96,88 +134,176 @@ impl Idempotency {
         key: &str,
         fingerprint: &str,
     ) -> Result<Claim, ClaimError> {
-        let k = keys::idempotency(merchant, key);
-        let mine = serde_json::to_vec(&Entry::InFlight {
-            fingerprint: fingerprint.to_owned(),
-        })
-        .unwrap_or_default();
-        // two rounds: a claim that lapses between our write and our read is claimed again
-        for _ in 0..2 {
-            if self
-                .store
-                .put_if_absent(&k, mine.clone(), Some(self.in_flight_ttl))
-                .await?
-            {
+        // a few rounds: a claim that lapses or is re-taken between our write and our read is
+        // looked at again
+        for _ in 0..3 {
+            let now = self.now();
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (merchant_id, idempotency_key, fingerprint, recovery_point, \
+                 locked_at, created_at, expires_at) VALUES ($1, $2, $3, 'started', $4, $4, $5) \
+                 ON CONFLICT (merchant_id, idempotency_key) DO NOTHING",
+            )
+            .bind(merchant)
+            .bind(key)
+            .bind(fingerprint)
+            .bind(now)
+            .bind(now + ms(self.keep_for))
+            .execute(self.db.pool())
+            .await
+            .map_err(db_error)?;
+            if inserted.rows_affected() == 1 {
                 return Ok(Claim::Proceed);
             }
-            let entry = self
-                .store
-                .get(&k)
-                .await?
-                .and_then(|b| serde_json::from_slice::<Entry>(&b).ok());
-            match entry {
-                None => continue,
-                Some(Entry::Done {
-                    fingerprint: f,
-                    status,
-                    body,
-                }) if f == fingerprint => return Ok(Claim::Replay { status, body }),
-                Some(Entry::InFlight { fingerprint: f }) if f == fingerprint => {
-                    return Err(ClaimError::InFlight);
+            let Some(row) = self.read(merchant, key).await? else {
+                continue;
+            };
+            if row.expires_at <= now && row.recovery_point != "charge_started" {
+                // the old entry's time is up: the key is free for a new payment
+                let taken = sqlx::query(
+                    "UPDATE idempotency_keys SET fingerprint = $1, recovery_point = 'started', locked_at = $2, \
+                     transaction_id = NULL, response_status = NULL, response_body = NULL, created_at = $2, \
+                     expires_at = $3 WHERE merchant_id = $4 AND idempotency_key = $5 AND expires_at = $6",
+                )
+                .bind(fingerprint)
+                .bind(now)
+                .bind(now + ms(self.keep_for))
+                .bind(merchant)
+                .bind(key)
+                .bind(row.expires_at)
+                .execute(self.db.pool())
+                .await
+                .map_err(db_error)?;
+                if taken.rows_affected() == 1 {
+                    return Ok(Claim::Proceed);
                 }
-                Some(_) => return Err(ClaimError::Mismatch),
+                continue;
+            }
+            if row.fingerprint != fingerprint {
+                return Err(ClaimError::Mismatch);
+            }
+            if let (Some(status), Some(body)) = (row.response_status, &row.response_body) {
+                let body = serde_json::from_str(body).map_err(|e| {
+                    ClaimError::Backend(BackendError::Protocol {
+                        backend: "database",
+                        message: format!("stored idempotent answer: {e}"),
+                    })
+                })?;
+                return Ok(Claim::Replay {
+                    status: u16::try_from(status).unwrap_or(500),
+                    body,
+                });
+            }
+            let lapsed = row.recovery_point == "started"
+                && row
+                    .locked_at
+                    .is_none_or(|at| at <= now - ms(self.in_flight_ttl));
+            if !lapsed {
+                return Err(ClaimError::InFlight);
+            }
+            // nothing was sent under the lapsed claim (its request died before the charge)
+            let retaken = sqlx::query(
+                "UPDATE idempotency_keys SET locked_at = $1 WHERE merchant_id = $2 AND idempotency_key = $3 \
+                 AND recovery_point = 'started' AND locked_at IS NOT DISTINCT FROM $4",
+            )
+            .bind(now)
+            .bind(merchant)
+            .bind(key)
+            .bind(row.locked_at)
+            .execute(self.db.pool())
+            .await
+            .map_err(db_error)?;
+            if retaken.rows_affected() == 1 {
+                return Ok(Claim::Proceed);
             }
         }
         Err(ClaimError::InFlight)
     }
 
-    /// Stores the answer for `key`, kept for [`KEEP_FOR`].
-    pub async fn complete(
+    /// Gives a claim up when the request failed before its intent to charge was written;
+    /// once a charge may have been sent the claim stays (the reconciler finishes it).
+    pub async fn release(&self, merchant: &str, key: &str) -> Result<bool, BackendError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2 \
+             AND recovery_point = 'started'",
+        )
+        .bind(merchant)
+        .bind(key)
+        .execute(self.db.pool())
+        .await
+        .map(|r| r.rows_affected() == 1)
+        .map_err(db_error)
+    }
+
+    /// In the transaction that writes the intent: the claim now guards transaction `txn`.
+    /// Fails if the claim is no longer this request's (it lapsed and was taken again), so
+    /// nothing is charged under a lost claim.
+    pub(crate) async fn charge_started(
         &self,
+        conn: &mut sqlx::AnyConnection,
+        merchant: &str,
+        key: &str,
+        fingerprint: &str,
+        txn: &str,
+    ) -> Result<(), BackendError> {
+        let r = sqlx::query(
+            "UPDATE idempotency_keys SET recovery_point = 'charge_started', transaction_id = $1, locked_at = $2 \
+             WHERE merchant_id = $3 AND idempotency_key = $4 AND fingerprint = $5 AND recovery_point = 'started'",
+        )
+        .bind(txn)
+        .bind(self.now())
+        .bind(merchant)
+        .bind(key)
+        .bind(fingerprint)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+        if r.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(BackendError::Protocol {
+                backend: "database",
+                message: "the idempotency claim lapsed before the charge; not charging".into(),
+            })
+        }
+    }
+
+    /// In the transaction that writes the payment's final state: the answer retries replay.
+    pub(crate) async fn finish(
+        &self,
+        conn: &mut sqlx::AnyConnection,
         merchant: &str,
         key: &str,
         fingerprint: &str,
         status: u16,
         body: &serde_json::Value,
     ) -> Result<(), BackendError> {
-        let entry = Entry::Done {
-            fingerprint: fingerprint.to_owned(),
-            status,
-            body: body.clone(),
-        };
-        self.store
-            .put(
-                &keys::idempotency(merchant, key),
-                serde_json::to_vec(&entry).unwrap_or_default(),
-                Some(KEEP_FOR),
-            )
-            .await
+        let now = self.now();
+        sqlx::query(
+            "UPDATE idempotency_keys SET recovery_point = 'finished', response_status = $1, response_body = $2, \
+             locked_at = NULL, expires_at = $3 WHERE merchant_id = $4 AND idempotency_key = $5 AND fingerprint = $6",
+        )
+        .bind(i64::from(status))
+        .bind(body.to_string())
+        .bind(now + ms(self.keep_for))
+        .bind(merchant)
+        .bind(key)
+        .bind(fingerprint)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(db_error)
     }
 
-    /// Keeps a claim in flight for `ttl` (once a charge may have been sent: until the answer or
-    /// the reconciler completes it, a retry must get 409, not a second attempt).
-    pub async fn hold(
-        &self,
-        merchant: &str,
-        key: &str,
-        fingerprint: &str,
-        ttl: Duration,
-    ) -> Result<(), BackendError> {
-        let entry = Entry::InFlight {
-            fingerprint: fingerprint.to_owned(),
-        };
-        self.store
-            .put(
-                &keys::idempotency(merchant, key),
-                serde_json::to_vec(&entry).unwrap_or_default(),
-                Some(ttl),
-            )
-            .await
-    }
-
-    /// Gives a claim up (the request failed before anything was charged).
-    pub async fn release(&self, merchant: &str, key: &str) -> Result<bool, BackendError> {
-        self.store.delete(&keys::idempotency(merchant, key)).await
+    /// Deletes entries past their time, except those guarding a charge not settled yet.
+    pub async fn sweep(&self) -> Result<u64, BackendError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE expires_at <= $1 AND recovery_point <> 'charge_started'",
+        )
+        .bind(self.now())
+        .execute(self.db.pool())
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(db_error)
     }
 }
 
@@ -212,7 +338,7 @@ impl From<ClaimError> for ApiError {
                 "A request with this Idempotency-Key is still being processed; retry after it finishes.",
             )
             .with_retry_after(Duration::from_secs(1)),
-            ClaimError::Backend(b) => ApiError::unavailable("store_unavailable", format!("The state store is unavailable: {b}"), Some(Duration::from_secs(1))),
+            ClaimError::Backend(b) => ApiError::unavailable("store_unavailable", format!("The system of record is unavailable: {b}"), Some(Duration::from_secs(1))),
         }
     }
 }
@@ -220,30 +346,45 @@ impl From<ClaimError> for ApiError {
 #[cfg(test)]
 mod tests {
     use tai_core::clock::ManualClock;
-    use tai_core::store::MemoryStore;
 
     use super::*;
 
+    async fn idem(clock: &ManualClock) -> Idempotency {
+        let db = crate::ledger::tests::memory_db().await;
+        Idempotency::new(db, clock.shared(), Duration::from_secs(30), KEEP_FOR)
+    }
+
+    async fn finish(idem: &Idempotency, key: &str, fp: &str, status: u16, body: serde_json::Value) {
+        let mut conn = idem.db.pool().acquire().await.expect("conn");
+        idem.finish(&mut conn, "m", key, fp, status, &body)
+            .await
+            .expect("db");
+    }
+
     #[tokio::test]
-    async fn a_held_claim_outlives_the_in_flight_ttl_until_completed() {
+    async fn a_claim_with_a_charge_started_is_held_past_the_in_flight_ttl_until_finished() {
         let clock = ManualClock::new();
-        let idem = Idempotency::new(
-            Arc::new(MemoryStore::new(clock.shared())),
-            Duration::from_secs(30),
-        );
+        let idem = idem(&clock).await;
         assert!(matches!(
             idem.claim("m", "k", "f").await,
             Ok(Claim::Proceed)
         ));
-        idem.hold("m", "k", "f", KEEP_FOR).await.expect("store");
+        {
+            let mut conn = idem.db.pool().acquire().await.expect("conn");
+            idem.charge_started(&mut conn, "m", "k", "f", "txn_1")
+                .await
+                .expect("db");
+        }
+        assert!(
+            !idem.release("m", "k").await.expect("db"),
+            "not released once sent"
+        );
         clock.advance(Duration::from_secs(3600));
         assert!(
             matches!(idem.claim("m", "k", "f").await, Err(ClaimError::InFlight)),
             "still in flight an hour on"
         );
-        idem.complete("m", "k", "f", 200, &serde_json::json!({"ok": true}))
-            .await
-            .expect("store");
+        finish(&idem, "k", "f", 200, serde_json::json!({"ok": true})).await;
         assert!(matches!(
             idem.claim("m", "k", "f").await,
             Ok(Claim::Replay { status: 200, .. })
@@ -258,10 +399,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn claim_replay_mismatch_in_flight_and_lapse() {
+    async fn claim_replay_mismatch_in_flight_lapse_and_expiry() {
         let clock = ManualClock::new();
-        let store = Arc::new(MemoryStore::new(clock.shared()));
-        let idem = Idempotency::new(store, Duration::from_secs(30));
+        let idem = idem(&clock).await;
         assert!(matches!(
             idem.claim("m", "k", "f1").await,
             Ok(Claim::Proceed)
@@ -274,9 +414,7 @@ mod tests {
             idem.claim("m", "k", "f2").await,
             Err(ClaimError::Mismatch)
         ));
-        idem.complete("m", "k", "f1", 200, &serde_json::json!({"id": 1}))
-            .await
-            .expect("store");
+        finish(&idem, "k", "f1", 200, serde_json::json!({"id": 1})).await;
         match idem.claim("m", "k", "f1").await {
             Ok(Claim::Replay { status, body }) => {
                 assert_eq!((status, body["id"].as_i64()), (200, Some(1)))
@@ -287,7 +425,7 @@ mod tests {
             idem.claim("m", "k", "f2").await,
             Err(ClaimError::Mismatch)
         ));
-        // an abandoned claim lapses
+        // an abandoned claim (nothing sent) lapses
         assert!(matches!(
             idem.claim("m", "k2", "f").await,
             Ok(Claim::Proceed)
@@ -297,11 +435,23 @@ mod tests {
             idem.claim("m", "k2", "f").await,
             Ok(Claim::Proceed)
         ));
-        // answers are kept 24 hours
+        // answers are kept for the TTL, then the key is free for a new payment
         clock.advance(KEEP_FOR - Duration::from_secs(31));
         assert!(matches!(
             idem.claim("m", "k", "f1").await,
             Ok(Claim::Replay { .. })
         ));
+        clock.advance(Duration::from_secs(2));
+        assert!(matches!(
+            idem.claim("m", "k", "f3").await,
+            Ok(Claim::Proceed)
+        ));
+        assert_eq!(
+            idem.sweep().await.expect("db"),
+            1,
+            "k2's day is over, k's began again"
+        );
+        clock.advance(KEEP_FOR + Duration::from_secs(1));
+        assert_eq!(idem.sweep().await.expect("db"), 1);
     }
 }

@@ -9,6 +9,8 @@
 //! - [`fraud`]: gather facts, then the pure fraud policy gives an explained verdict;
 //! - [`action`]: charge through the gateway circuit breaker ([`gateway`]), store the
 //!   [`record`], queue the confirmation (Kanban) that a worker carries out;
+//! - [`ledger`]: the system of record (SQLite by default, PostgreSQL for replicas): payments,
+//!   idempotency keys and events written together, relayed to the event stream by the outbox;
 //! - [`reconcile`]: finishes payments left `PROCESSING` by a crash or a gateway timeout;
 //! - [`metrics`]: API.md's metric names, and the fraud-rate figure Andon watches.
 //!
@@ -24,6 +26,7 @@ mod docs;
 pub mod fraud;
 pub mod gateway;
 pub mod idempotency;
+pub mod ledger;
 pub mod metrics;
 pub mod money;
 pub mod reconcile;
@@ -64,6 +67,7 @@ use crate::gateway::Gateway;
 use crate::gateway::http::HttpGateway;
 use crate::gateway::sandbox::Sandbox;
 use crate::idempotency::Idempotency;
+use crate::ledger::Ledger;
 use crate::metrics::PaymentMetrics;
 use crate::signal::{Limits, PaymentRequest};
 
@@ -101,23 +105,12 @@ impl PaymentAttempt {
     }
 }
 
-/// Where things live in the state store.
+/// Where things live in the state store (payments and idempotency keys have tables of their
+/// own: [`ledger`]).
 pub mod keys {
-    /// A payment record.
-    pub fn transaction(id: &str) -> String {
-        format!("pay:txn:{id}")
-    }
     /// A blocklist entry.
     pub fn blocklist(customer: &str) -> String {
         format!("pay:blocklist:{customer}")
-    }
-    /// An idempotency key, scoped to its merchant (two merchants may use the same key).
-    pub fn idempotency(merchant: &str, key: &str) -> String {
-        format!("pay:idem:{merchant}:{key}")
-    }
-    /// A payment sent to the gateway and not finished yet (the reconciler's work list).
-    pub fn processing(id: &str) -> String {
-        format!("pay:processing:{id}")
     }
     /// Currencies a customer paid in recently.
     pub fn currencies(customer: &str) -> String {
@@ -131,7 +124,7 @@ type PaymentPipeline = Pipeline<FraudFactSource, FraudPolicy, PaymentAction>;
 #[derive(Debug)]
 pub(crate) struct App {
     pipeline: PaymentPipeline,
-    idempotency: Idempotency,
+    ledger: Ledger,
     limiter: Arc<dyn RateLimiter>,
     store: Arc<dyn StateStore>,
     clock: SharedClock,
@@ -211,6 +204,16 @@ pub async fn build(
             .await?;
     }
 
+    cfg.refuse_in_prod(
+        cfg.setting("GATEWAY_URL").is_none(),
+        "the in-process sandbox gateway",
+        "set GATEWAY_URL to the payment gateway",
+    )?;
+    cfg.refuse_in_prod(
+        cfg.nats_url.is_none(),
+        "the in-process confirmation queue",
+        "set NATS_URL (JetStream) so queued confirmations survive a restart",
+    )?;
     let gateway_timeout = Duration::from_millis(cfg.setting_or("GATEWAY_TIMEOUT_MS", 5000u64)?);
     let gateway: Arc<dyn Gateway> = match cfg.setting("GATEWAY_URL") {
         Some(url) => {
@@ -279,10 +282,46 @@ pub async fn build(
     };
     runtime.add_queue(confirmations.clone());
     runtime.set_backend("queue", confirmations.backend());
+
+    // the system of record: payments, idempotency keys and events, in one database
+    let db = runtime.database().await?;
+    let idempotency = Idempotency::new(
+        db.clone(),
+        clock.clone(),
+        // a claim on which nothing was sent lapses once a request could no longer be running
+        gateway_timeout + Duration::from_secs(30),
+        Duration::from_secs(cfg.setting_or("IDEMPOTENCY_TTL_SECS", 86_400u64)?),
+    );
+    let ledger = Ledger::open(db, clock.clone(), idempotency).await?;
+    let stream = cfg
+        .setting("EVENTS_STREAM")
+        .unwrap_or_else(|| "PAYMENTS_EVENTS".into());
+    if let Some(relay) = runtime
+        .outbox_relay(&stream, ledger::EVENT_SUBJECTS, store.clone())
+        .await?
+    {
+        let relay_for_status = relay.clone();
+        let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let pending_figure = pending.clone();
+        runtime.spawn_worker(async move {
+            // the outbox's backlog, for Andon and /status, counted once a second
+            loop {
+                if let Ok(n) = relay_for_status.pending().await {
+                    pending.store(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        runtime.add_figures(move |f| {
+            f.insert(
+                "events_unpublished".into(),
+                pending_figure.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
+        });
+    }
     runtime.spawn_worker(action::confirmation_worker(
         confirmations.clone(),
-        store.clone(),
-        clock.clone(),
+        ledger.clone(),
     ));
 
     let velocity: Arc<dyn WindowCounter> = match runtime.redis() {
@@ -314,38 +353,34 @@ pub async fn build(
     );
     // a crash mid-charge or a gateway timeout leaves payments PROCESSING: the reconciler asks
     // the gateway how they ended once they are older than the gateway timeout
-    let idempotency = Idempotency::new(store.clone(), gateway_timeout + Duration::from_secs(30));
     let reconcile_after = Duration::from_millis(cfg.setting_or(
         "RECONCILE_AFTER_MS",
         u64::try_from(gateway_timeout.as_millis()).unwrap_or(5000) + 5000,
     )?);
     let reconciler = reconcile::Reconciler {
-        store: store.clone(),
+        ledger: ledger.clone(),
         gateway: gateway.clone(),
-        idempotency: idempotency.clone(),
         confirmations: confirmations.clone(),
         metrics: metrics.clone(),
         clock: clock.clone(),
         after: reconcile_after,
+        confirm_after: Duration::from_millis(
+            cfg.setting_or("CONFIRM_REQUEUE_AFTER_MS", 60_000u64)?,
+        ),
     };
-    let reconcile_hint = Arc::new(std::sync::atomic::AtomicBool::new(false));
     runtime.spawn_worker(reconciler.run(
         Duration::from_millis(cfg.setting_or("RECONCILE_EVERY_MS", 1000u64)?),
-        Duration::from_millis(cfg.setting_or("RECONCILE_SWEEP_MS", 30_000u64)?),
-        reconcile_hint.clone(),
         runtime.shutdown_signal(),
     ));
     let action = PaymentAction {
         gateway,
         breaker,
-        store: store.clone(),
+        ledger: ledger.clone(),
         confirmations,
         metrics: metrics.clone(),
         facts: facts.clone(),
         clock: clock.clone(),
         gateway_timeout,
-        reconcile_hint,
-        idempotency: idempotency.clone(),
     };
     let pipeline = Pipeline::new(
         "payment",
@@ -381,7 +416,7 @@ pub async fn build(
     let max_amount: Decimal = cfg.setting_or("MAX_AMOUNT", Decimal::from(1_000_000))?;
     let app = Arc::new(App {
         pipeline,
-        idempotency: idempotency.clone(),
+        ledger,
         limiter,
         store,
         clock,

@@ -1,0 +1,400 @@
+//! The system of record for payments: payments, their idempotency keys and their events, in
+//! one database (SQLite by default, PostgreSQL for replicas).
+//!
+//! Every change of a payment is one transaction that also moves its idempotency key and, for
+//! an outcome, adds its event to the outbox (`tai_core::outbox`), so a crash at any point leaves
+//! a state that a retry or the reconciler can finish, and the event stream never misses or
+//! invents an outcome:
+//!
+//! - [`Ledger::record_final`]: an outcome decided without the gateway (fraud block, breaker
+//!   open): the payment, the key's answer and the event together;
+//! - [`Ledger::begin_charge`]: the intent, before the gateway is called: the `PROCESSING`
+//!   payment and the key's `charge_started` recovery point together;
+//! - [`Ledger::settle`]: the outcome of a charge: a compare-and-swap on the payment's version
+//!   (so the live request and the reconciler cannot both settle it), the key's answer and the
+//!   event together.
+
+use std::time::Duration;
+
+use sqlx::Row;
+use tai_core::backend::BackendError;
+use tai_core::clock::SharedClock;
+use tai_core::db::{Database, SchemaChange, db_error};
+
+use crate::idempotency::Idempotency;
+use crate::record::{PaymentRecord, PaymentStatus};
+
+/// The payment service's tables (versions 1001 and up; tai-core's own are below 1000).
+pub const SCHEMA: &[SchemaChange] = &[SchemaChange {
+    version: 1001,
+    description: "payments, idempotency keys",
+    sqlite: SCHEMA_V1,
+    postgres: SCHEMA_V1,
+}];
+
+const SCHEMA_V1: &str = "
+    CREATE TABLE IF NOT EXISTS payments (
+        transaction_id TEXT PRIMARY KEY,
+        merchant_id TEXT NOT NULL,
+        customer_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        confirmed_at BIGINT,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS payments_merchant_created ON payments (merchant_id, created_at);
+    CREATE INDEX IF NOT EXISTS payments_processing ON payments (updated_at) WHERE status = 'PROCESSING';
+    CREATE INDEX IF NOT EXISTS payments_unconfirmed ON payments (updated_at)
+        WHERE status = 'SUCCESS' AND confirmed_at IS NULL;
+    CREATE TABLE IF NOT EXISTS idempotency_keys (
+        merchant_id TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        recovery_point TEXT NOT NULL,
+        locked_at BIGINT,
+        transaction_id TEXT,
+        response_status BIGINT,
+        response_body TEXT,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (merchant_id, idempotency_key)
+    );
+    CREATE INDEX IF NOT EXISTS idempotency_keys_expires ON idempotency_keys (expires_at);
+";
+
+/// The subject prefix of payment events on the stream (`payments.events.payment.succeeded`).
+pub const EVENT_SUBJECTS: &str = "payments.events.>";
+
+/// The event a final status announces.
+pub fn event_type(status: PaymentStatus) -> Option<&'static str> {
+    match status {
+        PaymentStatus::Success => Some("payment.succeeded"),
+        PaymentStatus::Failed => Some("payment.failed"),
+        PaymentStatus::FraudBlocked => Some("payment.fraud_blocked"),
+        PaymentStatus::Processing => None,
+    }
+}
+
+/// Payments in the system of record.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    db: Database,
+    clock: SharedClock,
+    idempotency: Idempotency,
+}
+
+fn corrupt(id: &str, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Protocol {
+        backend: "database",
+        message: format!("payment {id}: {e}"),
+    }
+}
+
+fn status_from(s: &str) -> Option<PaymentStatus> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+}
+
+/// A payment as read, with the version a transition must name.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    /// The record (status and confirmation from their columns).
+    pub record: PaymentRecord,
+    /// Its version.
+    pub version: i64,
+}
+
+impl Ledger {
+    /// The ledger in `db`, applying the payment tables if missing.
+    pub async fn open(
+        db: Database,
+        clock: SharedClock,
+        idempotency: Idempotency,
+    ) -> Result<Self, BackendError> {
+        db.migrate(SCHEMA).await?;
+        Ok(Self {
+            db,
+            clock,
+            idempotency,
+        })
+    }
+
+    /// The idempotency keys kept with the payments.
+    pub fn idempotency(&self) -> &Idempotency {
+        &self.idempotency
+    }
+
+    /// The database.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.wall().timestamp_millis()
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        record: &PaymentRecord,
+    ) -> Result<(), BackendError> {
+        let now = self.now();
+        sqlx::query(
+            "INSERT INTO payments (transaction_id, merchant_id, customer_id, status, amount, currency, \
+             created_at, updated_at, version, confirmed_at, record) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, NULL, $9)",
+        )
+        .bind(&record.transaction_id)
+        .bind(&record.merchant_id)
+        .bind(&record.customer_id)
+        .bind(record.status.as_str())
+        .bind(record.amount.to_string())
+        .bind(&record.currency)
+        .bind(record.timestamp.timestamp_millis())
+        .bind(now)
+        .bind(serde_json::to_string(record).map_err(|e| corrupt(&record.transaction_id, e))?)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(db_error)
+    }
+
+    /// The answer, in the same transaction: the key's stored answer and the outcome's event.
+    async fn announce(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        record: &PaymentRecord,
+    ) -> Result<(), BackendError> {
+        let body = record.answer_body();
+        if let (Some(key), Some(fp)) = (&record.idempotency_key, &record.fingerprint) {
+            self.idempotency
+                .finish(
+                    conn,
+                    &record.merchant_id,
+                    key,
+                    fp,
+                    record.http_status,
+                    &body,
+                )
+                .await?;
+        }
+        if let Some(kind) = event_type(record.status) {
+            let now = self.now();
+            // one outcome per payment, so its id is derived, not random: a second attempt to
+            // announce it is refused by the unique index instead of doubling the event
+            let event_id = format!("evt_{}_{}", record.transaction_id, kind.replace('.', "_"));
+            let event = serde_json::json!({
+                "id": event_id,
+                "type": kind,
+                "created": now,
+                "data": record.public(),
+            });
+            tai_core::outbox::enqueue(
+                conn,
+                &event_id,
+                &format!("payments.events.{kind}"),
+                event.to_string().as_bytes(),
+                now,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Stores an outcome decided without calling the gateway, with its answer and event.
+    pub async fn record_final(&self, record: &PaymentRecord) -> Result<(), BackendError> {
+        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        self.insert(&mut tx, record).await?;
+        self.announce(&mut tx, record).await?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    /// Stores the intent to charge (`PROCESSING`) and moves the key to `charge_started`, before
+    /// the gateway is called; answers the version [`Ledger::settle`] must name.
+    pub async fn begin_charge(&self, record: &PaymentRecord) -> Result<i64, BackendError> {
+        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        self.insert(&mut tx, record).await?;
+        if let (Some(key), Some(fp)) = (&record.idempotency_key, &record.fingerprint) {
+            self.idempotency
+                .charge_started(
+                    &mut tx,
+                    &record.merchant_id,
+                    key,
+                    fp,
+                    &record.transaction_id,
+                )
+                .await?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(1)
+    }
+
+    /// Moves a payment from `PROCESSING` at `version` to `record`'s final state, with its
+    /// answer and event; answers false (and changes nothing) when someone else settled it first.
+    pub async fn settle(&self, record: &PaymentRecord, version: i64) -> Result<bool, BackendError> {
+        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let moved = sqlx::query(
+            "UPDATE payments SET status = $1, record = $2, updated_at = $3, version = version + 1 \
+             WHERE transaction_id = $4 AND version = $5 AND status = 'PROCESSING'",
+        )
+        .bind(record.status.as_str())
+        .bind(serde_json::to_string(record).map_err(|e| corrupt(&record.transaction_id, e))?)
+        .bind(self.now())
+        .bind(&record.transaction_id)
+        .bind(version)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if moved.rows_affected() != 1 {
+            tx.rollback().await.map_err(db_error)?;
+            return Ok(false);
+        }
+        self.announce(&mut tx, record).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(true)
+    }
+
+    fn versioned(row: &sqlx::any::AnyRow) -> Result<Versioned, BackendError> {
+        let id: String = row.try_get(0).map_err(db_error)?;
+        let json: String = row.try_get(1).map_err(db_error)?;
+        let status: String = row.try_get(2).map_err(db_error)?;
+        let confirmed: Option<i64> = row.try_get(3).map_err(db_error)?;
+        let version: i64 = row.try_get(4).map_err(db_error)?;
+        let mut record: PaymentRecord = serde_json::from_str(&json).map_err(|e| corrupt(&id, e))?;
+        record.status =
+            status_from(&status).ok_or_else(|| corrupt(&id, format!("status {status}")))?;
+        record.confirmed_at = confirmed.and_then(chrono::DateTime::from_timestamp_millis);
+        Ok(Versioned { record, version })
+    }
+
+    /// A payment by id.
+    pub async fn get(&self, id: &str) -> Result<Option<Versioned>, BackendError> {
+        let row = sqlx::query(
+            "SELECT transaction_id, record, status, confirmed_at, version FROM payments WHERE transaction_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        row.as_ref().map(Self::versioned).transpose()
+    }
+
+    /// Payments still `PROCESSING` whose intent was written at least `age` ago, oldest first.
+    pub async fn processing_older_than(
+        &self,
+        age: Duration,
+        limit: i64,
+    ) -> Result<Vec<Versioned>, BackendError> {
+        let cutoff = self.now() - i64::try_from(age.as_millis()).unwrap_or(0);
+        let rows = sqlx::query(
+            "SELECT transaction_id, record, status, confirmed_at, version FROM payments \
+             WHERE status = 'PROCESSING' AND updated_at <= $1 ORDER BY updated_at LIMIT $2",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        rows.iter().map(Self::versioned).collect()
+    }
+
+    /// Successful payments not confirmed at least `age` after they succeeded (their queued
+    /// confirmation was lost or never queued), oldest first.
+    pub async fn unconfirmed_older_than(
+        &self,
+        age: Duration,
+        limit: i64,
+    ) -> Result<Vec<String>, BackendError> {
+        let cutoff = self.now() - i64::try_from(age.as_millis()).unwrap_or(0);
+        let rows = sqlx::query(
+            "SELECT transaction_id FROM payments WHERE status = 'SUCCESS' AND confirmed_at IS NULL \
+             AND updated_at <= $1 ORDER BY updated_at LIMIT $2",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(db_error))
+            .collect()
+    }
+
+    /// Marks a successful payment confirmed; answers false for an unknown id, a payment that is
+    /// not `SUCCESS`, or one confirmed already.
+    pub async fn confirm(&self, id: &str) -> Result<bool, BackendError> {
+        sqlx::query(
+            "UPDATE payments SET confirmed_at = $1, version = version + 1 \
+             WHERE transaction_id = $2 AND status = 'SUCCESS' AND confirmed_at IS NULL",
+        )
+        .bind(self.now())
+        .bind(id)
+        .execute(self.db.pool())
+        .await
+        .map(|r| r.rows_affected() == 1)
+        .map_err(db_error)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use tai_core::clock::ManualClock;
+
+    use super::*;
+
+    /// A fresh in-memory database with tai-core's and the payment tables.
+    pub(crate) async fn memory_db() -> Database {
+        let db = Database::connect("memory", 1)
+            .await
+            .expect("sqlite in memory");
+        db.migrate_core().await.expect("core schema");
+        db.migrate(SCHEMA).await.expect("payment schema");
+        db
+    }
+
+    pub(crate) async fn ledger(clock: &ManualClock) -> Ledger {
+        let db = memory_db().await;
+        let idem = Idempotency::new(
+            db.clone(),
+            clock.shared(),
+            Duration::from_secs(30),
+            crate::idempotency::KEEP_FOR,
+        );
+        Ledger::open(db, clock.shared(), idem)
+            .await
+            .expect("ledger")
+    }
+
+    #[tokio::test]
+    async fn only_one_settlement_wins_and_each_outcome_is_one_event() {
+        let clock = ManualClock::new();
+        let ledger = ledger(&clock).await;
+        let mut rec = crate::reconcile::tests::processing("txn_a", "m:k", &clock);
+        rec.idempotency_key = None;
+        rec.fingerprint = None;
+        let v = ledger.begin_charge(&rec).await.expect("intent");
+        let mut success = rec.clone();
+        success.status = PaymentStatus::Success;
+        success.http_status = 200;
+        let mut failed = rec.clone();
+        failed.status = PaymentStatus::Failed;
+        failed.http_status = 502;
+        assert!(ledger.settle(&success, v).await.expect("settle"));
+        assert!(
+            !ledger.settle(&failed, v).await.expect("settle"),
+            "a stale version cannot overwrite the outcome"
+        );
+        let read = ledger.get("txn_a").await.expect("get").expect("stored");
+        assert_eq!(read.record.status, PaymentStatus::Success);
+        assert!(ledger.confirm("txn_a").await.expect("confirm"));
+        assert!(!ledger.confirm("txn_a").await.expect("confirm"), "once");
+        let events = tai_core::outbox::read(ledger.database(), 0, 10)
+            .await
+            .expect("events");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].subject, "payments.events.payment.succeeded");
+    }
+}
