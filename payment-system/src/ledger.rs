@@ -66,8 +66,9 @@ const SCHEMA_V1: &str = "
     CREATE INDEX IF NOT EXISTS idempotency_keys_expires ON idempotency_keys (expires_at);
 ";
 
-/// The subject prefix of payment events on the stream (`payments.events.payment.succeeded`).
-pub const EVENT_SUBJECTS: &str = "payments.events.>";
+/// The default subject prefix of payment events on the stream
+/// (`payments.events.payment.succeeded`); `EVENTS_SUBJECT_PREFIX` changes it.
+pub const EVENT_SUBJECT_PREFIX: &str = "payments.events";
 
 /// The event a final status announces.
 pub fn event_type(status: PaymentStatus) -> Option<&'static str> {
@@ -85,6 +86,7 @@ pub struct Ledger {
     db: Database,
     clock: SharedClock,
     idempotency: Idempotency,
+    subject_prefix: String,
 }
 
 fn corrupt(id: &str, e: impl std::fmt::Display) -> BackendError {
@@ -108,17 +110,20 @@ pub struct Versioned {
 }
 
 impl Ledger {
-    /// The ledger in `db`, applying the payment tables if missing.
+    /// The ledger in `db`, applying the payment tables if missing; events go out under
+    /// `subject_prefix`.
     pub async fn open(
         db: Database,
         clock: SharedClock,
         idempotency: Idempotency,
+        subject_prefix: &str,
     ) -> Result<Self, BackendError> {
         db.migrate(SCHEMA).await?;
         Ok(Self {
             db,
             clock,
             idempotency,
+            subject_prefix: subject_prefix.to_owned(),
         })
     }
 
@@ -195,7 +200,7 @@ impl Ledger {
             tai_core::outbox::enqueue(
                 conn,
                 &event_id,
-                &format!("payments.events.{kind}"),
+                &format!("{}.{kind}", self.subject_prefix),
                 event.to_string().as_bytes(),
                 now,
             )
@@ -363,7 +368,7 @@ pub(crate) mod tests {
             Duration::from_secs(30),
             crate::idempotency::KEEP_FOR,
         );
-        Ledger::open(db, clock.shared(), idem)
+        Ledger::open(db, clock.shared(), idem, EVENT_SUBJECT_PREFIX)
             .await
             .expect("ledger")
     }

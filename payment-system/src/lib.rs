@@ -292,12 +292,15 @@ pub async fn build(
         gateway_timeout + Duration::from_secs(30),
         Duration::from_secs(cfg.setting_or("IDEMPOTENCY_TTL_SECS", 86_400u64)?),
     );
-    let ledger = Ledger::open(db, clock.clone(), idempotency).await?;
+    let subject_prefix = cfg
+        .setting("EVENTS_SUBJECT_PREFIX")
+        .unwrap_or_else(|| ledger::EVENT_SUBJECT_PREFIX.into());
+    let ledger = Ledger::open(db, clock.clone(), idempotency, &subject_prefix).await?;
     let stream = cfg
         .setting("EVENTS_STREAM")
         .unwrap_or_else(|| "PAYMENTS_EVENTS".into());
     if let Some(relay) = runtime
-        .outbox_relay(&stream, ledger::EVENT_SUBJECTS, store.clone())
+        .outbox_relay(&stream, &format!("{subject_prefix}.>"), store.clone())
         .await?
     {
         let relay_for_status = relay.clone();

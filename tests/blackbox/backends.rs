@@ -3,71 +3,102 @@
 use std::time::Duration;
 
 use tai_blackbox::{backend, eventually, unique};
-use tai_core::store::{RedisStore, StateStore};
+use tai_core::db::Database;
+use tai_core::store::{RedisStore, SqlStore, StateStore};
 
-#[tokio::test]
-async fn the_redis_store_keeps_the_state_store_contract() {
-    let url = backend("TAI_TEST_REDIS_URL");
-    let prefix = format!("{}*[?]:", unique("store"));
-    let s = RedisStore::connect(&url, &prefix).await.expect("connect");
+/// The state-store contract, run against every implementation with a real backend.
+async fn store_contract(s: &dyn StateStore, other: &dyn StateStore) {
+    let name = s.backend();
     s.ping().await.expect("ping");
     let ttl = Some(Duration::from_millis(400));
-    assert!(
-        s.put_if_absent("k", b"a".to_vec(), ttl)
-            .await
-            .expect("redis")
-    );
-    assert!(
-        !s.put_if_absent("k", b"b".to_vec(), ttl)
-            .await
-            .expect("redis")
-    );
-    assert_eq!(s.get("k").await.expect("redis"), Some(b"a".to_vec()));
+    assert!(s.put_if_absent("k", b"a".to_vec(), ttl).await.expect(name));
+    assert!(!s.put_if_absent("k", b"b".to_vec(), ttl).await.expect(name));
+    assert_eq!(s.get("k").await.expect(name), Some(b"a".to_vec()));
     assert!(
         !s.compare_and_swap("k", b"x", b"c".to_vec(), None)
             .await
-            .expect("redis")
+            .expect(name)
     );
     assert!(
         s.compare_and_swap("k", b"a", b"c".to_vec(), ttl)
             .await
-            .expect("redis")
+            .expect(name)
     );
-    s.put("k2", b"z".to_vec(), None).await.expect("redis");
-    assert_eq!(s.keys("k").await.expect("redis"), vec!["k", "k2"]);
-    // glob characters in the prefix match only themselves: another prefix's keys stay out
-    let other = RedisStore::connect(&url, &format!("{}x:", unique("store")))
-        .await
-        .expect("connect");
-    other.put("k3", b"q".to_vec(), None).await.expect("redis");
-    assert_eq!(s.keys("").await.expect("redis"), vec!["k", "k2"]);
+    s.put("k2", b"z".to_vec(), None).await.expect(name);
+    assert_eq!(s.keys("k").await.expect(name), vec!["k", "k2"]);
+    // another store's keys (another prefix, another database) stay out
+    other.put("k3", b"q".to_vec(), None).await.expect(name);
+    assert_eq!(s.keys("").await.expect(name), vec!["k", "k2"], "{name}");
     eventually(Duration::from_secs(5), "the key to expire", || async {
-        s.get("k").await.expect("redis").is_none().then_some(())
+        s.get("k").await.expect(name).is_none().then_some(())
     })
     .await;
-    assert!(s.delete("k2").await.expect("redis"));
-    assert!(!s.delete("k2").await.expect("redis"));
+    assert!(
+        s.put_if_absent("k", b"again".to_vec(), None)
+            .await
+            .expect(name),
+        "expired is absent"
+    );
+    assert!(s.delete("k2").await.expect(name));
+    assert!(!s.delete("k2").await.expect(name));
 
-    let old = s.incr("fence").await.expect("redis");
+    let old = s.incr("fence").await.expect(name);
     assert!(
         s.put_fenced("rec", b"v1".to_vec(), "fence", old)
             .await
-            .expect("redis")
+            .expect(name)
     );
-    let new = s.incr("fence").await.expect("redis");
+    let new = s.incr("fence").await.expect(name);
     assert_eq!(new, old + 1);
     assert!(
         !s.put_fenced("rec", b"stale".to_vec(), "fence", old)
             .await
-            .expect("redis"),
-        "a superseded token cannot write"
+            .expect(name),
+        "{name}: a superseded token cannot write"
     );
     assert!(
         s.put_fenced("rec", b"v2".to_vec(), "fence", new)
             .await
-            .expect("redis")
+            .expect(name)
     );
-    assert_eq!(s.get("rec").await.expect("redis"), Some(b"v2".to_vec()));
+    assert_eq!(s.get("rec").await.expect(name), Some(b"v2".to_vec()));
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_state_store_contract() {
+    let url = backend("TAI_TEST_REDIS_URL");
+    // glob characters in the prefix match only themselves
+    let prefix = format!("{}*[?]:", unique("store"));
+    let s = RedisStore::connect(&url, &prefix).await.expect("connect");
+    let other = RedisStore::connect(&url, &format!("{}x:", unique("store")))
+        .await
+        .expect("connect");
+    store_contract(&s, &other).await;
+}
+
+async fn sql_store(url: &str) -> SqlStore {
+    let db = Database::connect(url, 4).await.expect("connect");
+    db.migrate_core().await.expect("schema");
+    SqlStore::new(db, tai_core::clock::system())
+}
+
+#[tokio::test]
+async fn the_sql_store_keeps_the_state_store_contract_on_postgres_and_a_sqlite_file() {
+    let (pg, pg_other) = (
+        tai_blackbox::postgres_database(),
+        tai_blackbox::postgres_database(),
+    );
+    let s = sql_store(&pg).await;
+    assert_eq!(s.backend(), "postgres");
+    store_contract(&s, &sql_store(&pg_other).await).await;
+    let dir = tai_blackbox::log_dir().join(unique("sqlite-contract"));
+    let s = sql_store(&format!("sqlite://{}/a.db", dir.display())).await;
+    assert_eq!(s.backend(), "sqlite");
+    store_contract(
+        &s,
+        &sql_store(&format!("sqlite://{}/b.db", dir.display())).await,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -653,21 +653,12 @@ async fn prometheus_queries_gate_a_rollout() {
 
 #[tokio::test]
 async fn a_controller_killed_mid_rollout_finishes_it_after_restart() {
-    let redis = backend("TAI_TEST_REDIS_URL");
-    let prefix = format!("{}:", unique("dep-crash"));
+    // on the embedded default: the rollout is in the SQLite file the restart opens again
     let http = client();
-    let mut svc = Proc::start(
-        "deployment-system",
-        &[
-            ("REDIS_URL", redis.as_str()),
-            ("REDIS_KEY_PREFIX", prefix.as_str()),
-        ],
-    )
-    .await
-    .expect("start");
+    let mut svc = Proc::start("deployment-system", &[]).await.expect("start");
     assert_eq!(
         get(&http, &svc, "/status").await["backends"]["state"],
-        "redis"
+        "sqlite"
     );
     assert_eq!(
         http.get(svc.url("/ready"))
@@ -952,9 +943,11 @@ async fn every_transition_is_published_to_a_jetstream_stream() {
 #[tokio::test]
 async fn two_replicas_never_drive_one_rollout_and_a_standby_takes_over() {
     let redis = backend("TAI_TEST_REDIS_URL");
+    let db = tai_blackbox::postgres_database();
     let prefix = format!("{}:", unique("dep-ha"));
     let http = client();
     let env = [
+        ("DATABASE_URL", db.as_str()),
         ("REDIS_URL", redis.as_str()),
         ("REDIS_KEY_PREFIX", prefix.as_str()),
         ("CONTROLLER_LEASE_MS", "1000"),

@@ -25,7 +25,10 @@ async fn both_services_serve_the_common_routes() {
         let status: Value = get_json(&http, svc.url("/status")).await;
         assert_eq!(status["service"], name);
         assert_eq!(status["profile"], "dev");
-        assert_eq!(status["backends"]["state"], "memory");
+        assert_eq!(
+            status["backends"]["state"], "sqlite",
+            "the embedded default keeps its records on disk"
+        );
         assert!(status["uptime_secs"].as_f64().is_some());
 
         let andon: Value = get_json(&http, svc.url("/andon")).await;
@@ -344,12 +347,18 @@ async fn api_keys_come_from_vault_when_it_is_configured() {
     )
     .await;
     let http = client();
+    // prod takes no embedded part: a real gateway and queue, SQLite only on one node
+    let gw = Proc::start("sandbox-gateway", &[]).await.expect("gateway");
+    let (gw_url, nats) = (gw.url(""), tai_blackbox::backend("TAI_TEST_NATS_URL"));
     let svc = Proc::start(
         "payment-system",
         &[
             ("TAI_PROFILE", "prod"),
             ("VAULT_ADDR", vault.as_str()),
             ("VAULT_TOKEN", "s.root-token"),
+            ("TAI_SINGLE_NODE", "true"),
+            ("GATEWAY_URL", gw_url.as_str()),
+            ("NATS_URL", nats.as_str()),
         ],
     )
     .await
@@ -392,6 +401,9 @@ async fn api_keys_come_from_vault_when_it_is_configured() {
             ("TAI_PROFILE", "prod"),
             ("VAULT_ADDR", vault.as_str()),
             ("VAULT_TOKEN", "s.wrong"),
+            ("TAI_SINGLE_NODE", "true"),
+            ("GATEWAY_URL", gw_url.as_str()),
+            ("NATS_URL", nats.as_str()),
         ],
     )
     .expect("spawn");

@@ -5,3 +5,4 @@ mod deployment;
 mod foundation;
 mod operator;
 mod payment;
+mod record;

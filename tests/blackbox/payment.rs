@@ -895,8 +895,10 @@ async fn malformed_requests_get_4xx_json_errors_and_change_nothing() {
 #[tokio::test]
 async fn replicas_sharing_redis_share_velocity_rate_limits_and_idempotency() {
     let redis = tai_blackbox::backend("TAI_TEST_REDIS_URL");
+    let db = tai_blackbox::postgres_database();
     let prefix = format!("{}:", unique("pay-ha"));
     let env = [
+        ("DATABASE_URL", db.as_str()),
         ("REDIS_URL", redis.as_str()),
         ("REDIS_KEY_PREFIX", prefix.as_str()),
     ];
@@ -914,7 +916,7 @@ async fn replicas_sharing_redis_share_velocity_rate_limits_and_idempotency() {
             status["backends"]["counters"].as_str(),
             status["backends"]["rate_limits"].as_str()
         ),
-        (Some("redis"), Some("redis"), Some("redis"))
+        (Some("postgres"), Some("redis"), Some("redis"))
     );
 
     // 20 concurrent attempts by one customer, spread over both replicas: exactly 5 pass velocity

@@ -57,6 +57,8 @@ pub struct Proc {
     pub port: u16,
     /// Its log file (stdout and stderr).
     pub log_path: PathBuf,
+    /// Its `TAI_DATA_DIR` (its embedded database), kept across restarts.
+    pub data_dir: PathBuf,
     envs: Vec<(String, String)>,
 }
 
@@ -81,6 +83,7 @@ impl Proc {
             child: None,
             port,
             log_path: log_dir().join(format!("{}.log", unique(name))),
+            data_dir: log_dir().join(unique("data")),
             envs,
         };
         p.spawn()?;
@@ -95,6 +98,7 @@ impl Proc {
             child: None,
             port: free_port(),
             log_path: log_dir().join(format!("{}.log", unique(name))),
+            data_dir: log_dir().join(unique("data")),
             envs: envs
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -123,6 +127,8 @@ impl Proc {
             .env("HOME", std::env::var("HOME").unwrap_or_default())
             .env("RUST_LOG", "info")
             .env("LISTEN_ADDR", format!("127.0.0.1:{}", self.port))
+            // each process its own embedded database, unless the test shares one
+            .env("TAI_DATA_DIR", &self.data_dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -299,4 +305,106 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A fresh, empty PostgreSQL database on the server `scripts/test-env.sh` started; its URL.
+pub fn postgres_database() -> String {
+    let admin = backend("TAI_TEST_DATABASE_URL");
+    let name = unique("tai").replace('-', "_");
+    psql(&admin, &format!("CREATE DATABASE {name}"));
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .expect("TAI_TEST_DATABASE_URL ends with /DBNAME");
+    format!("{base}/{name}")
+}
+
+/// Runs one SQL statement with `psql` against `url`; its output (unaligned, tuples only).
+pub fn psql(url: &str, sql: &str) -> String {
+    let bin = std::env::var("TAI_TEST_PSQL").unwrap_or_else(|_| "psql".into());
+    let out = Command::new(&bin)
+        .args([url, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+        .output()
+        .unwrap_or_else(|e| panic!("{bin}: {e}"));
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A NATS server (with JetStream) of the test's own, so the test can stop and restart it;
+/// stopped when dropped.
+#[derive(Debug)]
+pub struct OwnNats {
+    child: Option<Child>,
+    /// Its client port.
+    pub port: u16,
+    store: PathBuf,
+}
+
+impl OwnNats {
+    /// Starts one on a free port and waits until it takes connections.
+    pub async fn start() -> Self {
+        let mut n = Self {
+            child: None,
+            port: free_port(),
+            store: log_dir().join(unique("nats-store")),
+        };
+        n.restart().await;
+        n
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again), on the same port and store, and waits until it takes connections.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let bin = backend("TAI_TEST_NATS_BIN");
+        self.child = Some(
+            Command::new(bin)
+                .args([
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-sd",
+                ])
+                .arg(&self.store)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server"),
+        );
+        let url = self.url();
+        eventually(Duration::from_secs(10), "nats to take connections", || {
+            let url = url.clone();
+            async move { async_nats_ready(&url).await.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Kills it (SIGKILL), as an outage would.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn async_nats_ready(url: &str) -> bool {
+    let addr = url.trim_start_matches("nats://").to_owned();
+    tokio::net::TcpStream::connect(addr).await.is_ok()
 }

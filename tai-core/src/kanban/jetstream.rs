@@ -216,12 +216,19 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> WorkQueue<T> for J
             }
             let payload = serde_json::to_vec(&item)
                 .map_err(|e| unavailable(format!("cannot encode the item: {e}")))?;
-            let ack = self
-                .js
-                .publish(self.subject.clone(), payload.into())
-                .await
-                .map_err(unavailable)?;
-            match ack.await {
+            // while NATS is unreachable a publish waits for the reconnect: a producer is told
+            // within 2 s instead, and keeps the item for later itself
+            let acked = tokio::time::timeout(Duration::from_secs(2), async {
+                let ack = self
+                    .js
+                    .publish(self.subject.clone(), payload.into())
+                    .await
+                    .map_err(unavailable)?;
+                Ok::<_, QueueError>(ack.await)
+            })
+            .await
+            .map_err(|_| unavailable("no publish ack within 2 s"))??;
+            match acked {
                 Ok(_) => {
                     self.ready.fetch_add(1, Ordering::Relaxed);
                     Ok(())
