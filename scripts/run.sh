@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds and runs both services on their embedded defaults (memory state, in-process queues,
-# sandbox gateway, simulated fleet): payment-system on 127.0.0.1:3001, deployment-system on
+# Builds and runs both services on their embedded defaults (records in SQLite files under
+# ./data, kept across restarts; in-process queues, sandbox gateway, simulated fleet): payment-system on 127.0.0.1:3001, deployment-system on
 # 127.0.0.1:3002. Ctrl-C stops both gracefully.
 set -euo pipefail
 cd "$(dirname "$0")/.."

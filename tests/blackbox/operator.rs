@@ -51,6 +51,7 @@ fn the_compose_stack_is_valid_and_complete() {
             "loki",
             "nats",
             "payment-system",
+            "postgres",
             "prometheus",
             "promtail",
             "redis",

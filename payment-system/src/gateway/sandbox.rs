@@ -5,8 +5,12 @@
 //! gateway failure). `latency` slows every answer; `failure_rate` turns that share of charges
 //! into processing errors. A repeated idempotency key returns the first decision and charges
 //! nothing more; errors are not remembered, so a retry after one can still succeed.
+//!
+//! Decisions are remembered for the last [`REMEMBERED`] keys only: the sandbox lives in process
+//! memory under the embedded default, and memory must not grow with every payment ever made.
+//! A lookup is asked within seconds of a charge, far inside that horizon.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -40,12 +44,22 @@ pub enum SandboxAnswer {
     Error,
 }
 
+/// How many decisions the sandbox remembers (the oldest are forgotten first).
+pub const REMEMBERED: usize = 200_000;
+
+/// Decisions by key, and the keys in the order they were decided.
+#[derive(Debug, Default)]
+struct Answers {
+    by_key: HashMap<String, SandboxAnswer>,
+    order: VecDeque<String>,
+}
+
 /// The sandbox's state; share it through an `Arc`.
 #[derive(Debug)]
 pub struct Sandbox {
     latency: Duration,
     failure_rate: f64,
-    answers: Mutex<HashMap<String, SandboxAnswer>>,
+    answers: Mutex<Answers>,
     charges: AtomicU64,
     requests: AtomicU64,
 }
@@ -56,7 +70,7 @@ impl Sandbox {
         Self {
             latency,
             failure_rate: failure_rate.clamp(0.0, 1.0),
-            answers: Mutex::new(HashMap::new()),
+            answers: Mutex::new(Answers::default()),
             charges: AtomicU64::new(0),
             requests: AtomicU64::new(0),
         }
@@ -68,7 +82,7 @@ impl Sandbox {
         // decide under the lock, so concurrent requests with one key charge once
         let answer = {
             let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(first) = answers.get(key) {
+            if let Some(first) = answers.by_key.get(key) {
                 first.clone()
             } else {
                 let random_failure =
@@ -83,7 +97,13 @@ impl Sandbox {
                     }
                 };
                 if answer != SandboxAnswer::Error {
-                    answers.insert(key.to_owned(), answer.clone());
+                    answers.by_key.insert(key.to_owned(), answer.clone());
+                    answers.order.push_back(key.to_owned());
+                    if answers.order.len() > REMEMBERED
+                        && let Some(oldest) = answers.order.pop_front()
+                    {
+                        answers.by_key.remove(&oldest);
+                    }
                 }
                 answer
             }
@@ -99,6 +119,7 @@ impl Sandbox {
         self.answers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .by_key
             .get(key)
             .cloned()
     }
