@@ -348,9 +348,14 @@ pub async fn build(
             "memory"
         },
     );
+    let recent: Arc<dyn StateStore> = match runtime.redis() {
+        Some(redis) => Arc::new(redis.clone()),
+        None => store.clone(),
+    };
     let facts = FraudFactSource::new(
         velocity,
         store.clone(),
+        recent,
         clock.clone(),
         rules.currency_window(),
     );

@@ -32,21 +32,26 @@ pub struct FraudFacts {
 pub struct FraudFactSource {
     velocity: Arc<dyn WindowCounter>,
     store: Arc<dyn StateStore>,
+    /// Where recent currencies live: Redis when configured (hot, shared, short-lived), else
+    /// the state store (on disk, so a flood of customers does not grow the process).
+    recent: Arc<dyn StateStore>,
     clock: SharedClock,
     currency_window: chrono::Duration,
 }
 
 impl FraudFactSource {
-    /// Facts from `velocity` and `store`.
+    /// Facts from `velocity`, the blocklist in `store`, and recent currencies in `recent`.
     pub fn new(
         velocity: Arc<dyn WindowCounter>,
         store: Arc<dyn StateStore>,
+        recent: Arc<dyn StateStore>,
         clock: SharedClock,
         currency_window: std::time::Duration,
     ) -> Self {
         Self {
             velocity,
             store,
+            recent,
             clock,
             currency_window: chrono::Duration::from_std(currency_window)
                 .unwrap_or(chrono::Duration::hours(1)),
@@ -65,7 +70,7 @@ impl FraudFactSource {
         seen.insert(currency.to_owned(), self.clock.wall());
         let bytes = serde_json::to_vec(&seen).unwrap_or_default();
         let ttl = self.currency_window.to_std().ok();
-        self.store
+        self.recent
             .put(&keys::currencies(customer), bytes, ttl)
             .await
     }
@@ -75,7 +80,7 @@ impl FraudFactSource {
         customer: &str,
     ) -> Result<BTreeMap<String, DateTime<Utc>>, BackendError> {
         let now = self.clock.wall();
-        let raw = self.store.get(&keys::currencies(customer)).await?;
+        let raw = self.recent.get(&keys::currencies(customer)).await?;
         let mut seen: BTreeMap<String, DateTime<Utc>> = raw
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
