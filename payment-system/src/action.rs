@@ -94,18 +94,51 @@ impl Charged {
                 gateway_id: None,
                 error: failure("card_error", "card_declined", "The card was declined."),
             },
+            ChargeOutcome::NotCharged => Self {
+                status: PaymentStatus::Failed,
+                http_status: 502,
+                gateway_id: None,
+                error: failure(
+                    "api_error",
+                    "gateway_error",
+                    "The payment gateway failed to process the charge; it reports that nothing was charged.",
+                ),
+            },
+        }
+    }
+
+    /// Sent, and the outcome is not known (a timeout, a 5xx, an unreadable answer): the gateway
+    /// may have charged. `PROCESSING` (202) until a lookup settles it; never "nothing charged".
+    fn unknown(attempt: &PaymentAttempt, e: &GatewayError) -> Self {
+        Self {
+            status: PaymentStatus::Processing,
+            http_status: 202,
+            gateway_id: None,
+            error: failure(
+                "api_error",
+                "gateway_outcome_unknown",
+                format!(
+                    "The payment gateway did not give a clear answer ({e}); whether it charged is not known yet. The payment is being reconciled with the gateway: read it at GET /payment/{} or retry with the same Idempotency-Key.",
+                    attempt.transaction_id
+                ),
+            ),
         }
     }
 }
 
-/// The key the gateway deduplicates a charge by: the client's key when there is one (scoped to
-/// the merchant), so a retried request dedupes at the gateway too; else the transaction id.
+/// The key the gateway deduplicates a charge by: unique to this payment (the transaction id,
+/// with the merchant and client key when there is one, for whoever reads the gateway's books).
+/// A retry with the client's key resumes this payment and never calls the gateway again, and a
+/// key reused after its idempotency entry expired makes a new payment with a new gateway key,
+/// so no key ever replays another payment's approval.
 pub fn gateway_key(attempt: &PaymentAttempt) -> String {
-    attempt
-        .idempotency_key
-        .as_ref()
-        .map(|k| format!("{}:{k}", attempt.request.merchant_id))
-        .unwrap_or_else(|| attempt.transaction_id.clone())
+    match &attempt.idempotency_key {
+        Some(k) => format!(
+            "{}:{k}:{}",
+            attempt.request.merchant_id, attempt.transaction_id
+        ),
+        None => attempt.transaction_id.clone(),
+    }
 }
 
 impl PaymentAction {
@@ -134,43 +167,29 @@ impl PaymentAction {
             Ok(r) => r,
             Err(_) => Err(GatewayError::Timeout(timeout_ms)),
         };
-        permit.record(if result.is_ok() {
-            Outcome::Success
-        } else {
-            Outcome::Failure
+        // the breaker counts what shows a working gateway (approved, declined, refused as
+        // invalid) as success, and everything else as failure
+        permit.record(match &result {
+            Ok(ChargeOutcome::NotCharged) => Outcome::Failure,
+            Ok(_) | Err(GatewayError::Rejected { .. }) => Outcome::Success,
+            Err(_) => Outcome::Failure,
         });
         match result {
             Ok(outcome) => {
                 span.record(
                     "outcome",
-                    if matches!(outcome, ChargeOutcome::Approved { .. }) {
-                        "approved"
-                    } else {
-                        "declined"
+                    match outcome {
+                        ChargeOutcome::Approved { .. } => "approved",
+                        ChargeOutcome::Declined => "declined",
+                        ChargeOutcome::NotCharged => "failed",
                     },
                 );
                 Charged::decided(outcome)
             }
-            Err(e @ (GatewayError::Timeout(_) | GatewayError::Protocol(_))) => {
-                span.record("outcome", "unknown");
-                tracing::warn!(transaction_id = %attempt.transaction_id, error = %e, "gateway outcome unknown; left for the reconciler");
-                Charged {
-                    status: PaymentStatus::Processing,
-                    http_status: 502,
-                    gateway_id: None,
-                    error: failure(
-                        "api_error",
-                        "gateway_timeout",
-                        format!(
-                            "The payment gateway did not answer in time ({e}); whether it charged is not known yet. The payment is being reconciled: read it at GET /payment/{} or retry with the same Idempotency-Key.",
-                            attempt.transaction_id
-                        ),
-                    ),
-                }
-            }
-            Err(e) => {
-                span.record("outcome", "error");
-                tracing::warn!(transaction_id = %attempt.transaction_id, error = %e, "gateway call failed");
+            // never sent, or refused unprocessed: nothing was charged, and that is known
+            Err(e @ (GatewayError::Unreachable(_) | GatewayError::Rejected { .. })) => {
+                span.record("outcome", "not_sent");
+                tracing::warn!(transaction_id = %attempt.transaction_id, error = %e, "gateway call failed before processing");
                 Charged {
                     status: PaymentStatus::Failed,
                     http_status: 502,
@@ -178,9 +197,16 @@ impl PaymentAction {
                     error: failure(
                         "api_error",
                         "gateway_error",
-                        format!("The payment gateway failed: {e}. Nothing was charged."),
+                        format!(
+                            "The payment gateway did not process the charge: {e}. Nothing was charged."
+                        ),
                     ),
                 }
+            }
+            Err(e) => {
+                span.record("outcome", "unknown");
+                tracing::warn!(transaction_id = %attempt.transaction_id, error = %e, "gateway outcome unknown; left for the reconciler");
+                Charged::unknown(attempt, &e)
             }
         }
     }

@@ -12,7 +12,7 @@ use tai_core::heijunka::RateDecision;
 use tai_core::runtime::{ApiError, ApiJson, ErrorType, TraceContext};
 use tracing::Instrument;
 
-use crate::idempotency::{Claim, fingerprint, validate_key};
+use crate::idempotency::{Claim, validate_key};
 use crate::record::PaymentRecord;
 use crate::{App, PaymentAttempt, keys, signal};
 
@@ -55,12 +55,13 @@ fn respond(status: u16, body: Value, extra: Vec<(HeaderName, HeaderValue)>) -> R
     params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same body; 422 for another body; 409 while in flight")),
     responses(
         (status = 200, description = "SUCCESS: the gateway approved the charge", body = PaymentRecord),
+        (status = 202, description = "PROCESSING: sent to the gateway, outcome not known yet (a timeout or a 5xx); GET /payment/{id} shows it once the reconciler settles it. A retry with the same Idempotency-Key resumes this payment.", body = PaymentRecord),
         (status = 400, description = "Invalid request, naming the parameter"),
         (status = 402, description = "FRAUD_BLOCKED, or FAILED with card_declined", body = PaymentRecord),
         (status = 409, description = "Idempotency key in flight"),
         (status = 422, description = "Idempotency key reused with another body"),
         (status = 429, description = "Merchant rate limit, with Retry-After and RateLimit-* headers"),
-        (status = 502, description = "FAILED: gateway_error", body = PaymentRecord),
+        (status = 502, description = "FAILED: gateway_error (the gateway was not reached, refused the request, or reports it charged nothing)", body = PaymentRecord),
         (status = 503, description = "FAILED: gateway_unavailable (breaker open), with Retry-After", body = PaymentRecord),
     ))]
 pub(crate) async fn create_payment(
@@ -70,7 +71,7 @@ pub(crate) async fn create_payment(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let request = tracing::info_span!("signal_received")
-        .in_scope(|| signal::parse(&body, app.clock.wall(), app.limits))?;
+        .in_scope(|| signal::parse(&body, app.clock.wall(), &app.limits))?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
@@ -106,7 +107,7 @@ pub(crate) async fn create_payment(
         e.headers = limit_headers;
         return Err(e);
     }
-    let fp = fingerprint(&body);
+    let fp = app.fingerprints.fingerprint(&body);
     if let Some(k) = &key {
         match app
             .ledger
@@ -122,6 +123,22 @@ pub(crate) async fn create_payment(
                     HeaderValue::from_static("true"),
                 ));
                 return Ok(respond(status, body, extra));
+            }
+            Claim::InProgress { transaction_id } => {
+                // the first request's charge was sent and is not settled: resume it
+                let mut extra = limit_headers;
+                extra.push((
+                    HeaderName::from_static("idempotent-replayed"),
+                    HeaderValue::from_static("true"),
+                ));
+                return Ok(match read_record(&app, &transaction_id).await? {
+                    Some(record) => respond(202, record.answer_body(), extra),
+                    None => respond(
+                        202,
+                        json!({"transaction_id": transaction_id, "status": "PROCESSING"}),
+                        extra,
+                    ),
+                });
             }
         }
     }
@@ -140,8 +157,26 @@ pub(crate) async fn create_payment(
                 let answer = match outcome {
                     Ok(o) => o.output,
                     Err(e) => {
-                        // releases the key only if no charge was started under it; once the
-                        // intent is written, the key stays held until the payment settles
+                        // Once the intent is written the charge may have been sent: that
+                        // payment stands, PROCESSING until the reconciler settles it, and the
+                        // client must not be told "nothing happened, retry".
+                        if let Ok(Some(stored)) = app.ledger.get(&attempt.transaction_id).await {
+                            tracing::error!(transaction_id = %attempt.transaction_id, error = %e, "payment left PROCESSING for the reconciler");
+                            let mut record = stored.record;
+                            if record.status == crate::record::PaymentStatus::Processing {
+                                record.http_status = 202;
+                            }
+                            let body = record.answer_body();
+                            return Ok((
+                                crate::action::Answer {
+                                    record,
+                                    retry_after: None,
+                                },
+                                body,
+                            ));
+                        }
+                        // nothing was written: the key is released (only a claim on which no
+                        // charge was started can be), and the client may retry
                         if let Some(k) = &attempt.idempotency_key {
                             let _ = app
                                 .ledger
@@ -182,6 +217,20 @@ pub(crate) async fn create_payment(
     Ok(respond(answer.record.http_status, body, extra))
 }
 
+async fn read_record(app: &App, id: &str) -> Result<Option<PaymentRecord>, ApiError> {
+    app.ledger
+        .get(id)
+        .await
+        .map(|v| v.map(|v| v.record))
+        .map_err(|e| {
+            ApiError::unavailable(
+                "store_unavailable",
+                e.to_string(),
+                Some(Duration::from_secs(1)),
+            )
+        })
+}
+
 /// Read a payment.
 #[utoipa::path(get, path = "/payment/{transaction_id}", tag = "payments",
     params(("transaction_id" = String, Path, description = "txn_…")),
@@ -202,19 +251,7 @@ pub(crate) async fn get_payment(
     if !well_formed {
         return Err(unknown());
     }
-    let record = app
-        .ledger
-        .get(&id)
-        .await
-        .map_err(|e| {
-            ApiError::unavailable(
-                "store_unavailable",
-                e.to_string(),
-                Some(Duration::from_secs(1)),
-            )
-        })?
-        .ok_or_else(unknown)?
-        .record;
+    let record = read_record(&app, &id).await?.ok_or_else(unknown)?;
     let mut body = record.public();
     if let Value::Object(m) = &mut body {
         m.insert("confirmed".into(), json!(record.confirmed_at.is_some()));

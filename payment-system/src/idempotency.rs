@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use sqlx::Row;
 use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
@@ -35,6 +35,12 @@ pub const KEEP_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 pub enum Claim {
     /// First use: process it.
     Proceed,
+    /// Its payment was sent to the gateway and is not settled yet: answer with that payment
+    /// (`PROCESSING`), never start another.
+    InProgress {
+        /// The payment the key guards.
+        transaction_id: String,
+    },
     /// Seen and answered: send this again.
     Replay {
         /// The HTTP status first sent.
@@ -53,9 +59,62 @@ pub struct Idempotency {
     keep_for: Duration,
 }
 
-/// A fingerprint of a request body: SHA-256 of its canonical JSON (keys sorted).
-pub fn fingerprint(body: &serde_json::Value) -> String {
-    hex::encode(Sha256::digest(body.to_string().as_bytes()))
+/// Fingerprints request bodies with a server key, so that a stored fingerprint reveals
+/// nothing of the body: HMAC-SHA256 over the canonical JSON (keys sorted) in which the card is
+/// replaced by a keyed hash of its number plus its expiry, and the CVC is dropped (PCI DSS
+/// 3.3.1: no CVC after authorization in any form; 3.5.1.1: only keyed hashes of a PAN).
+#[derive(Clone)]
+pub struct Fingerprinter {
+    key: tai_core::secrets::Secret,
+}
+
+impl std::fmt::Debug for Fingerprinter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fingerprinter(****)")
+    }
+}
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+impl Fingerprinter {
+    /// Keyed with `key` (`FINGERPRINT_KEY`, or one generated once and kept in the system of
+    /// record).
+    pub fn new(key: tai_core::secrets::Secret) -> Self {
+        Self { key }
+    }
+
+    fn mac(&self, parts: &[&[u8]]) -> String {
+        use hmac::Mac;
+        // HMAC takes a key of any length
+        let mut mac = HmacSha256::new_from_slice(self.key.expose().as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        for p in parts {
+            mac.update(p);
+        }
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The fingerprint of a request body.
+    pub fn fingerprint(&self, body: &serde_json::Value) -> String {
+        let mut canonical = body.clone();
+        if let Some(card) = canonical.get_mut("card").and_then(|c| c.as_object_mut()) {
+            let number: String = card
+                .get("number")
+                .map(|n| match n {
+                    serde_json::Value::String(s) => {
+                        s.chars().filter(|c| !c.is_whitespace()).collect()
+                    }
+                    other => other.to_string(),
+                })
+                .unwrap_or_default();
+            card.remove("cvc");
+            card.insert(
+                "number".into(),
+                serde_json::Value::String(self.mac(&[b"pan:", number.as_bytes()])),
+            );
+        }
+        self.mac(&[b"body:", canonical.to_string().as_bytes()])
+    }
 }
 
 /// Checks a key's shape: 1 to 255 visible ASCII characters.
@@ -83,6 +142,7 @@ struct Row_ {
     response_status: Option<i64>,
     response_body: Option<String>,
     expires_at: i64,
+    transaction_id: Option<String>,
 }
 
 impl Idempotency {
@@ -108,8 +168,8 @@ impl Idempotency {
 
     async fn read(&self, merchant: &str, key: &str) -> Result<Option<Row_>, BackendError> {
         let row = sqlx::query(
-            "SELECT fingerprint, recovery_point, locked_at, response_status, response_body, expires_at \
-             FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2",
+            "SELECT fingerprint, recovery_point, locked_at, response_status, response_body, expires_at, \
+             transaction_id FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2",
         )
         .bind(merchant)
         .bind(key)
@@ -124,6 +184,7 @@ impl Idempotency {
             response_status: r.try_get(3).map_err(db_error)?,
             response_body: r.try_get(4).map_err(db_error)?,
             expires_at: r.try_get(5).map_err(db_error)?,
+            transaction_id: r.try_get(6).map_err(db_error)?,
         }))
     }
 
@@ -191,6 +252,14 @@ impl Idempotency {
                 return Ok(Claim::Replay {
                     status: u16::try_from(status).unwrap_or(500),
                     body,
+                });
+            }
+            if let (true, Some(txn)) = (
+                row.recovery_point == "charge_started",
+                row.transaction_id.clone(),
+            ) {
+                return Ok(Claim::InProgress {
+                    transaction_id: txn,
                 });
             }
             let lapsed = row.recovery_point == "started"
@@ -381,8 +450,8 @@ mod tests {
         );
         clock.advance(Duration::from_secs(3600));
         assert!(
-            matches!(idem.claim("m", "k", "f").await, Err(ClaimError::InFlight)),
-            "still in flight an hour on"
+            matches!(idem.claim("m", "k", "f").await, Ok(Claim::InProgress { transaction_id }) if transaction_id == "txn_1"),
+            "a retry an hour on resumes the payment it guards"
         );
         finish(&idem, "k", "f", 200, serde_json::json!({"ok": true})).await;
         assert!(matches!(
@@ -453,5 +522,37 @@ mod tests {
         );
         clock.advance(KEEP_FOR + Duration::from_secs(1));
         assert_eq!(idem.sweep().await.expect("db"), 1);
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use serde_json::json;
+
+    use super::Fingerprinter;
+
+    #[test]
+    fn fingerprints_are_keyed_ignore_the_cvc_and_hold_no_card_data() {
+        let f = Fingerprinter::new(tai_core::secrets::Secret::new("server-key"));
+        let body = |cvc: &str, number: &str| json!({"amount": "10.00", "customer_id": "c", "card": {"number": number, "exp_month": 12, "exp_year": 2099, "cvc": cvc}});
+        let a = f.fingerprint(&body("123", "4242424242424242"));
+        assert_eq!(a.len(), 64);
+        assert_eq!(
+            a,
+            f.fingerprint(&body("999", "4242 4242 4242 4242")),
+            "the CVC is not part of it"
+        );
+        assert_ne!(
+            a,
+            f.fingerprint(&body("123", "4000000000000002")),
+            "the card is"
+        );
+        let other_key = Fingerprinter::new(tai_core::secrets::Secret::new("another-key"));
+        assert_ne!(
+            a,
+            other_key.fingerprint(&body("123", "4242424242424242")),
+            "keyed"
+        );
+        assert!(!a.contains("4242") && !a.contains("123"));
     }
 }

@@ -107,6 +107,8 @@ pub struct Versioned {
     pub record: PaymentRecord,
     /// Its version.
     pub version: i64,
+    /// When it last changed (unix ms): for a `PROCESSING` payment, when its intent was written.
+    pub updated_at: i64,
 }
 
 impl Ledger {
@@ -274,17 +276,22 @@ impl Ledger {
         let status: String = row.try_get(2).map_err(db_error)?;
         let confirmed: Option<i64> = row.try_get(3).map_err(db_error)?;
         let version: i64 = row.try_get(4).map_err(db_error)?;
+        let updated_at: i64 = row.try_get(5).map_err(db_error)?;
         let mut record: PaymentRecord = serde_json::from_str(&json).map_err(|e| corrupt(&id, e))?;
         record.status =
             status_from(&status).ok_or_else(|| corrupt(&id, format!("status {status}")))?;
         record.confirmed_at = confirmed.and_then(chrono::DateTime::from_timestamp_millis);
-        Ok(Versioned { record, version })
+        Ok(Versioned {
+            record,
+            version,
+            updated_at,
+        })
     }
 
     /// A payment by id.
     pub async fn get(&self, id: &str) -> Result<Option<Versioned>, BackendError> {
         let row = sqlx::query(
-            "SELECT transaction_id, record, status, confirmed_at, version FROM payments WHERE transaction_id = $1",
+            "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments WHERE transaction_id = $1",
         )
         .bind(id)
         .fetch_optional(self.db.pool())
@@ -301,7 +308,7 @@ impl Ledger {
     ) -> Result<Vec<Versioned>, BackendError> {
         let cutoff = self.now() - i64::try_from(age.as_millis()).unwrap_or(0);
         let rows = sqlx::query(
-            "SELECT transaction_id, record, status, confirmed_at, version FROM payments \
+            "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
              WHERE status = 'PROCESSING' AND updated_at <= $1 ORDER BY updated_at LIMIT $2",
         )
         .bind(cutoff)

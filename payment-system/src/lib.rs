@@ -112,6 +112,8 @@ pub mod keys {
     pub fn blocklist(customer: &str) -> String {
         format!("pay:blocklist:{customer}")
     }
+    /// The key idempotency fingerprints are made with, when not configured.
+    pub const FINGERPRINT_KEY: &str = "pay:fingerprint-key";
     /// Currencies a customer paid in recently.
     pub fn currencies(customer: &str) -> String {
         format!("pay:currencies:{customer}")
@@ -125,6 +127,7 @@ type PaymentPipeline = Pipeline<FraudFactSource, FraudPolicy, PaymentAction>;
 pub(crate) struct App {
     pipeline: PaymentPipeline,
     ledger: Ledger,
+    fingerprints: idempotency::Fingerprinter,
     limiter: Arc<dyn RateLimiter>,
     store: Arc<dyn StateStore>,
     clock: SharedClock,
@@ -283,6 +286,20 @@ pub async fn build(
     runtime.add_queue(confirmations.clone());
     runtime.set_backend("queue", confirmations.backend());
 
+    // Idempotency fingerprints are keyed: FINGERPRINT_KEY, or a key made once and kept in the
+    // system of record, so every replica and every restart uses the same one.
+    let fingerprints = idempotency::Fingerprinter::new(match cfg.setting("FINGERPRINT_KEY") {
+        Some(k) => Secret::new(k),
+        None => {
+            let made = hex::encode(rand::random::<[u8; 32]>());
+            store
+                .put_if_absent(keys::FINGERPRINT_KEY, made.into_bytes(), None)
+                .await?;
+            let kept = store.get(keys::FINGERPRINT_KEY).await?.unwrap_or_default();
+            Secret::new(String::from_utf8_lossy(&kept).into_owned())
+        }
+    });
+
     // the system of record: payments, idempotency keys and events, in one database
     let db = runtime.database().await?;
     let idempotency = Idempotency::new(
@@ -375,6 +392,9 @@ pub async fn build(
         confirm_after: Duration::from_millis(
             cfg.setting_or("CONFIRM_REQUEUE_AFTER_MS", 60_000u64)?,
         ),
+        not_found_grace: Duration::from_millis(
+            cfg.setting_or("RECONCILE_NOT_FOUND_GRACE_MS", 120_000u64)?,
+        ),
     };
     runtime.spawn_worker(reconciler.run(
         Duration::from_millis(cfg.setting_or("RECONCILE_EVERY_MS", 1000u64)?),
@@ -393,7 +413,7 @@ pub async fn build(
     let pipeline = Pipeline::new(
         "payment",
         facts,
-        FraudPolicy::new(rules),
+        FraudPolicy::new(rules.clone()),
         action,
         runtime.kaizen().clone(),
     );
@@ -421,14 +441,20 @@ pub async fn build(
         },
     );
 
+    // the cap is in the rules' reference currency, converted with their rates
     let max_amount: Decimal = cfg.setting_or("MAX_AMOUNT", Decimal::from(1_000_000))?;
+    let rates = rules.rates.clone();
     let app = Arc::new(App {
         pipeline,
         ledger,
+        fingerprints,
         limiter,
         store,
         clock,
-        limits: Limits { max_amount },
+        limits: Limits {
+            max_amount,
+            rates: Arc::new(rates),
+        },
         api_keys: cfg.api_keys.clone(),
     });
 

@@ -110,7 +110,7 @@ proptest! {
     #[test]
     fn any_json_body_is_either_a_valid_payment_or_a_400_naming_a_parameter(body in any_json()) {
         let now = chrono::Utc.with_ymd_and_hms(2026, 11, 23, 0, 0, 0).single().expect("date");
-        match parse(&body, now, Limits::default()) {
+        match parse(&body, now, &Limits::default()) {
             Ok(req) => {
                 prop_assert!(req.amount > Decimal::ZERO && req.amount <= max());
             }
@@ -136,7 +136,7 @@ proptest! {
             body["card_country"] = json!(card);
         }
         let now = chrono::Utc::now();
-        let attempt = crate::PaymentAttempt::new(parse(&body, now, Limits::default()).expect("valid"), "t".into(), None);
+        let attempt = crate::PaymentAttempt::new(parse(&body, now, &Limits::default()).expect("valid"), "t".into(), None);
         let facts = FraudFacts {
             velocity_count: velocity,
             blocklisted,

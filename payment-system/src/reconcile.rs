@@ -4,10 +4,14 @@
 //! Normally the answer settles it within the gateway timeout. When that does not happen (the
 //! process was killed mid-call, or the gateway did not answer in time), the reconciler, on any
 //! replica, finishes it: it asks the gateway how the charge with the payment's idempotency key
-//! ended (approved, declined, or never received, so nothing was charged) and settles the
+//! ended (approved, declined, failed at the gateway, or not found) and settles the
 //! payment with a compare-and-swap on its version, with the answer a retry with the client's
 //! `Idempotency-Key` will replay and the outcome's event, in one transaction. Replicas may
 //! look at the same payment at once: the lookup is harmless and only one settlement wins.
+//!
+//! "Not found" is not "never charged" at once: a real acquirer's lookup can lag its charges by
+//! seconds. The payment stays `PROCESSING` until it has been unknown for `not_found_grace`
+//! (`RECONCILE_NOT_FOUND_GRACE_MS`, two minutes) counted from its intent, and only then fails.
 //!
 //! It also queues again the confirmation of successes that stayed unconfirmed (the queue was
 //! down when they succeeded), and sweeps idempotency keys whose time is up. Both lists are
@@ -57,6 +61,9 @@ pub struct Reconciler {
     pub after: Duration,
     /// A success unconfirmed this long has its confirmation queued again.
     pub confirm_after: Duration,
+    /// How long a charge the gateway does not know of stays `PROCESSING` (from its intent)
+    /// before it is failed as never received.
+    pub not_found_grace: Duration,
 }
 
 const BATCH: i64 = 100;
@@ -115,6 +122,7 @@ impl Reconciler {
         let Versioned {
             mut record,
             version,
+            updated_at,
         } = payment;
         let id = record.transaction_id.clone();
         let Some(key) = record.gateway_key.clone() else {
@@ -123,16 +131,27 @@ impl Reconciler {
         };
         let charged = match self.gateway.lookup(&key).await {
             Ok(Some(outcome)) => Charged::decided(outcome),
-            Ok(None) => Charged {
-                status: PaymentStatus::Failed,
-                http_status: 502,
-                gateway_id: None,
-                error: Some(FailureInfo {
-                    kind: "api_error".into(),
-                    code: "gateway_error".into(),
-                    message: "The charge never reached the payment gateway (the service stopped or timed out mid-request); nothing was charged.".into(),
-                }),
-            },
+            Ok(None) => {
+                let unknown_for = self.clock.wall().timestamp_millis() - updated_at;
+                if unknown_for < i64::try_from(self.not_found_grace.as_millis()).unwrap_or(i64::MAX)
+                {
+                    // the gateway's books may lag its charges: ask again later
+                    return Ok(false);
+                }
+                Charged {
+                    status: PaymentStatus::Failed,
+                    http_status: 502,
+                    gateway_id: None,
+                    error: Some(FailureInfo {
+                        kind: "api_error".into(),
+                        code: "charge_not_found".into(),
+                        message: format!(
+                            "The payment gateway has no charge for this payment {} s after it was sent (the service stopped or the request was lost on the way); nothing was charged.",
+                            unknown_for / 1000
+                        ),
+                    }),
+                }
+            }
             Err(e) => {
                 tracing::warn!(transaction_id = %id, error = %e, "gateway lookup failed; will try again");
                 return Ok(false);
@@ -220,6 +239,7 @@ pub(crate) mod tests {
             clock: clock.shared(),
             after: Duration::from_secs(10),
             confirm_after: Duration::from_secs(60),
+            not_found_grace: Duration::from_secs(30),
         };
         for (id, key) in [("txn_a", "m:charged"), ("txn_b", "m:lost")] {
             let mut rec = processing(id, key, &clock);
@@ -243,10 +263,31 @@ pub(crate) mod tests {
         assert_eq!(
             r.pass().await.expect("pass"),
             Pass {
-                finished: 2,
+                finished: 1,
+                waiting: 1,
+                requeued: 0
+            },
+            "the charged one settles; the unknown one waits: lookups can lag charges"
+        );
+        assert_eq!(
+            ledger
+                .get("txn_b")
+                .await
+                .expect("db")
+                .expect("b")
+                .record
+                .status,
+            PaymentStatus::Processing
+        );
+        clock.advance(Duration::from_secs(20));
+        assert_eq!(
+            r.pass().await.expect("pass"),
+            Pass {
+                finished: 1,
                 waiting: 0,
                 requeued: 0
-            }
+            },
+            "failed once unknown for the grace period"
         );
         let a = ledger.get("txn_a").await.expect("db").expect("a").record;
         assert_eq!(
@@ -255,6 +296,7 @@ pub(crate) mod tests {
         );
         let b = ledger.get("txn_b").await.expect("db").expect("b").record;
         assert_eq!((b.status, b.http_status), (PaymentStatus::Failed, 502));
+        assert_eq!(b.error.expect("why").code, "charge_not_found");
         assert_eq!(
             queue.depth().ready,
             1,
@@ -268,7 +310,7 @@ pub(crate) mod tests {
             other => panic!("expected a replay, got {other:?}"),
         }
         // a success whose confirmation was lost is queued again once it is old enough
-        clock.advance(Duration::from_secs(60));
+        clock.advance(Duration::from_secs(40));
         assert_eq!(r.pass().await.expect("pass").requeued, 1);
         assert!(ledger.confirm("txn_a").await.expect("db"));
         assert_eq!(r.pass().await.expect("pass").requeued, 0);

@@ -39,16 +39,34 @@ pub struct PaymentRequest {
 }
 
 /// Limits on what a request may carry.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
-    /// The largest amount, in major units.
+    /// The largest amount, in the reference currency's major units (`MAX_AMOUNT`).
     pub max_amount: Decimal,
+    /// Units of each currency worth one unit of the reference currency (the rules file's
+    /// rates), so the cap means the same in every currency.
+    pub rates: std::sync::Arc<BTreeMap<String, Decimal>>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_amount: Decimal::from(1_000_000),
+            rates: std::sync::Arc::default(),
+        }
+    }
+}
+
+impl Limits {
+    /// The largest amount in `currency`'s major units.
+    pub fn max_for(&self, currency: &str) -> Decimal {
+        match self.rates.get(currency) {
+            Some(rate) => self
+                .max_amount
+                .checked_mul(*rate)
+                .unwrap_or(Decimal::MAX)
+                .trunc(),
+            None => self.max_amount,
         }
     }
 }
@@ -302,7 +320,11 @@ fn metadata_field(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, 
 }
 
 /// Parses and validates a payment request body.
-pub fn parse(body: &Value, now: DateTime<Utc>, limits: Limits) -> Result<PaymentRequest, ApiError> {
+pub fn parse(
+    body: &Value,
+    now: DateTime<Utc>,
+    limits: &Limits,
+) -> Result<PaymentRequest, ApiError> {
     let Value::Object(obj) = body else {
         return Err(ApiError::invalid(
             "invalid_body",
@@ -344,15 +366,16 @@ pub fn parse(body: &Value, now: DateTime<Utc>, limits: Limits) -> Result<Payment
             ));
         }
     };
-    let amount = parse_amount(&amount_text, currency, limits.max_amount).map_err(|e| {
-        let code = match e {
-            AmountError::NotANumber(_) => "amount_invalid",
-            AmountError::NotPositive(_) => "amount_too_small",
-            AmountError::TooPrecise { .. } => "amount_invalid_precision",
-            AmountError::TooLarge { .. } => "amount_too_large",
-        };
-        invalid(code, "amount", format!("{e}."))
-    })?;
+    let amount =
+        parse_amount(&amount_text, currency, limits.max_for(currency.code())).map_err(|e| {
+            let code = match e {
+                AmountError::NotANumber(_) => "amount_invalid",
+                AmountError::NotPositive(_) => "amount_too_small",
+                AmountError::TooPrecise { .. } => "amount_invalid_precision",
+                AmountError::TooLarge { .. } => "amount_too_large",
+            };
+            invalid(code, "amount", format!("{e}."))
+        })?;
     let customer_id = id_field(obj, "customer_id")?;
     let merchant_id = id_field(obj, "merchant_id")?;
     let card = card_field(obj, now)?;
@@ -402,10 +425,10 @@ mod tests {
 
     #[test]
     fn parses_the_quick_start_request_exactly() {
-        let r = parse(&body(r#"{"amount":99.99,"customer_id":"cust_123","currency":"usd","merchant_id":"merc_456"}"#), now(), Limits::default()).expect("valid");
+        let r = parse(&body(r#"{"amount":99.99,"customer_id":"cust_123","currency":"usd","merchant_id":"merc_456"}"#), now(), &Limits::default()).expect("valid");
         assert_eq!(r.amount.to_string(), "99.99");
         assert_eq!(r.currency.code(), "USD");
-        let r = parse(&body(r#"{"amount":"0.10","customer_id":"c","currency":"EUR","merchant_id":"m","ip_country":"de","card_country":"FR","card":{"number":"4242424242424242","exp_month":12,"exp_year":2030,"cvc":"123"},"metadata":{"order":"42"}}"#), now(), Limits::default()).expect("valid");
+        let r = parse(&body(r#"{"amount":"0.10","customer_id":"c","currency":"EUR","merchant_id":"m","ip_country":"de","card_country":"FR","card":{"number":"4242424242424242","exp_month":12,"exp_year":2030,"cvc":"123"},"metadata":{"order":"42"}}"#), now(), &Limits::default()).expect("valid");
         assert_eq!(r.amount.to_string(), "0.10");
         assert_eq!(r.ip_country.as_deref(), Some("DE"));
         assert_eq!(
@@ -418,7 +441,7 @@ mod tests {
                 r#"{"amount":0.30000000000000004,"customer_id":"c","currency":"USD","merchant_id":"m"}"#,
             ),
             now(),
-            Limits::default(),
+            &Limits::default(),
         );
         assert_eq!(r.expect_err("too precise").code, "amount_invalid_precision");
     }
@@ -468,7 +491,7 @@ mod tests {
             (json!([1, 2]), "body"),
         ];
         for (b, param) in cases {
-            let e = parse(&b, now(), Limits::default()).expect_err(&b.to_string());
+            let e = parse(&b, now(), &Limits::default()).expect_err(&b.to_string());
             assert_eq!(e.status.as_u16(), 400, "{b}");
             assert_eq!(e.param.as_deref(), Some(param), "{b}: {}", e.message);
         }

@@ -10,6 +10,8 @@ mod facts;
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use tai_core::policy::{Policy, Reason, Verdict};
@@ -31,6 +33,12 @@ pub struct FraudRules {
     /// Customers blocked outright (seeded into the store at start).
     #[serde(default)]
     pub blocklist: Vec<String>,
+    /// The currency amount thresholds are given in.
+    #[serde(default = "usd")]
+    pub reference_currency: String,
+    /// Units of each currency worth one unit of the reference currency (for thresholds only).
+    #[serde(default)]
+    pub rates: BTreeMap<String, Decimal>,
     /// The rules.
     pub rules: Rules,
 }
@@ -71,8 +79,49 @@ pub struct Velocity {
 pub struct AmountAnomaly {
     /// What it adds.
     pub weight: Decimal,
-    /// Fires above this amount (major units).
+    /// Fires above this amount (the reference currency's major units).
     pub above: Decimal,
+    /// Thresholds of their own for some currencies (their major units).
+    #[serde(default)]
+    pub above_in: BTreeMap<String, Decimal>,
+}
+
+fn usd() -> String {
+    "USD".into()
+}
+
+impl FraudRules {
+    /// `amount` (major units of the reference currency) in `currency`'s major units, and how it
+    /// was found, for reasons: e.g. `750000 JPY (5000 USD at 150)`.
+    pub fn in_currency(&self, amount: Decimal, currency: &str) -> (Decimal, String) {
+        if currency == self.reference_currency {
+            return (amount, format!("{amount} {currency}"));
+        }
+        match self.rates.get(currency) {
+            Some(rate) => {
+                let converted = (amount * rate).normalize();
+                (
+                    converted,
+                    format!(
+                        "{converted} {currency} ({amount} {} at {rate})",
+                        self.reference_currency
+                    ),
+                )
+            }
+            None => (
+                amount,
+                format!("{amount} {currency} (no rate: compared as is)"),
+            ),
+        }
+    }
+
+    /// The amount anomaly threshold for `currency`, with its description.
+    pub fn amount_threshold(&self, currency: &str) -> (Decimal, String) {
+        match self.rules.amount_anomaly.above_in.get(currency) {
+            Some(own) => (*own, format!("{own} {currency}")),
+            None => self.in_currency(self.rules.amount_anomaly.above, currency),
+        }
+    }
 }
 
 /// The geography rule.
@@ -143,11 +192,12 @@ impl Policy<PaymentAttempt, FraudFacts> for FraudPolicy {
                 r.velocity.weight,
             ));
         }
-        if req.amount > r.amount_anomaly.above {
+        let (above, described) = self.rules.amount_threshold(req.currency.code());
+        if req.amount > above {
             reasons.push(Reason::new(
                 "amount_anomaly",
                 format!("{} {}", req.amount, req.currency.code()),
-                format!("> {}", r.amount_anomaly.above),
+                format!("> {described}"),
                 r.amount_anomaly.weight,
             ));
         }
@@ -203,7 +253,7 @@ mod tests {
 
     fn attempt(body: serde_json::Value) -> PaymentAttempt {
         PaymentAttempt::new(
-            parse(&body, Utc::now(), Limits::default()).expect("valid"),
+            parse(&body, Utc::now(), &Limits::default()).expect("valid"),
             "t".into(),
             None,
         )
@@ -220,6 +270,41 @@ mod tests {
             other_recent_currency: None,
             currencies_seen: Default::default(),
         }
+    }
+
+    #[test]
+    fn amount_thresholds_mean_the_same_in_every_currency() {
+        let rules = FraudRules::from_toml(DEFAULT_RULES).expect("rules");
+        let p = FraudPolicy::new(rules.clone());
+        let limits = Limits {
+            max_amount: Decimal::from(1_000_000),
+            rates: std::sync::Arc::new(rules.rates.clone()),
+        };
+        let pay = |amount: &str, currency: &str| {
+            let body = json!({"amount": amount, "currency": currency, "customer_id": "c", "merchant_id": "m", "ip_country": "DE", "card_country": "US"});
+            PaymentAttempt::new(
+                parse(&body, Utc::now(), &limits).expect("within the cap"),
+                "t".into(),
+                None,
+            )
+        };
+        // about 40 USD: only the country mismatch fires
+        let v = p.evaluate(&pay("6000", "JPY"), &facts(1));
+        assert_eq!(v.score.to_string(), "0.2");
+        assert_eq!(v.decision, Decision::Allow);
+        // about 6,000 USD: the amount rule fires, and its reason names the converted threshold
+        let v = p.evaluate(&pay("900000", "JPY"), &facts(1));
+        let amount = v
+            .reasons
+            .iter()
+            .find(|r| r.rule == "amount_anomaly")
+            .expect("fired");
+        assert_eq!(amount.threshold, "> 750000 JPY (5000 USD at 150)");
+        // 50,000,000 VND (about 2,000 USD) is within the cap and not an anomaly
+        let v = p.evaluate(&pay("50000000", "VND"), &facts(1));
+        assert!(v.reasons.iter().all(|r| r.rule != "amount_anomaly"));
+        assert_eq!(limits.max_for("VND").to_string(), "25000000000");
+        assert!(parse(&json!({"amount": "2000000", "currency": "USD", "customer_id": "c", "merchant_id": "m"}), Utc::now(), &limits).is_err());
     }
 
     #[test]

@@ -94,6 +94,7 @@ impl Gateway for HttpGateway {
                     })
                     .ok_or_else(|| GatewayError::Protocol("approved charge without an id".into())),
                 (200, Some("declined")) => Ok(Some(ChargeOutcome::Declined)),
+                (200, Some("failed")) => Ok(Some(ChargeOutcome::NotCharged)),
                 (s, _) if s >= 500 => Err(GatewayError::Server {
                     status: s,
                     message: "lookup failed".into(),
@@ -140,6 +141,13 @@ impl Gateway for HttpGateway {
                     })
                     .ok_or_else(|| GatewayError::Protocol("approved charge without an id".into())),
                 402 => Ok(ChargeOutcome::Declined),
+                s @ (400 | 401 | 403 | 404 | 422) => Err(GatewayError::Rejected {
+                    status: s,
+                    message: answer["error"]
+                        .as_str()
+                        .unwrap_or("request refused")
+                        .to_owned(),
+                }),
                 s if s >= 500 => Err(GatewayError::Server {
                     status: s,
                     message: answer["error"]

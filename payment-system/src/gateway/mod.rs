@@ -39,6 +39,8 @@ pub enum ChargeOutcome {
     },
     /// The card was declined: the gateway works, the card does not.
     Declined,
+    /// The gateway says it did not charge (its processing failed): known, and final.
+    NotCharged,
 }
 
 /// The gateway failed to decide.
@@ -61,6 +63,15 @@ pub enum GatewayError {
     /// It answered something we could not read.
     #[error("gateway answered unexpectedly: {0}")]
     Protocol(String),
+    /// The gateway refused the request as invalid (a 4xx other than a decline): it was not
+    /// processed, so nothing was charged.
+    #[error("gateway refused the request ({status}): {message}")]
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// What it said.
+        message: String,
+    },
 }
 
 /// A payment gateway.

@@ -2,9 +2,10 @@
 //!
 //! It answers by card number, as a card network's test mode does: no card or `4242424242424242`
 //! is approved, `4000000000000002` is declined, `4000000000000119` is a processing error (a
-//! gateway failure). `latency` slows every answer; `failure_rate` turns that share of charges
-//! into processing errors. A repeated idempotency key returns the first decision and charges
-//! nothing more; errors are not remembered, so a retry after one can still succeed.
+//! gateway failure: HTTP 500). `latency` slows every answer; `failure_rate` turns that share of
+//! charges into processing errors. A repeated idempotency key returns the first decision and
+//! charges nothing more; after a processing error a retry with the key is decided anew, and a
+//! lookup of the key meanwhile answers `failed` (the gateway knows it charged nothing).
 //!
 //! Decisions are remembered for the last [`REMEMBERED`] keys only: the sandbox lives in process
 //! memory under the embedded default, and memory must not grow with every payment ever made.
@@ -82,7 +83,11 @@ impl Sandbox {
         // decide under the lock, so concurrent requests with one key charge once
         let answer = {
             let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(first) = answers.by_key.get(key) {
+            if let Some(first) = answers
+                .by_key
+                .get(key)
+                .filter(|a| **a != SandboxAnswer::Error)
+            {
                 first.clone()
             } else {
                 let random_failure =
@@ -96,8 +101,11 @@ impl Sandbox {
                         SandboxAnswer::Approved(format!("gw_{}", uuid::Uuid::new_v4().simple()))
                     }
                 };
-                if answer != SandboxAnswer::Error {
-                    answers.by_key.insert(key.to_owned(), answer.clone());
+                if answers
+                    .by_key
+                    .insert(key.to_owned(), answer.clone())
+                    .is_none()
+                {
                     answers.order.push_back(key.to_owned());
                     if answers.order.len() > REMEMBERED
                         && let Some(oldest) = answers.order.pop_front()
@@ -114,7 +122,7 @@ impl Sandbox {
         answer
     }
 
-    /// The decision made for `key`, if any (errors are not remembered).
+    /// The decision made for `key`, if any.
     pub fn decision(&self, key: &str) -> Option<SandboxAnswer> {
         self.answers
             .lock()
@@ -146,7 +154,8 @@ impl Gateway for Sandbox {
         let found = match self.decision(idempotency_key) {
             Some(SandboxAnswer::Approved(id)) => Some(ChargeOutcome::Approved { gateway_id: id }),
             Some(SandboxAnswer::Declined) => Some(ChargeOutcome::Declined),
-            Some(SandboxAnswer::Error) | None => None,
+            Some(SandboxAnswer::Error) => Some(ChargeOutcome::NotCharged),
+            None => None,
         };
         Box::pin(std::future::ready(Ok(found)))
     }
@@ -243,7 +252,10 @@ async fn lookup(
         Some(SandboxAnswer::Declined) => {
             (StatusCode::OK, Json(json!({"status": "declined"}))).into_response()
         }
-        Some(SandboxAnswer::Error) | None => (
+        Some(SandboxAnswer::Error) => {
+            (StatusCode::OK, Json(json!({"status": "failed"}))).into_response()
+        }
+        None => (
             StatusCode::NOT_FOUND,
             Json(json!({"error": "no charge with this idempotency key"})),
         )
