@@ -246,7 +246,8 @@ async fn amounts_are_exact_end_to_end_and_confirmations_arrive() {
         (json!(0.01), "USD", "0.01"),
         (json!("0.10"), "usd", "0.10"),
         (json!(999999.99), "USD", "999999.99"),
-        (json!("1000000"), "EUR", "1000000"),
+        // the cap (MAX_AMOUNT, 1,000,000 USD) in euros at the rules' rate
+        (json!("920000"), "EUR", "920000"),
         (json!(500), "JPY", "500"),
         (json!("1.234"), "KWD", "1.234"),
         (json!(19.9), "GBP", "19.9"),
@@ -367,6 +368,11 @@ async fn idempotency_replays_refuses_other_bodies_and_charges_once() {
             200 => {
                 ids.insert(body["transaction_id"].as_str().expect("id").to_owned());
             }
+            // the first request's charge is under way: the same payment, resumed
+            202 => {
+                assert_eq!(body["status"], "PROCESSING");
+                ids.insert(body["transaction_id"].as_str().expect("id").to_owned());
+            }
             409 => assert_eq!(body["error"]["code"], "idempotency_key_in_use"),
             other => panic!("unexpected {other}: {body}"),
         }
@@ -414,6 +420,8 @@ async fn the_gateway_breaker_opens_refuses_without_calling_and_closes_again() {
             ("GATEWAY_URL", gw_url.as_str()),
             ("GATEWAY_BREAKER_OPEN_SECS", "1.5"),
             ("GATEWAY_TIMEOUT_MS", "2000"),
+            ("RECONCILE_AFTER_MS", "300"),
+            ("RECONCILE_EVERY_MS", "100"),
         ],
     )
     .await
@@ -434,12 +442,40 @@ async fn the_gateway_breaker_opens_refuses_without_calling_and_closes_again() {
             None,
         )
         .await;
+        // a gateway 500 does not say whether it charged: PROCESSING, never "nothing charged"
         assert_eq!(
-            (a.status, a.json["error"]["code"].as_str()),
-            (502, Some("gateway_error")),
+            (
+                a.status,
+                a.json["status"].as_str(),
+                a.json["error"]["code"].as_str()
+            ),
+            (202, Some("PROCESSING"), Some("gateway_outcome_unknown")),
             "failure {i}: {}",
             a.text
         );
+        if i == 0 {
+            // the reconciler asks the gateway, which reports it charged nothing
+            let url = svc.url(&format!(
+                "/payment/{}",
+                a.json["transaction_id"].as_str().expect("id")
+            ));
+            let settled = eventually(Duration::from_secs(15), "the lookup to settle it", || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                    (v["status"] != "PROCESSING").then_some(v)
+                }
+            })
+            .await;
+            assert_eq!(
+                (
+                    settled["status"].as_str(),
+                    settled["error"]["code"].as_str()
+                ),
+                (Some("FAILED"), Some("gateway_error")),
+                "{settled}"
+            );
+        }
     }
     let (_, requests) = gateway_stats(&http, &gw).await;
     assert_eq!(requests, 5);
@@ -1141,13 +1177,18 @@ async fn a_payment_cut_off_by_a_crash_is_finished_after_restart_and_charged_once
     );
     svc.restart().await.expect("restart");
 
-    // the client retries with its key: in flight (409) until reconciled, then the real answer
+    // the client retries with its key: 202 PROCESSING (the same payment) until reconciled, then
+    // the real answer
     let replay = eventually(Duration::from_secs(20), "the reconciled answer", || {
         let (http, svc_ref, key, body) = (http.clone(), &svc, key.clone(), body.clone());
         async move {
             let a = pay(&http, svc_ref, &body, Some(&key)).await;
             match a.status {
-                409 => None,
+                // the same payment, resumed: still PROCESSING (never a second charge)
+                202 => {
+                    assert_eq!(a.json["status"], "PROCESSING", "{}", a.text);
+                    None
+                }
                 _ => Some(a),
             }
         }
@@ -1214,7 +1255,7 @@ async fn a_gateway_timeout_is_not_reported_as_nothing_charged() {
             a.json["status"].as_str(),
             a.json["error"]["code"].as_str()
         ),
-        (502, Some("PROCESSING"), Some("gateway_timeout")),
+        (202, Some("PROCESSING"), Some("gateway_outcome_unknown")),
         "{}",
         a.text
     );
