@@ -348,6 +348,7 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
         if record.status == PaymentStatus::Success {
             let (remembered, queued) = tokio::join!(
                 self.facts.remember_currency(
+                    &req.merchant_id,
                     &req.customer_id,
                     req.currency.code(),
                     &facts.currencies_seen

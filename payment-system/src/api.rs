@@ -4,12 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tai_core::heijunka::RateDecision;
-use tai_core::runtime::{ApiError, ApiJson, ErrorType, TraceContext};
+use tai_core::runtime::auth::may_act_for;
+use tai_core::runtime::{ApiError, ApiJson, ErrorType, Principal, TraceContext};
 use tracing::Instrument;
 
 use crate::idempotency::{Claim, validate_key};
@@ -68,10 +69,20 @@ pub(crate) async fn create_payment(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     trace: Option<axum::Extension<TraceContext>>,
+    principal: Option<axum::Extension<Principal>>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let request = tracing::info_span!("signal_received")
         .in_scope(|| signal::parse(&body, app.clock.wall(), &app.limits))?;
+    if !may_act_for(principal.as_deref(), &request.merchant_id) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorType::AuthenticationError,
+            "merchant_forbidden",
+            "This API key is bound to another merchant; it may only create payments for its own.",
+        )
+        .with_param("merchant_id"));
+    }
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
@@ -234,9 +245,10 @@ async fn read_record(app: &App, id: &str) -> Result<Option<PaymentRecord>, ApiEr
 /// Read a payment.
 #[utoipa::path(get, path = "/payment/{transaction_id}", tag = "payments",
     params(("transaction_id" = String, Path, description = "txn_…")),
-    responses((status = 200, description = "The stored record", body = PaymentRecord), (status = 404, description = "Unknown id")))]
+    responses((status = 200, description = "The stored record", body = PaymentRecord), (status = 401, description = "Keys are configured and none valid was sent"), (status = 404, description = "Unknown id, or another merchant's payment")))]
 pub(crate) async fn get_payment(
     State(app): State<Arc<App>>,
+    principal: Option<axum::Extension<Principal>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let well_formed =
@@ -251,7 +263,11 @@ pub(crate) async fn get_payment(
     if !well_formed {
         return Err(unknown());
     }
-    let record = read_record(&app, &id).await?.ok_or_else(unknown)?;
+    let record = read_record(&app, &id)
+        .await?
+        // another merchant's payment is "no such payment" (not 403), so ids do not leak
+        .filter(|r| may_act_for(principal.as_deref(), &r.merchant_id))
+        .ok_or_else(unknown)?;
     let mut body = record.public();
     if let Value::Object(m) = &mut body {
         m.insert("confirmed".into(), json!(record.confirmed_at.is_some()));
@@ -259,8 +275,13 @@ pub(crate) async fn get_payment(
     Ok(Json(body))
 }
 
-fn require_admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    if app.api_keys.is_empty() {
+/// The admin routes: an admin key acts for any merchant, a bound key for its own only.
+fn authorize_admin(
+    app: &App,
+    principal: Option<&Principal>,
+    merchant: Option<&str>,
+) -> Result<(), ApiError> {
+    if !app.keys_configured {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorType::AuthenticationError,
@@ -268,25 +289,51 @@ fn require_admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
             "Admin routes need API keys: start the service with TAI_API_KEYS (or Vault) set.",
         ));
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if app
-        .api_keys
-        .iter()
-        .fold(false, |ok, k| k.matches(presented.as_bytes()) | ok)
-    {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
+    match (principal.and_then(|p| p.merchant.as_deref()), merchant) {
+        (None, _) => Ok(()),
+        (Some(own), Some(m)) if own == m => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
             ErrorType::AuthenticationError,
-            "invalid_api_key",
-            "A valid API key is required.",
-        ))
+            "merchant_forbidden",
+            "This API key is bound to a merchant: name it as merchant_id; only an admin key edits the network-wide list.",
+        )),
     }
+}
+
+/// The blocklist entry for `customer`: the merchant's own, or network-wide when no merchant is
+/// named or the rules make every entry network-wide.
+fn blocklist_entry(app: &App, merchant: Option<&str>, customer: &str) -> (String, &'static str) {
+    match merchant {
+        Some(m) if !app.network_blocklist => (keys::merchant_blocklist(m, customer), "merchant"),
+        _ => (keys::blocklist(customer), "network"),
+    }
+}
+
+fn merchant_param(v: Option<&str>) -> Result<Option<String>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(m) => {
+            let ok = (1..=64).contains(&m.len())
+                && m.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if ok {
+                Ok(Some(m.to_owned()))
+            } else {
+                Err(ApiError::invalid(
+                    "parameter_invalid",
+                    "merchant_id",
+                    "Invalid merchant_id: 1 to 64 characters of A-Z a-z 0-9 _ -.",
+                ))
+            }
+        }
+    }
+}
+
+/// `?merchant_id=` on the blocklist routes.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct MerchantQuery {
+    merchant_id: Option<String>,
 }
 
 fn customer_param(id: &str) -> Result<String, ApiError> {
@@ -307,14 +354,19 @@ fn customer_param(id: &str) -> Result<String, ApiError> {
 
 /// Add a customer to the blocklist.
 #[utoipa::path(post, path = "/admin/blocklist", tag = "admin",
-    request_body(content = Object, description = r#"{"customer_id": "cust_…"}"#),
-    responses((status = 201, description = "Added"), (status = 401, description = "No valid key"), (status = 403, description = "No keys configured")))]
+    request_body(content = Object, description = r#"{"customer_id": "cust_…", "merchant_id": "merc_…"} (without merchant_id: network-wide, admin keys only)"#),
+    responses((status = 201, description = "Added"), (status = 400, description = "Invalid customer_id or merchant_id"), (status = 401, description = "No valid key"), (status = 403, description = "No keys configured, or a key bound to another merchant")))]
 pub(crate) async fn add_blocklist(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    principal: Option<axum::Extension<Principal>>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    let merchant = match body.get("merchant_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) => merchant_param(Some(m))?,
+        Some(_) => merchant_param(Some(""))?,
+    };
+    authorize_admin(&app, principal.as_deref(), merchant.as_deref())?;
     let id = match body.get("customer_id") {
         Some(Value::String(s)) => customer_param(s)?,
         _ => {
@@ -325,32 +377,36 @@ pub(crate) async fn add_blocklist(
             ));
         }
     };
+    let (entry, scope) = blocklist_entry(&app, merchant.as_deref(), &id);
     app.store
-        .put(&keys::blocklist(&id), b"1".to_vec(), None)
+        .put(&entry, b"1".to_vec(), None)
         .await
         .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string(), None))?;
-    tracing::warn!(customer_id = %id, "customer added to the blocklist");
+    tracing::warn!(customer_id = %id, merchant_id = merchant.as_deref().unwrap_or("-"), scope, "customer added to the blocklist");
     Ok((
         StatusCode::CREATED,
-        Json(json!({"customer_id": id, "blocklisted": true})),
+        Json(json!({"customer_id": id, "merchant_id": merchant, "scope": scope, "blocklisted": true})),
     )
         .into_response())
 }
 
 /// Remove a customer from the blocklist.
 #[utoipa::path(delete, path = "/admin/blocklist/{customer_id}", tag = "admin",
-    params(("customer_id" = String, Path)),
-    responses((status = 200, description = "Removed"), (status = 404, description = "Not on the blocklist")))]
+    params(("customer_id" = String, Path), ("merchant_id" = Option<String>, Query, description = "The merchant's own entry; without it, the network-wide one")),
+    responses((status = 200, description = "Removed"), (status = 401, description = "No valid key"), (status = 403, description = "No keys configured, or a key bound to another merchant"), (status = 404, description = "Not on the blocklist")))]
 pub(crate) async fn remove_blocklist(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    principal: Option<axum::Extension<Principal>>,
     Path(id): Path<String>,
+    Query(q): Query<MerchantQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    require_admin(&app, &headers)?;
+    let merchant = merchant_param(q.merchant_id.as_deref())?;
+    authorize_admin(&app, principal.as_deref(), merchant.as_deref())?;
     let id = customer_param(&id)?;
+    let (entry, _) = blocklist_entry(&app, merchant.as_deref(), &id);
     let existed = app
         .store
-        .delete(&keys::blocklist(&id))
+        .delete(&entry)
         .await
         .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string(), None))?;
     if !existed {
@@ -363,20 +419,42 @@ pub(crate) async fn remove_blocklist(
 }
 
 /// List the blocklist.
-#[utoipa::path(get, path = "/admin/blocklist", tag = "admin", responses((status = 200, description = "Blocklisted customers")))]
+#[utoipa::path(get, path = "/admin/blocklist", tag = "admin",
+    params(("merchant_id" = Option<String>, Query, description = "Also list this merchant's own entries")),
+    responses((status = 200, description = "Blocklisted customers: network-wide, and the merchant's own"), (status = 401, description = "No valid key"), (status = 403, description = "No keys configured, or a key bound to another merchant")))]
 pub(crate) async fn list_blocklist(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    principal: Option<axum::Extension<Principal>>,
+    Query(q): Query<MerchantQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    require_admin(&app, &headers)?;
+    let merchant = merchant_param(q.merchant_id.as_deref())?;
+    authorize_admin(&app, principal.as_deref(), merchant.as_deref())?;
+    let unavailable = |e: tai_core::backend::BackendError| {
+        ApiError::unavailable("store_unavailable", e.to_string(), None)
+    };
     let prefix = keys::blocklist("");
     let ids: Vec<String> = app
         .store
         .keys(&prefix)
         .await
-        .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string(), None))?
+        .map_err(unavailable)?
         .into_iter()
         .map(|k| k[prefix.len()..].to_owned())
         .collect();
-    Ok(Json(json!({"customers": ids})))
+    let own: Vec<String> = match &merchant {
+        Some(m) => {
+            let prefix = keys::merchant_blocklist(m, "");
+            app.store
+                .keys(&prefix)
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .map(|k| k[prefix.len()..].to_owned())
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    Ok(Json(
+        json!({"customers": ids, "merchant_id": merchant, "merchant_customers": own}),
+    ))
 }

@@ -108,15 +108,19 @@ impl PaymentAttempt {
 /// Where things live in the state store (payments and idempotency keys have tables of their
 /// own: [`ledger`]).
 pub mod keys {
-    /// A blocklist entry.
+    /// A network-wide blocklist entry (every merchant refuses the customer).
     pub fn blocklist(customer: &str) -> String {
         format!("pay:blocklist:{customer}")
     }
+    /// One merchant's blocklist entry.
+    pub fn merchant_blocklist(merchant: &str, customer: &str) -> String {
+        format!("pay:blocklist-m:{merchant}:{customer}")
+    }
     /// The key idempotency fingerprints are made with, when not configured.
     pub const FINGERPRINT_KEY: &str = "pay:fingerprint-key";
-    /// Currencies a customer paid in recently.
-    pub fn currencies(customer: &str) -> String {
-        format!("pay:currencies:{customer}")
+    /// Currencies a merchant's customer paid in recently.
+    pub fn currencies(merchant: &str, customer: &str) -> String {
+        format!("pay:currencies:{merchant}:{customer}")
     }
 }
 
@@ -132,7 +136,10 @@ pub(crate) struct App {
     store: Arc<dyn StateStore>,
     clock: SharedClock,
     limits: Limits,
-    api_keys: Vec<Secret>,
+    /// Whether API keys are configured (the admin routes need them).
+    keys_configured: bool,
+    /// Whether a merchant's blocklist entry applies to every merchant (the rules' switch).
+    network_blocklist: bool,
 }
 
 /// The service could not be built from its configuration.
@@ -455,7 +462,8 @@ pub async fn build(
             max_amount,
             rates: Arc::new(rates),
         },
-        api_keys: cfg.api_keys.clone(),
+        keys_configured: !cfg.api_keys.is_empty(),
+        network_blocklist: rules.network_blocklist,
     });
 
     // Andon: fraud over 2% of recent payments is RED (the breaker and error-rate rules are the

@@ -146,7 +146,10 @@ async fn api_keys_guard_mutating_routes_and_prod_refuses_to_start_without_them()
     let r = http.get(svc.url("/status")).send().await.expect("get");
     assert_eq!(r.status(), 200, "reads need no key");
     assert!(!svc.log().contains("sk_test_one"), "keys are never logged");
-    assert!(svc.log().contains("2 key(s), masked"));
+    assert!(
+        svc.log()
+            .contains("2 key(s) (0 bound to a merchant), masked")
+    );
 
     let mut prod =
         Proc::spawn_only("deployment-system", &[("TAI_PROFILE", "prod")]).expect("spawn");

@@ -6,3 +6,4 @@ mod foundation;
 mod operator;
 mod payment;
 mod record;
+mod safety;

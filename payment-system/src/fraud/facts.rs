@@ -62,6 +62,7 @@ impl FraudFactSource {
     /// the currencies the facts saw.
     pub async fn remember_currency(
         &self,
+        merchant: &str,
         customer: &str,
         currency: &str,
         seen: &BTreeMap<String, DateTime<Utc>>,
@@ -71,16 +72,20 @@ impl FraudFactSource {
         let bytes = serde_json::to_vec(&seen).unwrap_or_default();
         let ttl = self.currency_window.to_std().ok();
         self.recent
-            .put(&keys::currencies(customer), bytes, ttl)
+            .put(&keys::currencies(merchant, customer), bytes, ttl)
             .await
     }
 
     async fn recent_currencies(
         &self,
+        merchant: &str,
         customer: &str,
     ) -> Result<BTreeMap<String, DateTime<Utc>>, BackendError> {
         let now = self.clock.wall();
-        let raw = self.recent.get(&keys::currencies(customer)).await?;
+        let raw = self
+            .recent
+            .get(&keys::currencies(merchant, customer))
+            .await?;
         let mut seen: BTreeMap<String, DateTime<Utc>> = raw
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
@@ -95,15 +100,19 @@ impl FactSource<PaymentAttempt> for FraudFactSource {
 
     async fn gather(&self, attempt: &PaymentAttempt) -> Result<FraudFacts, BackendError> {
         let req = &attempt.request;
-        // three independent reads: one round trip's wait instead of three against Redis
-        let blocklist_key = keys::blocklist(&req.customer_id);
-        let (velocity, blocklisted, recent) = tokio::join!(
-            self.velocity.hit(&req.customer_id),
-            self.store.get(&blocklist_key),
-            self.recent_currencies(&req.customer_id),
+        // Velocity, currencies and the blocklist are the merchant's own: one merchant's
+        // customers never count against another's. Independent reads, waited for together.
+        let scope = format!("{}:{}", req.merchant_id, req.customer_id);
+        let network_entry = keys::blocklist(&req.customer_id);
+        let merchant_entry = keys::merchant_blocklist(&req.merchant_id, &req.customer_id);
+        let (velocity, network, merchant, recent) = tokio::join!(
+            self.velocity.hit(&scope),
+            self.store.get(&network_entry),
+            self.store.get(&merchant_entry),
+            self.recent_currencies(&req.merchant_id, &req.customer_id),
         );
+        let blocklisted = network?.is_some() || merchant?.is_some();
         let velocity = velocity?;
-        let blocklisted = blocklisted?.is_some();
         let currencies_seen = recent?;
         let other_recent_currency = currencies_seen
             .keys()

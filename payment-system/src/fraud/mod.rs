@@ -30,9 +30,13 @@ pub struct FraudRules {
     pub block_threshold: Decimal,
     /// The highest score.
     pub score_cap: Decimal,
-    /// Customers blocked outright (seeded into the store at start).
+    /// Customers blocked outright for every merchant (seeded into the store at start).
     #[serde(default)]
     pub blocklist: Vec<String>,
+    /// Whether an entry a merchant adds to the blocklist applies to every merchant (a network's
+    /// shared list); by default it is that merchant's own.
+    #[serde(default)]
+    pub network_blocklist: bool,
     /// The currency amount thresholds are given in.
     #[serde(default = "usd")]
     pub reference_currency: String,

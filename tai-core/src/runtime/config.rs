@@ -205,8 +205,9 @@ pub struct RuntimeConfig {
     pub vault_token: Option<Secret>,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`: traces exported over OTLP when set.
     pub otlp_endpoint: Option<String>,
-    /// `TAI_API_KEYS`: bearer keys for mutating routes; none means open.
-    pub api_keys: Vec<Secret>,
+    /// `TAI_API_KEYS`: bearer keys (`key` for an admin, `key:merchant` bound to a merchant);
+    /// none means open.
+    pub api_keys: Vec<super::auth::ApiKey>,
     /// `LOG_FORMAT`: `pretty` or `json` (default by profile).
     pub log_format: LogFormat,
     /// `REQUEST_TIMEOUT_MS` (default 30 s).
@@ -243,15 +244,9 @@ impl RuntimeConfig {
             value: listen.clone(),
             expected: "host:port, e.g. 127.0.0.1:3001".into(),
         })?;
-        let api_keys: Vec<Secret> = sources
+        let api_keys = sources
             .get("TAI_API_KEYS")
-            .map(|keys| {
-                keys.split(',')
-                    .map(str::trim)
-                    .filter(|k| !k.is_empty())
-                    .map(Secret::new)
-                    .collect()
-            })
+            .map(|keys| super::auth::parse_api_keys(&keys))
             .unwrap_or_default();
         let log_format = match sources.get("LOG_FORMAT").as_deref() {
             Some("json") => LogFormat::Json,
@@ -401,7 +396,14 @@ impl RuntimeConfig {
             ),
             (
                 "TAI_API_KEYS".into(),
-                format!("{} key(s), masked", self.api_keys.len()),
+                format!(
+                    "{} key(s) ({} bound to a merchant), masked",
+                    self.api_keys.len(),
+                    self.api_keys
+                        .iter()
+                        .filter(|k| k.merchant.is_some())
+                        .count()
+                ),
             ),
             (
                 "LOG_FORMAT".into(),

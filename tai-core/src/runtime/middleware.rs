@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -77,14 +77,10 @@ fn jsonify_errors(response: Response) -> Response {
 /// Every configured key is compared in constant time; the key itself is never logged.
 pub(crate) async fn authenticate(
     State(common): State<Arc<Common>>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    let mutating = matches!(
-        *req.method(),
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-    );
-    if !mutating || common.api_keys.is_empty() {
+    if common.api_keys.is_empty() || super::auth::is_public(req.uri().path()) {
         return next.run(req).await;
     }
     let presented = req
@@ -96,15 +92,11 @@ pub(crate) async fn authenticate(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    let ok = match presented {
-        // fold over all keys without stopping early, so timing does not tell which matched
-        Some(key) => common
-            .api_keys
-            .iter()
-            .fold(false, |found, k| k.matches(key.as_bytes()) | found),
-        None => false,
-    };
-    if ok {
+    if let Some(key) = presented.and_then(|p| super::auth::find(&common.api_keys, p)) {
+        let principal = super::auth::Principal {
+            merchant: key.merchant.clone(),
+        };
+        req.extensions_mut().insert(principal);
         return next.run(req).await;
     }
     let (code, message) = if presented.is_none() {

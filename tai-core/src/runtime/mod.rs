@@ -15,6 +15,7 @@
 //! - graceful shutdown on SIGINT/SIGTERM: stop accepting, finish in-flight requests, signal the
 //!   workers, and drain every registered queue within the grace time.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 mod middleware;
@@ -36,6 +37,7 @@ use tokio::task::JoinHandle;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use utoipa::OpenApi;
 
+pub use auth::{ApiKey, Principal};
 pub use config::{ConfigError, LogFormat, Profile, RuntimeConfig};
 pub use error::{ApiError, ApiJson, ErrorType};
 pub use trace::TraceContext;
@@ -46,7 +48,6 @@ use crate::clock::SharedClock;
 use crate::jidoka::{BreakerState, CircuitBreaker};
 use crate::kaizen::Kaizen;
 use crate::kanban::QueueStatus;
-use crate::secrets::Secret;
 
 /// A readiness probe for `/ready`.
 type Probe = Arc<dyn Fn() -> BoxFuture<'static, Result<(), BackendError>> + Send + Sync>;
@@ -73,7 +74,7 @@ pub(crate) struct Common {
     readiness: Vec<Readiness>,
     backends: BTreeMap<String, String>,
     figure_sources: Vec<FigureSource>,
-    api_keys: Vec<Secret>,
+    api_keys: Vec<ApiKey>,
     request_timeout: std::time::Duration,
     openapi_json: String,
 }
@@ -214,13 +215,7 @@ impl Runtime {
             .await
             .map_err(|e| ConfigError::Refused(format!("cannot read secrets from Vault: {e}")))?;
         if let Some(keys) = keys {
-            self.config.api_keys = keys
-                .expose()
-                .split(',')
-                .map(str::trim)
-                .filter(|k| !k.is_empty())
-                .map(Secret::new)
-                .collect();
+            self.config.api_keys = auth::parse_api_keys(keys.expose());
         }
         tracing::info!(mount = %mount, path = %path, keys = self.config.api_keys.len(), "API keys read from Vault");
         if self.config.profile == Profile::Prod && self.config.api_keys.is_empty() {
