@@ -94,6 +94,17 @@ impl Charged {
                 gateway_id: None,
                 error: failure("card_error", "card_declined", "The card was declined."),
             },
+            // a charge reversed before it was settled here: no money moved in the end
+            ChargeOutcome::Reversed { gateway_id } => Self {
+                status: PaymentStatus::Reversed,
+                http_status: 502,
+                gateway_id: Some(gateway_id),
+                error: failure(
+                    "api_error",
+                    "charge_reversed",
+                    "The charge was made and then reversed at the gateway; no money moved.",
+                ),
+            },
             ChargeOutcome::NotCharged => Self {
                 status: PaymentStatus::Failed,
                 http_status: 502,
@@ -182,6 +193,7 @@ impl PaymentAction {
                         ChargeOutcome::Approved { .. } => "approved",
                         ChargeOutcome::Declined => "declined",
                         ChargeOutcome::NotCharged => "failed",
+                        ChargeOutcome::Reversed { .. } => "reversed",
                     },
                 );
                 Charged::decided(outcome)

@@ -25,12 +25,25 @@ use crate::idempotency::Idempotency;
 use crate::record::{PaymentRecord, PaymentStatus};
 
 /// The payment service's tables (versions 1001 and up; tai-core's own are below 1000).
-pub const SCHEMA: &[SchemaChange] = &[SchemaChange {
-    version: 1001,
-    description: "payments, idempotency keys",
-    sqlite: SCHEMA_V1,
-    postgres: SCHEMA_V1,
-}];
+pub const SCHEMA: &[SchemaChange] = &[
+    SchemaChange {
+        version: 1001,
+        description: "payments, idempotency keys",
+        sqlite: SCHEMA_V1,
+        postgres: SCHEMA_V1,
+    },
+    SchemaChange {
+        version: 1002,
+        description: "payments failed as not found are looked up again until recheck_until",
+        sqlite: SCHEMA_V2,
+        postgres: SCHEMA_V2,
+    },
+];
+
+const SCHEMA_V2: &str = "
+    ALTER TABLE payments ADD COLUMN recheck_until BIGINT;
+    CREATE INDEX IF NOT EXISTS payments_recheck ON payments (updated_at) WHERE recheck_until IS NOT NULL;
+";
 
 const SCHEMA_V1: &str = "
     CREATE TABLE IF NOT EXISTS payments (
@@ -76,6 +89,7 @@ pub fn event_type(status: PaymentStatus) -> Option<&'static str> {
         PaymentStatus::Success => Some("payment.succeeded"),
         PaymentStatus::Failed => Some("payment.failed"),
         PaymentStatus::FraudBlocked => Some("payment.fraud_blocked"),
+        PaymentStatus::Reversed => Some("payment.reversed"),
         PaymentStatus::Processing => None,
     }
 }
@@ -248,16 +262,93 @@ impl Ledger {
     /// Moves a payment from `PROCESSING` at `version` to `record`'s final state, with its
     /// answer and event; answers false (and changes nothing) when someone else settled it first.
     pub async fn settle(&self, record: &PaymentRecord, version: i64) -> Result<bool, BackendError> {
+        self.transition(record, version, PaymentStatus::Processing, None)
+            .await
+    }
+
+    /// [`Ledger::settle`] for a payment failed because the gateway had no record of its charge:
+    /// it is looked up again until `recheck_until` (unix ms), in case the charge turns up late.
+    pub async fn settle_unfound(
+        &self,
+        record: &PaymentRecord,
+        version: i64,
+        recheck_until: i64,
+    ) -> Result<bool, BackendError> {
+        self.transition(
+            record,
+            version,
+            PaymentStatus::Processing,
+            Some(recheck_until),
+        )
+        .await
+    }
+
+    /// Moves a payment failed as not found to `REVERSED`, once its late charge was reversed at
+    /// the gateway, with its event.
+    pub async fn reverse(
+        &self,
+        record: &PaymentRecord,
+        version: i64,
+    ) -> Result<bool, BackendError> {
+        self.transition(record, version, PaymentStatus::Failed, None)
+            .await
+    }
+
+    /// Payments failed as not found whose recheck is due (last looked at `every` ago or more).
+    pub async fn recheck_due(
+        &self,
+        every: Duration,
+        limit: i64,
+    ) -> Result<Vec<Versioned>, BackendError> {
+        let cutoff = self.now() - i64::try_from(every.as_millis()).unwrap_or(0);
+        let rows = sqlx::query(
+            "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
+             WHERE recheck_until IS NOT NULL AND updated_at <= $1 ORDER BY updated_at LIMIT $2",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        rows.iter().map(Self::versioned).collect()
+    }
+
+    /// Notes a recheck: looked at now; stops rechecking once `recheck_until` has passed.
+    pub async fn rechecked(&self, id: &str, version: i64) -> Result<(), BackendError> {
+        let now = self.now();
+        sqlx::query(
+            "UPDATE payments SET updated_at = $1, version = version + 1, \
+             recheck_until = CASE WHEN recheck_until <= $1 THEN NULL ELSE recheck_until END \
+             WHERE transaction_id = $2 AND version = $3",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(version)
+        .execute(self.db.pool())
+        .await
+        .map(|_| ())
+        .map_err(db_error)
+    }
+
+    async fn transition(
+        &self,
+        record: &PaymentRecord,
+        version: i64,
+        from: PaymentStatus,
+        recheck_until: Option<i64>,
+    ) -> Result<bool, BackendError> {
         let mut tx = self.db.pool().begin().await.map_err(db_error)?;
         let moved = sqlx::query(
-            "UPDATE payments SET status = $1, record = $2, updated_at = $3, version = version + 1 \
-             WHERE transaction_id = $4 AND version = $5 AND status = 'PROCESSING'",
+            "UPDATE payments SET status = $1, record = $2, updated_at = $3, version = version + 1, \
+             recheck_until = $4 WHERE transaction_id = $5 AND version = $6 AND status = $7",
         )
         .bind(record.status.as_str())
         .bind(serde_json::to_string(record).map_err(|e| corrupt(&record.transaction_id, e))?)
         .bind(self.now())
+        .bind(recheck_until)
         .bind(&record.transaction_id)
         .bind(version)
+        .bind(from.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;

@@ -243,10 +243,9 @@ pub async fn build(
             });
             Arc::new(http)
         }
-        None => Arc::new(Sandbox::new(
-            Duration::from_millis(cfg.setting_or("SANDBOX_LATENCY_MS", 0u64)?),
-            cfg.setting_or("SANDBOX_FAILURE_RATE", 0.0f64)?,
-        )),
+        None => Arc::new(Sandbox::with_config(gateway::sandbox::config_from(
+            |name| cfg.setting(name),
+        )?)),
     };
     runtime.set_backend(
         "gateway",
@@ -401,6 +400,10 @@ pub async fn build(
         ),
         not_found_grace: Duration::from_millis(
             cfg.setting_or("RECONCILE_NOT_FOUND_GRACE_MS", 120_000u64)?,
+        ),
+        recheck_for: Duration::from_secs(cfg.setting_or("RECONCILE_RECHECK_SECS", 86_400u64)?),
+        recheck_every: Duration::from_millis(
+            cfg.setting_or("RECONCILE_RECHECK_EVERY_MS", 30_000u64)?,
         ),
     };
     runtime.spawn_worker(reconciler.run(

@@ -12,6 +12,9 @@
 //! "Not found" is not "never charged" at once: a real acquirer's lookup can lag its charges by
 //! seconds. The payment stays `PROCESSING` until it has been unknown for `not_found_grace`
 //! (`RECONCILE_NOT_FOUND_GRACE_MS`, two minutes) counted from its intent, and only then fails.
+//! Even then it is looked up again every `recheck_every` for `recheck_for`: a charge that turns
+//! up for a payment already failed is reversed at the gateway (voided or refunded) and the
+//! payment becomes `REVERSED`, so no customer pays for a payment its merchant was told failed.
 //!
 //! It also queues again the confirmation of successes that stayed unconfirmed (the queue was
 //! down when they succeeded), and sweeps idempotency keys whose time is up. Both lists are
@@ -26,7 +29,7 @@ use tai_core::kanban::SharedQueue;
 use tokio::sync::watch;
 
 use crate::action::Charged;
-use crate::gateway::Gateway;
+use crate::gateway::{ChargeOutcome, Gateway, Reversal};
 use crate::ledger::{Ledger, Versioned};
 use crate::metrics::PaymentMetrics;
 use crate::record::{FailureInfo, PaymentStatus};
@@ -41,6 +44,8 @@ pub struct Pass {
     pub waiting: usize,
     /// Confirmations queued again.
     pub requeued: usize,
+    /// Late charges of failed payments reversed.
+    pub reversed: usize,
 }
 
 /// Finishes payments left `PROCESSING`.
@@ -64,6 +69,10 @@ pub struct Reconciler {
     /// How long a charge the gateway does not know of stays `PROCESSING` (from its intent)
     /// before it is failed as never received.
     pub not_found_grace: Duration,
+    /// How long a payment failed as not found is looked up again.
+    pub recheck_for: Duration,
+    /// How often it is looked up again.
+    pub recheck_every: Duration,
 }
 
 const BATCH: i64 = 100;
@@ -98,6 +107,7 @@ impl Reconciler {
             finished: 0,
             waiting: 0,
             requeued: 0,
+            reversed: 0,
         };
         for payment in self.ledger.processing_older_than(self.after, BATCH).await? {
             if self.finish(payment).await? {
@@ -115,7 +125,61 @@ impl Reconciler {
                 pass.requeued += 1;
             }
         }
+        for payment in self.ledger.recheck_due(self.recheck_every, BATCH).await? {
+            if self.recheck(payment).await? {
+                pass.reversed += 1;
+            }
+        }
         Ok(pass)
+    }
+
+    /// Looks up a payment failed as not found; reverses a charge that turned up since.
+    async fn recheck(&self, payment: Versioned) -> Result<bool, BackendError> {
+        let Versioned {
+            mut record,
+            version,
+            ..
+        } = payment;
+        let id = record.transaction_id.clone();
+        let Some(key) = record.gateway_key.clone() else {
+            return Ok(false);
+        };
+        let gateway_id = match self.gateway.lookup(&key).await {
+            Ok(Some(ChargeOutcome::Approved { gateway_id }))
+            | Ok(Some(ChargeOutcome::Reversed { gateway_id })) => gateway_id,
+            Ok(_) => {
+                self.ledger.rechecked(&id, version).await?;
+                return Ok(false);
+            }
+            Err(e) => {
+                tracing::warn!(transaction_id = %id, error = %e, "recheck lookup failed; will try again");
+                return Ok(false);
+            }
+        };
+        tracing::error!(transaction_id = %id, "a charge turned up for a failed payment; reversing it");
+        match self.gateway.reverse(&key).await {
+            Ok(Reversal::Reversed) => {}
+            Ok(other) => {
+                tracing::error!(transaction_id = %id, ?other, "the gateway would not reverse the late charge; left for a person");
+                return Ok(false);
+            }
+            Err(e) => {
+                tracing::warn!(transaction_id = %id, error = %e, "reversal failed; will try again");
+                return Ok(false);
+            }
+        }
+        record.status = PaymentStatus::Reversed;
+        record.gateway_response = Some(gateway_id);
+        record.error = Some(FailureInfo {
+            kind: "api_error".into(),
+            code: "charge_reversed".into(),
+            message: "The charge reached the payment gateway after the payment had been failed; it was reversed there, so no money moved.".into(),
+        });
+        if !self.ledger.reverse(&record, version).await? {
+            return Ok(false);
+        }
+        self.metrics.reconciled(record.status);
+        Ok(true)
     }
 
     async fn finish(&self, payment: Versioned) -> Result<bool, BackendError> {
@@ -138,7 +202,7 @@ impl Reconciler {
                     // the gateway's books may lag its charges: ask again later
                     return Ok(false);
                 }
-                Charged {
+                let unfound = Charged {
                     status: PaymentStatus::Failed,
                     http_status: 502,
                     gateway_id: None,
@@ -150,7 +214,19 @@ impl Reconciler {
                             unknown_for / 1000
                         ),
                     }),
+                };
+                record.status = unfound.status;
+                record.http_status = unfound.http_status;
+                record.gateway_response = None;
+                record.error = unfound.error;
+                let until = self.clock.wall().timestamp_millis()
+                    + i64::try_from(self.recheck_for.as_millis()).unwrap_or(i64::MAX / 4);
+                if !self.ledger.settle_unfound(&record, version, until).await? {
+                    return Ok(false);
                 }
+                self.metrics.reconciled(record.status);
+                tracing::warn!(transaction_id = %id, "payment failed: the gateway has no charge for it (looked up again for a while)");
+                return Ok(true);
             }
             Err(e) => {
                 tracing::warn!(transaction_id = %id, error = %e, "gateway lookup failed; will try again");
@@ -240,6 +316,8 @@ pub(crate) mod tests {
             after: Duration::from_secs(10),
             confirm_after: Duration::from_secs(60),
             not_found_grace: Duration::from_secs(30),
+            recheck_for: Duration::from_secs(3600),
+            recheck_every: Duration::from_secs(10),
         };
         for (id, key) in [("txn_a", "m:charged"), ("txn_b", "m:lost")] {
             let mut rec = processing(id, key, &clock);
@@ -255,7 +333,8 @@ pub(crate) mod tests {
             Pass {
                 finished: 0,
                 waiting: 0,
-                requeued: 0
+                requeued: 0,
+                reversed: 0
             },
             "too young: a request may still be in flight"
         );
@@ -265,7 +344,8 @@ pub(crate) mod tests {
             Pass {
                 finished: 1,
                 waiting: 1,
-                requeued: 0
+                requeued: 0,
+                reversed: 0
             },
             "the charged one settles; the unknown one waits: lookups can lag charges"
         );
@@ -285,7 +365,8 @@ pub(crate) mod tests {
             Pass {
                 finished: 1,
                 waiting: 0,
-                requeued: 0
+                requeued: 0,
+                reversed: 0
             },
             "failed once unknown for the grace period"
         );
@@ -314,5 +395,70 @@ pub(crate) mod tests {
         assert_eq!(r.pass().await.expect("pass").requeued, 1);
         assert!(ledger.confirm("txn_a").await.expect("db"));
         assert_eq!(r.pass().await.expect("pass").requeued, 0);
+    }
+
+    #[tokio::test]
+    async fn a_charge_that_turns_up_after_the_payment_failed_is_reversed() {
+        let clock = ManualClock::new();
+        let ledger = crate::ledger::tests::ledger(&clock).await;
+        let sandbox = Arc::new(Sandbox::new(Duration::ZERO, 0.0));
+        let queue = MemoryQueue::<String>::new(QueueConfig::new("c", 10), clock.shared());
+        let kaizen = tai_core::kaizen::Kaizen::new("t", clock.shared());
+        let r = Reconciler {
+            ledger: ledger.clone(),
+            gateway: sandbox.clone(),
+            confirmations: Arc::new(queue),
+            metrics: Arc::new(PaymentMetrics::new(&kaizen, clock.shared())),
+            clock: clock.shared(),
+            after: Duration::from_secs(1),
+            confirm_after: Duration::from_secs(60),
+            not_found_grace: Duration::from_secs(5),
+            recheck_for: Duration::from_secs(3600),
+            recheck_every: Duration::from_secs(10),
+        };
+        let mut rec = processing("txn_late", "m:late", &clock);
+        rec.idempotency_key = None;
+        rec.fingerprint = None;
+        ledger.begin_charge(&rec).await.expect("intent");
+        clock.advance(Duration::from_secs(5));
+        assert_eq!(r.pass().await.expect("pass").finished, 1);
+        let failed = ledger
+            .get("txn_late")
+            .await
+            .expect("db")
+            .expect("rec")
+            .record;
+        assert_eq!(failed.status, PaymentStatus::Failed);
+        // the charge reaches the gateway late
+        assert!(matches!(
+            sandbox.decide("m:late", None).await,
+            crate::gateway::sandbox::SandboxAnswer::Approved(_)
+        ));
+        assert_eq!(r.pass().await.expect("pass").reversed, 0, "not due yet");
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(r.pass().await.expect("pass").reversed, 1);
+        let reversed = ledger
+            .get("txn_late")
+            .await
+            .expect("db")
+            .expect("rec")
+            .record;
+        assert_eq!(reversed.status, PaymentStatus::Reversed);
+        assert_eq!((sandbox.charges(), sandbox.reversed()), (1, 1));
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(r.pass().await.expect("pass").reversed, 0, "once");
+        let kinds: Vec<String> = tai_core::outbox::read(ledger.database(), 0, 10)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| e.subject)
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                "payments.events.payment.failed",
+                "payments.events.payment.reversed"
+            ]
+        );
     }
 }

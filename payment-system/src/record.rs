@@ -19,6 +19,9 @@ pub enum PaymentStatus {
     FraudBlocked,
     /// Declined, gateway error, or gateway unavailable.
     Failed,
+    /// Charged at the gateway after the payment had been failed (its charge turned up late),
+    /// and reversed there (voided or refunded): no money moved in the end.
+    Reversed,
     /// Sent to the gateway, outcome not known yet (it timed out, or the service stopped
     /// mid-charge); the reconciler finishes it.
     Processing,
@@ -32,6 +35,7 @@ impl PaymentStatus {
             PaymentStatus::FraudBlocked => "FRAUD_BLOCKED",
             PaymentStatus::Failed => "FAILED",
             PaymentStatus::Processing => "PROCESSING",
+            PaymentStatus::Reversed => "REVERSED",
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tai_core::backend::BoxFuture;
 
-use super::{ChargeOutcome, ChargeRequest, Gateway, GatewayError};
+use super::{ChargeOutcome, ChargeRequest, Gateway, GatewayError, Reversal};
 
 /// An HTTP gateway at a base URL, with a per-call timeout.
 #[derive(Debug, Clone)]
@@ -95,6 +95,9 @@ impl Gateway for HttpGateway {
                     .ok_or_else(|| GatewayError::Protocol("approved charge without an id".into())),
                 (200, Some("declined")) => Ok(Some(ChargeOutcome::Declined)),
                 (200, Some("failed")) => Ok(Some(ChargeOutcome::NotCharged)),
+                (200, Some("reversed")) => Ok(Some(ChargeOutcome::Reversed {
+                    gateway_id: answer["id"].as_str().unwrap_or("").to_owned(),
+                })),
                 (s, _) if s >= 500 => Err(GatewayError::Server {
                     status: s,
                     message: "lookup failed".into(),
@@ -102,6 +105,36 @@ impl Gateway for HttpGateway {
                 (s, _) => Err(GatewayError::Protocol(format!(
                     "unexpected lookup answer {s}"
                 ))),
+            }
+        })
+    }
+    fn reverse<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+    ) -> BoxFuture<'a, Result<Reversal, GatewayError>> {
+        Box::pin(async move {
+            let mut url = reqwest::Url::parse(&format!("{}/v1/charges", self.base))
+                .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+            url.path_segments_mut()
+                .map_err(|_| GatewayError::Protocol("gateway URL cannot take a path".into()))?
+                .push(idempotency_key)
+                .push("reverse");
+            let response = self
+                .client
+                .post(url)
+                .send()
+                .await
+                .map_err(|e| self.map_err(e))?;
+            let status = response.status().as_u16();
+            let answer: Value = response.json().await.unwrap_or(Value::Null);
+            match (status, answer["status"].as_str()) {
+                (200, Some("reversed")) => Ok(Reversal::Reversed),
+                (200, _) => Ok(Reversal::NothingCharged),
+                (404, _) => Ok(Reversal::Unknown),
+                (s, _) => Err(GatewayError::Server {
+                    status: s,
+                    message: "reversal refused".into(),
+                }),
             }
         })
     }

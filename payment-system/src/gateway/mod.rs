@@ -41,6 +41,22 @@ pub enum ChargeOutcome {
     Declined,
     /// The gateway says it did not charge (its processing failed): known, and final.
     NotCharged,
+    /// Charged, then reversed (voided or refunded): no money moved in the end.
+    Reversed {
+        /// The charge's id.
+        gateway_id: String,
+    },
+}
+
+/// How a reversal ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reversal {
+    /// The charge is reversed (now, or before).
+    Reversed,
+    /// There was no charge to reverse (declined or failed).
+    NothingCharged,
+    /// The gateway knows no charge with that key.
+    Unknown,
 }
 
 /// The gateway failed to decide.
@@ -83,6 +99,11 @@ pub trait Gateway: Send + Sync + std::fmt::Debug {
         &'a self,
         request: &'a ChargeRequest,
     ) -> BoxFuture<'a, Result<ChargeOutcome, GatewayError>>;
+    /// Reverses (voids or refunds) the charge made with `idempotency_key`, idempotently.
+    fn reverse<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+    ) -> BoxFuture<'a, Result<Reversal, GatewayError>>;
     /// How the charge with this idempotency key ended; `None` if the gateway never decided one.
     fn lookup<'a>(
         &'a self,

@@ -2,10 +2,17 @@
 //!
 //! It answers by card number, as a card network's test mode does: no card or `4242424242424242`
 //! is approved, `4000000000000002` is declined, `4000000000000119` is a processing error (a
-//! gateway failure: HTTP 500). `latency` slows every answer; `failure_rate` turns that share of
-//! charges into processing errors. A repeated idempotency key returns the first decision and
-//! charges nothing more; after a processing error a retry with the key is decided anew, and a
-//! lookup of the key meanwhile answers `failed` (the gateway knows it charged nothing).
+//! gateway failure: HTTP 500, nothing charged). A repeated idempotency key returns the first
+//! decision and charges nothing more; after a processing error a retry with the key is decided
+//! anew, and a lookup of the key meanwhile answers `failed` (the gateway knows it charged
+//! nothing).
+//!
+//! It can misbehave the way real acquirers do ([`SandboxConfig`]): `latency` slows every
+//! answer; `failure_rate` turns that share of charges into processing errors; `decide_late`
+//! decides at the end of the latency instead of the start, and the charge happens even when
+//! the caller has hung up meanwhile; `charge_then_fail_rate` charges and then answers 500 anyway;
+//! `lookup_lag` hides a decision from lookups until it is that old. A charge can be reversed
+//! (voided or refunded) by its key, idempotently.
 //!
 //! Decisions are remembered for the last [`REMEMBERED`] keys only: the sandbox lives in process
 //! memory under the embedded default, and memory must not grow with every payment ever made.
@@ -14,7 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -25,7 +32,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use tai_core::backend::BoxFuture;
 
-use super::{ChargeOutcome, ChargeRequest, Gateway, GatewayError};
+use super::{ChargeOutcome, ChargeRequest, Gateway, GatewayError, Reversal};
 
 /// Test card: approved.
 pub const CARD_APPROVED: &str = "4242424242424242";
@@ -34,6 +41,9 @@ pub const CARD_DECLINED: &str = "4000000000000002";
 /// Test card: processing error.
 pub const CARD_PROCESSING_ERROR: &str = "4000000000000119";
 
+/// How many decisions the sandbox remembers (the oldest are forgotten first).
+pub const REMEMBERED: usize = 200_000;
+
 /// What the sandbox decided for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxAnswer {
@@ -41,105 +51,354 @@ pub enum SandboxAnswer {
     Approved(String),
     /// Declined.
     Declined,
-    /// Processing error.
+    /// Processing error: nothing charged.
     Error,
+    /// Charged with this id, then reversed (voided or refunded).
+    Reversed(String),
 }
 
-/// How many decisions the sandbox remembers (the oldest are forgotten first).
-pub const REMEMBERED: usize = 200_000;
+/// What a charge request is answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeReply {
+    /// The decision (for a repeated key, the first one).
+    Decided(SandboxAnswer),
+    /// Charged, and answered with a server error anyway (`charge_then_fail_rate`).
+    ChargedThenFailed,
+    /// A request with this key is being decided right now (`decide_late`).
+    InProgress,
+}
 
-/// Decisions by key, and the keys in the order they were decided.
+/// How the sandbox behaves.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxConfig {
+    /// Every answer waits this long.
+    pub latency: Duration,
+    /// Share of charges that are processing errors (0..=1).
+    pub failure_rate: f64,
+    /// Decide at the end of the latency, not the start (`SANDBOX_DECIDE=late`).
+    pub decide_late: bool,
+    /// Share of approvals answered 500 after charging (`SANDBOX_CHARGE_THEN_FAIL_RATE`).
+    pub charge_then_fail_rate: f64,
+    /// Lookups see a decision only once it is this old (`SANDBOX_LOOKUP_LAG_MS`).
+    pub lookup_lag: Duration,
+}
+
+/// Reads a [`SandboxConfig`] through `get` (a setting by its environment name):
+/// `SANDBOX_LATENCY_MS`, `SANDBOX_FAILURE_RATE`, `SANDBOX_DECIDE` (`early` or `late`),
+/// `SANDBOX_CHARGE_THEN_FAIL_RATE`, `SANDBOX_LOOKUP_LAG_MS`.
+pub fn config_from(
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<SandboxConfig, tai_core::runtime::ConfigError> {
+    fn parse<T: std::str::FromStr>(
+        get: &impl Fn(&str) -> Option<String>,
+        name: &str,
+        default: T,
+        expected: &str,
+    ) -> Result<T, tai_core::runtime::ConfigError> {
+        match get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| tai_core::runtime::ConfigError::Invalid {
+                    name: name.into(),
+                    value: v,
+                    expected: expected.into(),
+                }),
+        }
+    }
+    let decide_late = match get("SANDBOX_DECIDE").as_deref() {
+        None | Some("early") => false,
+        Some("late") => true,
+        Some(other) => {
+            return Err(tai_core::runtime::ConfigError::Invalid {
+                name: "SANDBOX_DECIDE".into(),
+                value: other.into(),
+                expected: "early or late".into(),
+            });
+        }
+    };
+    Ok(SandboxConfig {
+        latency: Duration::from_millis(parse(&get, "SANDBOX_LATENCY_MS", 0u64, "milliseconds")?),
+        failure_rate: parse(&get, "SANDBOX_FAILURE_RATE", 0.0f64, "a share from 0 to 1")?,
+        decide_late,
+        charge_then_fail_rate: parse(
+            &get,
+            "SANDBOX_CHARGE_THEN_FAIL_RATE",
+            0.0f64,
+            "a share from 0 to 1",
+        )?,
+        lookup_lag: Duration::from_millis(parse(
+            &get,
+            "SANDBOX_LOOKUP_LAG_MS",
+            0u64,
+            "milliseconds",
+        )?),
+    })
+}
+
+#[derive(Debug, Clone)]
+enum Slot {
+    Pending,
+    Decided {
+        answer: SandboxAnswer,
+        at: Instant,
+        reference: String,
+    },
+}
+
+/// Decisions by key, and the keys in the order they were first seen.
 #[derive(Debug, Default)]
-struct Answers {
-    by_key: HashMap<String, SandboxAnswer>,
+struct Book {
+    by_key: HashMap<String, Slot>,
     order: VecDeque<String>,
+}
+
+impl Book {
+    fn put(&mut self, key: &str, slot: Slot) {
+        if self.by_key.insert(key.to_owned(), slot).is_none() {
+            self.order.push_back(key.to_owned());
+            if self.order.len() > REMEMBERED
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.by_key.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// The sandbox's state; share it through an `Arc`.
 #[derive(Debug)]
 pub struct Sandbox {
-    latency: Duration,
-    failure_rate: f64,
-    answers: Mutex<Answers>,
-    charges: AtomicU64,
+    config: SandboxConfig,
+    book: Arc<Mutex<Book>>,
+    charges: Arc<AtomicU64>,
+    reversed: AtomicU64,
     requests: AtomicU64,
 }
 
+/// A charge decided for the first time: by card, then the random failure share.
+fn fresh(config: &SandboxConfig, card_number: Option<&str>) -> SandboxAnswer {
+    let random_failure = config.failure_rate > 0.0 && rand::random::<f64>() < config.failure_rate;
+    match card_number {
+        Some(CARD_PROCESSING_ERROR) => SandboxAnswer::Error,
+        _ if random_failure => SandboxAnswer::Error,
+        Some(CARD_DECLINED) => SandboxAnswer::Declined,
+        _ => SandboxAnswer::Approved(format!("gw_{}", uuid::Uuid::new_v4().simple())),
+    }
+}
+
 impl Sandbox {
-    /// A sandbox with the given latency and random failure share (0.0..=1.0).
+    /// A sandbox with the given latency and random failure share (0.0..=1.0), deciding early.
     pub fn new(latency: Duration, failure_rate: f64) -> Self {
-        Self {
+        Self::with_config(SandboxConfig {
             latency,
-            failure_rate: failure_rate.clamp(0.0, 1.0),
-            answers: Mutex::new(Answers::default()),
-            charges: AtomicU64::new(0),
+            failure_rate,
+            ..SandboxConfig::default()
+        })
+    }
+
+    /// A sandbox that behaves as `config` says.
+    pub fn with_config(mut config: SandboxConfig) -> Self {
+        config.failure_rate = config.failure_rate.clamp(0.0, 1.0);
+        config.charge_then_fail_rate = config.charge_then_fail_rate.clamp(0.0, 1.0);
+        Self {
+            config,
+            book: Arc::default(),
+            charges: Arc::default(),
+            reversed: AtomicU64::new(0),
             requests: AtomicU64::new(0),
         }
     }
 
-    /// Decides a charge for `key` and `card_number`, once per key.
-    pub async fn decide(&self, key: &str, card_number: Option<&str>) -> SandboxAnswer {
-        self.requests.fetch_add(1, Ordering::SeqCst);
-        // decide under the lock, so concurrent requests with one key charge once
-        let answer = {
-            let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(first) = answers
-                .by_key
-                .get(key)
-                .filter(|a| **a != SandboxAnswer::Error)
-            {
-                first.clone()
-            } else {
-                let random_failure =
-                    self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate;
-                let answer = match card_number {
-                    Some(CARD_PROCESSING_ERROR) => SandboxAnswer::Error,
-                    _ if random_failure => SandboxAnswer::Error,
-                    Some(CARD_DECLINED) => SandboxAnswer::Declined,
-                    _ => {
-                        self.charges.fetch_add(1, Ordering::SeqCst);
-                        SandboxAnswer::Approved(format!("gw_{}", uuid::Uuid::new_v4().simple()))
-                    }
-                };
-                if answers
-                    .by_key
-                    .insert(key.to_owned(), answer.clone())
-                    .is_none()
-                {
-                    answers.order.push_back(key.to_owned());
-                    if answers.order.len() > REMEMBERED
-                        && let Some(oldest) = answers.order.pop_front()
-                    {
-                        answers.by_key.remove(&oldest);
-                    }
-                }
-                answer
-            }
-        };
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
+    fn lock(book: &Mutex<Book>) -> std::sync::MutexGuard<'_, Book> {
+        book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides `key` now unless it is decided already (a processing error is decided anew);
+    /// answers the decision that stands.
+    fn settle(
+        book: &Mutex<Book>,
+        charges: &AtomicU64,
+        config: &SandboxConfig,
+        key: &str,
+        card_number: Option<&str>,
+        reference: &str,
+    ) -> SandboxAnswer {
+        let mut book = Self::lock(book);
+        if let Some(Slot::Decided { answer, .. }) = book.by_key.get(key)
+            && *answer != SandboxAnswer::Error
+        {
+            return answer.clone();
         }
+        let answer = fresh(config, card_number);
+        if matches!(answer, SandboxAnswer::Approved(_)) {
+            charges.fetch_add(1, Ordering::SeqCst);
+        }
+        book.put(
+            key,
+            Slot::Decided {
+                answer: answer.clone(),
+                at: Instant::now(),
+                reference: reference.to_owned(),
+            },
+        );
         answer
     }
 
-    /// The decision made for `key`, if any.
-    pub fn decision(&self, key: &str) -> Option<SandboxAnswer> {
-        self.answers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_key
-            .get(key)
-            .cloned()
+    /// Decides a charge for `key` and `card_number`, once per key, as configured.
+    pub async fn charge_key(
+        &self,
+        key: &str,
+        card_number: Option<&str>,
+        reference: &str,
+    ) -> ChargeReply {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let answer = if self.config.decide_late {
+            // look and mark under the lock; wait only after letting it go
+            let standing: Option<Option<SandboxAnswer>> = {
+                let mut book = Self::lock(&self.book);
+                match book.by_key.get(key) {
+                    Some(Slot::Pending) => Some(None),
+                    Some(Slot::Decided { answer, .. }) if *answer != SandboxAnswer::Error => {
+                        Some(Some(answer.clone()))
+                    }
+                    _ => {
+                        book.put(key, Slot::Pending);
+                        None
+                    }
+                }
+            };
+            match standing {
+                Some(None) => return ChargeReply::InProgress,
+                Some(Some(answer)) => {
+                    tokio::time::sleep(self.config.latency).await;
+                    return ChargeReply::Decided(answer);
+                }
+                None => {}
+            }
+            // its own task: the charge happens even if the caller hangs up meanwhile
+            let (book, charges, config) =
+                (self.book.clone(), self.charges.clone(), self.config.clone());
+            let (key, card, reference) = (
+                key.to_owned(),
+                card_number.map(str::to_owned),
+                reference.to_owned(),
+            );
+            let decided = tokio::spawn(async move {
+                tokio::time::sleep(config.latency).await;
+                Self::settle(&book, &charges, &config, &key, card.as_deref(), &reference)
+            });
+            match decided.await {
+                Ok(a) => a,
+                Err(_) => SandboxAnswer::Error,
+            }
+        } else {
+            let answer = Self::settle(
+                &self.book,
+                &self.charges,
+                &self.config,
+                key,
+                card_number,
+                reference,
+            );
+            if !self.config.latency.is_zero() {
+                tokio::time::sleep(self.config.latency).await;
+            }
+            answer
+        };
+        if matches!(answer, SandboxAnswer::Approved(_))
+            && self.config.charge_then_fail_rate > 0.0
+            && rand::random::<f64>() < self.config.charge_then_fail_rate
+        {
+            return ChargeReply::ChargedThenFailed;
+        }
+        ChargeReply::Decided(answer)
     }
 
-    /// Distinct approved charges.
+    /// Decides a charge for `key` (the in-process form: no reference, no failure modes but
+    /// latency and the failure share).
+    pub async fn decide(&self, key: &str, card_number: Option<&str>) -> SandboxAnswer {
+        match self.charge_key(key, card_number, key).await {
+            ChargeReply::Decided(a) => a,
+            ChargeReply::ChargedThenFailed | ChargeReply::InProgress => SandboxAnswer::Error,
+        }
+    }
+
+    /// The decision made for `key`, as a lookup sees it (not before it is `lookup_lag` old).
+    pub fn decision(&self, key: &str) -> Option<SandboxAnswer> {
+        match Self::lock(&self.book).by_key.get(key) {
+            Some(Slot::Decided { answer, at, .. }) if at.elapsed() >= self.config.lookup_lag => {
+                Some(answer.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Reverses (voids or refunds) the charge with `key`: `Ok(true)` once reversed (again or
+    /// now), `Ok(false)` when there was no charge to reverse (declined or failed); `Err(404)`
+    /// for an unknown key, `Err(409)` for one not decided yet.
+    pub fn reverse_key(&self, key: &str) -> Result<bool, u16> {
+        let mut book = Self::lock(&self.book);
+        match book.by_key.get_mut(key) {
+            None => Err(404),
+            Some(Slot::Pending) => Err(409),
+            Some(Slot::Decided { answer, .. }) => match answer.clone() {
+                SandboxAnswer::Approved(id) => {
+                    *answer = SandboxAnswer::Reversed(id);
+                    self.reversed.fetch_add(1, Ordering::SeqCst);
+                    Ok(true)
+                }
+                SandboxAnswer::Reversed(_) => Ok(true),
+                SandboxAnswer::Declined | SandboxAnswer::Error => Ok(false),
+            },
+        }
+    }
+
+    /// Every decision remembered: key, the caller's reference, status.
+    pub fn book(&self) -> Vec<(String, String, &'static str)> {
+        let book = Self::lock(&self.book);
+        book.order
+            .iter()
+            .filter_map(|k| match book.by_key.get(k) {
+                Some(Slot::Decided {
+                    answer, reference, ..
+                }) => Some((k.clone(), reference.clone(), status_word(answer))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Distinct approved charges (reversed ones included).
     pub fn charges(&self) -> u64 {
         self.charges.load(Ordering::SeqCst)
+    }
+
+    /// Charges reversed.
+    pub fn reversed(&self) -> u64 {
+        self.reversed.load(Ordering::SeqCst)
     }
 
     /// Charge requests received.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+}
+
+fn status_word(answer: &SandboxAnswer) -> &'static str {
+    match answer {
+        SandboxAnswer::Approved(_) => "approved",
+        SandboxAnswer::Declined => "declined",
+        SandboxAnswer::Error => "failed",
+        SandboxAnswer::Reversed(_) => "reversed",
+    }
+}
+
+fn outcome(answer: SandboxAnswer) -> ChargeOutcome {
+    match answer {
+        SandboxAnswer::Approved(id) => ChargeOutcome::Approved { gateway_id: id },
+        SandboxAnswer::Declined => ChargeOutcome::Declined,
+        SandboxAnswer::Error => ChargeOutcome::NotCharged,
+        SandboxAnswer::Reversed(id) => ChargeOutcome::Reversed { gateway_id: id },
     }
 }
 
@@ -151,13 +410,23 @@ impl Gateway for Sandbox {
         &'a self,
         idempotency_key: &'a str,
     ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, GatewayError>> {
-        let found = match self.decision(idempotency_key) {
-            Some(SandboxAnswer::Approved(id)) => Some(ChargeOutcome::Approved { gateway_id: id }),
-            Some(SandboxAnswer::Declined) => Some(ChargeOutcome::Declined),
-            Some(SandboxAnswer::Error) => Some(ChargeOutcome::NotCharged),
-            None => None,
-        };
+        let found = self.decision(idempotency_key).map(outcome);
         Box::pin(std::future::ready(Ok(found)))
+    }
+    fn reverse<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+    ) -> BoxFuture<'a, Result<Reversal, GatewayError>> {
+        let r = match self.reverse_key(idempotency_key) {
+            Ok(true) => Ok(Reversal::Reversed),
+            Ok(false) => Ok(Reversal::NothingCharged),
+            Err(404) => Ok(Reversal::Unknown),
+            Err(status) => Err(GatewayError::Server {
+                status,
+                message: "charge not decided yet".into(),
+            }),
+        };
+        Box::pin(std::future::ready(r))
     }
     fn charge<'a>(
         &'a self,
@@ -165,24 +434,30 @@ impl Gateway for Sandbox {
     ) -> BoxFuture<'a, Result<ChargeOutcome, GatewayError>> {
         Box::pin(async move {
             let card = request.card.as_ref().map(|c| c.number.expose());
-            match self.decide(&request.idempotency_key, card).await {
-                SandboxAnswer::Approved(id) => Ok(ChargeOutcome::Approved { gateway_id: id }),
-                SandboxAnswer::Declined => Ok(ChargeOutcome::Declined),
-                SandboxAnswer::Error => Err(GatewayError::Server {
+            match self
+                .charge_key(&request.idempotency_key, card, &request.reference)
+                .await
+            {
+                ChargeReply::Decided(SandboxAnswer::Error)
+                | ChargeReply::ChargedThenFailed
+                | ChargeReply::InProgress => Err(GatewayError::Server {
                     status: 500,
                     message: "processing error".into(),
                 }),
+                ChargeReply::Decided(a) => Ok(outcome(a)),
             }
         })
     }
 }
 
-/// The sandbox's HTTP form: `POST /v1/charges`, `GET /v1/charges/{idempotency_key}`,
+/// The sandbox's HTTP form: `POST /v1/charges`, `GET /v1/charges` (every decision, for tests
+/// and drills), `GET /v1/charges/{idempotency_key}`, `POST /v1/charges/{idempotency_key}/reverse`,
 /// `GET /v1/stats`, `GET /health`.
 pub fn router(sandbox: Arc<Sandbox>) -> Router {
     Router::new()
-        .route("/v1/charges", post(charge))
+        .route("/v1/charges", post(charge).get(list))
         .route("/v1/charges/{key}", get(lookup))
+        .route("/v1/charges/{key}/reverse", post(reverse))
         .route("/v1/stats", get(stats))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(sandbox)
@@ -220,20 +495,26 @@ async fn charge(
             .into_response();
     }
     let card = body["card"]["number"].as_str();
-    match sandbox.decide(&key, card).await {
-        SandboxAnswer::Approved(id) => (
+    let reference = body["reference"].as_str().unwrap_or("");
+    match sandbox.charge_key(&key, card, reference).await {
+        ChargeReply::Decided(SandboxAnswer::Approved(id) | SandboxAnswer::Reversed(id)) => (
             StatusCode::OK,
             Json(json!({"id": id, "status": "approved"})),
         )
             .into_response(),
-        SandboxAnswer::Declined => (
+        ChargeReply::Decided(SandboxAnswer::Declined) => (
             StatusCode::PAYMENT_REQUIRED,
             Json(json!({"status": "declined"})),
         )
             .into_response(),
-        SandboxAnswer::Error => (
+        ChargeReply::Decided(SandboxAnswer::Error) | ChargeReply::ChargedThenFailed => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"status": "error", "error": "processing error"})),
+        )
+            .into_response(),
+        ChargeReply::InProgress => (
+            StatusCode::CONFLICT,
+            Json(json!({"status": "error", "error": "a charge with this key is in progress"})),
         )
             .into_response(),
     }
@@ -247,6 +528,11 @@ async fn lookup(
         Some(SandboxAnswer::Approved(id)) => (
             StatusCode::OK,
             Json(json!({"id": id, "status": "approved"})),
+        )
+            .into_response(),
+        Some(SandboxAnswer::Reversed(id)) => (
+            StatusCode::OK,
+            Json(json!({"id": id, "status": "reversed"})),
         )
             .into_response(),
         Some(SandboxAnswer::Declined) => {
@@ -263,8 +549,41 @@ async fn lookup(
     }
 }
 
+async fn reverse(
+    State(sandbox): State<Arc<Sandbox>>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+) -> Response {
+    match sandbox.reverse_key(&key) {
+        Ok(true) => (StatusCode::OK, Json(json!({"status": "reversed"}))).into_response(),
+        Ok(false) => (StatusCode::OK, Json(json!({"status": "not_charged"}))).into_response(),
+        Err(409) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "the charge is not decided yet"})),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no charge with this idempotency key"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn list(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
+    let charges: Vec<Value> = sandbox
+        .book()
+        .into_iter()
+        .map(|(key, reference, status)| json!({"key": key, "reference": reference, "status": status}))
+        .collect();
+    Json(json!({"charges": charges}))
+}
+
 async fn stats(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
-    Json(json!({"charges": sandbox.charges(), "requests": sandbox.requests()}))
+    Json(json!({
+        "charges": sandbox.charges(),
+        "reversed": sandbox.reversed(),
+        "requests": sandbox.requests(),
+    }))
 }
 
 #[cfg(test)]
