@@ -154,6 +154,7 @@ stop_postgres() { # fast shutdown, and wait for it, before its directory goes
 
 export TAI_TEST_DATABASE_URL="postgres://tai@127.0.0.1:$PG_PORT/postgres"
 export TAI_TEST_PSQL="$PG_BIN/psql"
+export TAI_TEST_PG_BIN="$PG_BIN"
 export TAI_TEST_REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT"
 export TAI_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 export TAI_TEST_NATS_URL="nats://127.0.0.1:$NATS_PORT"

@@ -363,6 +363,28 @@ impl Idempotency {
         .map_err(db_error)
     }
 
+    /// In the transaction that records a refusal given without calling the gateway (its
+    /// breaker open): the key is freed, so a retry with it later is a new attempt rather than
+    /// a replay of "unavailable, retry later".
+    pub(crate) async fn forget(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        merchant: &str,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<(), BackendError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2 AND fingerprint = $3",
+        )
+        .bind(merchant)
+        .bind(key)
+        .bind(fingerprint)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(db_error)
+    }
+
     /// Deletes entries past their time, except those guarding a charge not settled yet.
     pub async fn sweep(&self) -> Result<u64, BackendError> {
         sqlx::query(

@@ -191,16 +191,24 @@ impl Ledger {
     ) -> Result<(), BackendError> {
         let body = record.answer_body();
         if let (Some(key), Some(fp)) = (&record.idempotency_key, &record.fingerprint) {
-            self.idempotency
-                .finish(
-                    conn,
-                    &record.merchant_id,
-                    key,
-                    fp,
-                    record.http_status,
-                    &body,
-                )
-                .await?;
+            if record.http_status == 503 {
+                // refused without calling the gateway (breaker open): "retry later" must not
+                // be what a retry with the key replays for a day
+                self.idempotency
+                    .forget(conn, &record.merchant_id, key, fp)
+                    .await?;
+            } else {
+                self.idempotency
+                    .finish(
+                        conn,
+                        &record.merchant_id,
+                        key,
+                        fp,
+                        record.http_status,
+                        &body,
+                    )
+                    .await?;
+            }
         }
         if let Some(kind) = event_type(record.status) {
             let now = self.now();

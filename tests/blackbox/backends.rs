@@ -255,55 +255,10 @@ async fn the_jetstream_queue_bounds_acks_and_redelivers_across_a_crash() {
     assert_eq!((again.depth().ready, again.depth().in_flight), (0, 0));
 }
 
-/// A Redis of this test's own, so the test can kill it.
-struct OwnRedis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl OwnRedis {
-    async fn start(port: u16) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (make test installs it)");
-        let url = format!("redis://127.0.0.1:{port}");
-        eventually(Duration::from_secs(10), "redis to answer", || {
-            let url = url.clone();
-            async move { RedisStore::connect(&url, "probe:").await.ok().map(|_| ()) }
-        })
-        .await;
-        Self { child, port }
-    }
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn when_redis_dies_payments_get_a_clear_503_and_recover_when_it_returns() {
     use serde_json::{Value, json};
-    use tai_blackbox::{Proc, client};
+    use tai_blackbox::{OwnRedis, Proc, client};
     let port = tai_blackbox::free_port();
     let mut redis = OwnRedis::start(port).await;
     let url = redis.url();

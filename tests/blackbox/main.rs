@@ -1,6 +1,7 @@
 //! Black-box tests: the built binaries, real backends, HTTP only.
 
 mod backends;
+mod chaos;
 mod deployment;
 mod foundation;
 mod operator;

@@ -408,3 +408,193 @@ async fn async_nats_ready(url: &str) -> bool {
     let addr = url.trim_start_matches("nats://").to_owned();
     tokio::net::TcpStream::connect(addr).await.is_ok()
 }
+
+/// A PostgreSQL server of the test's own (so the test can stop and restart it), on a free port;
+/// stopped and removed when dropped. As root, it runs as the `postgres` user.
+#[derive(Debug)]
+pub struct OwnPostgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    /// Its port.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn as_postgres(program: &std::path::Path) -> Command {
+    // SAFETY-free check for root: the effective user id of this process
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl OwnPostgres {
+    /// Makes a fresh cluster and starts it.
+    pub async fn start() -> Self {
+        let bin = PathBuf::from(backend("TAI_TEST_PG_BIN"));
+        let dir = std::env::temp_dir().join(unique("tai-own-pg"));
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        let _ = Command::new("chown").arg("postgres").arg(&dir).status();
+        let init = as_postgres(&bin.join("initdb"))
+            .args(["-U", "tai", "--auth=trust", "--no-sync", "-D"])
+            .arg(dir.join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("initdb");
+        assert!(init.success(), "initdb failed");
+        let mut pg = Self {
+            dir,
+            bin,
+            port: free_port(),
+            child: None,
+        };
+        pg.restart().await;
+        pg
+    }
+
+    /// `postgres://tai@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://tai@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts it (again) and waits until it takes connections.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let log = std::fs::File::create(log_dir().join(unique("own-pg.log"))).expect("pg log");
+        self.child = Some(
+            as_postgres(&self.bin.join("postgres"))
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-p", &self.port.to_string(), "-k"])
+                .arg(&self.dir)
+                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("postgres"),
+        );
+        let (ready, port) = (self.bin.join("pg_isready"), self.port.to_string());
+        eventually(
+            Duration::from_secs(20),
+            "postgres to take connections",
+            || {
+                let (ready, port) = (ready.clone(), port.clone());
+                async move {
+                    Command::new(&ready)
+                        .args(["-q", "-h", "127.0.0.1", "-p", &port])
+                        .status()
+                        .ok()
+                        .filter(|s| s.success())
+                        .map(|_| ())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Stops it at once (SIGINT to the postmaster: fast shutdown, clients cut off), as an
+    /// outage would, and waits (boundedly) until it is gone.
+    pub fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let pid_file = self.dir.join("data/postmaster.pid");
+        let postmaster = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned));
+        if let Some(pid) = postmaster {
+            let _ = Command::new("kill").args(["-INT", &pid]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if c.try_wait().ok().flatten().is_some() && !pid_file.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis of the test's own, so the test can kill and restart it; killed when dropped.
+#[derive(Debug)]
+pub struct OwnRedis {
+    child: Option<Child>,
+    /// Its port.
+    pub port: u16,
+}
+
+impl OwnRedis {
+    /// Starts one on `port` and waits until it answers.
+    pub async fn start(port: u16) -> Self {
+        let mut r = Self { child: None, port };
+        r.restart().await;
+        r
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on its port and waits until it takes connections.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = Some(
+            Command::new("redis-server")
+                .args([
+                    "--port",
+                    &self.port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server (make test installs it)"),
+        );
+        let addr = format!("127.0.0.1:{}", self.port);
+        eventually(Duration::from_secs(10), "redis to take connections", || {
+            let addr = addr.clone();
+            async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// Kills it (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
