@@ -10,7 +10,7 @@
 //!   staging 25% -> prod 100%, with health analysis ([`analysis`]) at every step, automatic
 //!   rollback on a failed gate, and one rollout at a time per region (the Kanban queue);
 //! - [`fleet`]: the platform trait and the simulated fleet, the embedded default;
-//! - [`metrics`]: API.md's metric names and the figures Andon watches.
+//! - [`metrics`]: docs/API.md's metric names and the figures Andon watches.
 
 #![warn(missing_docs)]
 

@@ -1,4 +1,4 @@
-//! Kaizen for rollouts: API.md's metric names, per-stage durations, time to roll back, and the
+//! Kaizen for rollouts: docs/API.md's metric names, per-stage durations, time to roll back, and the
 //! recent rollbacks Andon turns RED on.
 
 use std::time::Duration;

@@ -4,7 +4,7 @@
 
 use utoipa::ToSchema;
 
-/// A payment request (API.md).
+/// A payment request (docs/API.md).
 #[derive(ToSchema)]
 pub(crate) struct PaymentRequestDoc {
     /// Positive exact decimal, number or string; no more fraction digits than the currency has.

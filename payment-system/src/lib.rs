@@ -12,7 +12,7 @@
 //! - [`ledger`]: the system of record (SQLite by default, PostgreSQL for replicas): payments,
 //!   idempotency keys and events written together, relayed to the event stream by the outbox;
 //! - [`reconcile`]: finishes payments left `PROCESSING` by a crash or a gateway timeout;
-//! - [`metrics`]: API.md's metric names, and the fraud-rate figure Andon watches.
+//! - [`metrics`]: docs/API.md's metric names, and the fraud-rate figure Andon watches.
 //!
 //! `main.rs` only reads the configuration and serves; `bin/sandbox-gateway.rs` is the
 //! standalone sandbox gateway.

@@ -1,4 +1,4 @@
-//! Kaizen for payments: API.md's metric names, and a rolling window Andon reads.
+//! Kaizen for payments: docs/API.md's metric names, and a rolling window Andon reads.
 
 use std::time::Duration;
 

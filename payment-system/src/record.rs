@@ -9,7 +9,7 @@ use tai_core::policy::Reason;
 
 use crate::card::CardSummary;
 
-/// A payment's outcome (API.md).
+/// A payment's outcome (docs/API.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PaymentStatus {
@@ -115,7 +115,7 @@ pub struct PaymentRecord {
 }
 
 impl PaymentRecord {
-    /// The body `POST /payment` answers with (API.md's response shape, and `error` when failed).
+    /// The body `POST /payment` answers with (docs/API.md's response shape, and `error` when failed).
     pub fn answer_body(&self) -> serde_json::Value {
         let mut body = self.public();
         if let serde_json::Value::Object(map) = &mut body {

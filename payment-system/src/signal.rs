@@ -1,4 +1,4 @@
-//! The Signal: a payment request, parsed and validated exactly as API.md says.
+//! The Signal: a payment request, parsed and validated exactly as docs/API.md says.
 //!
 //! Validation happens once, here, before any policy or action runs; a request that passes is a
 //! [`PaymentRequest`] whose every field is known good (an exact amount within its currency's

@@ -1,4 +1,4 @@
-//! payment-system, from outside: API.md's contract over HTTP, with the standalone sandbox gateway.
+//! payment-system, from outside: docs/API.md's contract over HTTP, with the standalone sandbox gateway.
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::signal::{AnalysisSpec, OnRegionFailure, StageSpec};
 
-/// A deployment's status (API.md).
+/// A deployment's status (docs/API.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Status {

@@ -1,4 +1,4 @@
-//! The Policy: the fraud rules of API.md, as data, giving an explained verdict.
+//! The Policy: the fraud rules of docs/API.md, as data, giving an explained verdict.
 //!
 //! Facts are gathered first ([`FraudFactSource`]: the customer's velocity count, blocklist
 //! membership, currencies paid in recently) and then [`FraudPolicy::evaluate`] decides over them
@@ -238,7 +238,7 @@ impl Policy<PaymentAttempt, FraudFacts> for FraudPolicy {
             self.rules.block_threshold,
             self.rules.block_threshold,
         );
-        // show at least one decimal (0.0, 1.0) as API.md's examples do
+        // show at least one decimal (0.0, 1.0) as docs/API.md's examples do
         if verdict.score.scale() == 0 {
             verdict.score.rescale(1);
         }

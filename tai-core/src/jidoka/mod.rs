@@ -51,7 +51,7 @@ use tokio::sync::broadcast;
 
 use crate::clock::SharedClock;
 
-/// Breaker settings; the defaults are API.md's gateway defaults.
+/// Breaker settings; the defaults are docs/API.md's gateway defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
     /// Failures in a row that open the breaker.
@@ -97,7 +97,7 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
-    /// The gauge value: 0 closed, 1 open, 2 half-open (API.md).
+    /// The gauge value: 0 closed, 1 open, 2 half-open (docs/API.md).
     pub fn as_gauge(self) -> i64 {
         match self {
             BreakerState::Closed => 0,

@@ -1,6 +1,6 @@
 //! Configuration: environment variables over an optional TOML file over defaults.
 //!
-//! The names are API.md's (`LISTEN_ADDR`, `TAI_PROFILE`, `REDIS_URL`, ...). A TOML file named by
+//! The names are docs/API.md's (`LISTEN_ADDR`, `TAI_PROFILE`, `REDIS_URL`, ...). A TOML file named by
 //! `TAI_CONFIG` may set the same names in lower case (`listen_addr = "..."`); the environment wins.
 //! Services read their own settings through [`RuntimeConfig::setting`] with the same rule, so
 //! every knob can be set either way. The effective configuration is printed at start with

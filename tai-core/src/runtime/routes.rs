@@ -1,4 +1,4 @@
-//! The routes every TAI service serves (API.md, "Both services").
+//! The routes every TAI service serves (docs/API.md, "Both services").
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
