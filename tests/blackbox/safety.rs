@@ -289,3 +289,106 @@ async fn no_card_number_cvc_or_unkeyed_hash_of_them_is_kept_anywhere() {
     // what is kept of the card is first 6 + last 4
     assert!(scanned.iter().any(|(_, b)| contains(b, "424242******4242")));
 }
+
+#[tokio::test]
+async fn no_card_data_in_postgres_redis_or_the_event_stream_either() {
+    use futures_util::StreamExt;
+    use sha2::{Digest, Sha256};
+    let http = client();
+    let db = tai_blackbox::postgres_database();
+    let redis = tai_blackbox::OwnRedis::start(tai_blackbox::free_port()).await;
+    let nats = tai_blackbox::OwnNats::start().await;
+    let (redis_url, nats_url) = (redis.url(), nats.url());
+    let svc = Proc::start(
+        "payment-system",
+        &[
+            ("DATABASE_URL", db.as_str()),
+            ("REDIS_URL", redis_url.as_str()),
+            ("NATS_URL", nats_url.as_str()),
+            ("RUST_LOG", "trace"),
+        ],
+    )
+    .await
+    .expect("start");
+    let (pan, cvc) = ("4000056655665556", "4821");
+    let body = json!({"amount": "19.00", "currency": "EUR", "customer_id": "c_card_pg", "merchant_id": "merc_card",
+        "ip_country": "DE", "card_country": "DE",
+        "card": {"number": pan, "exp_month": 10, "exp_year": 2099, "cvc": cvc}});
+    for i in 0..3 {
+        let key = format!("pg-card-{i}-{}", unique("k"));
+        let (s, r) = post(&http, &svc, None, Some(&key), &body).await;
+        assert_eq!(s, 200, "{r}");
+    }
+    // every event published (the outbox empties), then read them all
+    let js =
+        async_nats::jetstream::new(async_nats::connect(nats_url.as_str()).await.expect("nats"));
+    let events = eventually(
+        Duration::from_secs(20),
+        "three events in the stream",
+        || {
+            let js = js.clone();
+            async move {
+                let stream = js.get_stream("PAYMENTS_EVENTS").await.ok()?;
+                let consumer = stream
+                    .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
+                    .await
+                    .ok()?;
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(100)
+                    .expires(Duration::from_millis(500))
+                    .messages()
+                    .await
+                    .ok()?;
+                let mut all = Vec::new();
+                while let Some(Ok(m)) = batch.next().await {
+                    all.extend_from_slice(&m.payload);
+                    all.push(b'\n');
+                }
+                (all.windows(b"payment.succeeded".len())
+                    .filter(|w| *w == b"payment.succeeded")
+                    .count()
+                    >= 3)
+                    .then_some(all)
+            }
+        },
+    )
+    .await;
+    let tables = tai_blackbox::psql(
+        &db,
+        "SELECT string_agg(t::text, E'\\n') FROM (SELECT * FROM payments) t \
+         UNION ALL SELECT string_agg(t::text, E'\\n') FROM (SELECT * FROM idempotency_keys) t \
+         UNION ALL SELECT string_agg(t::text, E'\\n') FROM (SELECT seq, event_id, subject, convert_from(payload, 'UTF8') FROM tai_outbox) t \
+         UNION ALL SELECT string_agg(t::text, E'\\n') FROM (SELECT key, encode(value, 'escape'), num FROM tai_kv) t",
+    );
+    let scanned = [
+        ("postgres", tables.into_bytes()),
+        ("redis", redis.dump()),
+        ("events", events),
+        ("log", svc.log().into_bytes()),
+    ];
+    let forbidden = [
+        pan.to_owned(),
+        hex::encode(Sha256::digest(body.to_string().as_bytes())),
+        hex::encode(Sha256::digest(pan.as_bytes())),
+        hex::encode(Sha256::digest(cvc.as_bytes())),
+        "\"cvc\"".to_owned(),
+        "cvc=".to_owned(),
+    ];
+    for (name, bytes) in &scanned {
+        for needle in &forbidden {
+            assert!(!contains(bytes, needle), "{name} holds {needle}");
+        }
+    }
+    for name in ["postgres", "events"] {
+        let (_, bytes) = scanned.iter().find(|(n, _)| *n == name).expect("scanned");
+        assert!(
+            contains(bytes, "400005******5556"),
+            "{name} keeps first 6 + last 4"
+        );
+    }
+    assert!(
+        contains(&scanned[1].1, "merc_card"),
+        "the Redis dump was read: it holds the merchant's velocity keys"
+    );
+}

@@ -542,14 +542,32 @@ pub struct OwnRedis {
     child: Option<Child>,
     /// Its port.
     pub port: u16,
+    /// Where `SAVE` writes `dump.rdb` (uncompressed, so a test can read what Redis holds).
+    pub dir: PathBuf,
 }
 
 impl OwnRedis {
     /// Starts one on `port` and waits until it answers.
     pub async fn start(port: u16) -> Self {
-        let mut r = Self { child: None, port };
+        let dir = log_dir().join(unique("own-redis"));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut r = Self {
+            child: None,
+            port,
+            dir,
+        };
         r.restart().await;
         r
+    }
+
+    /// Everything it holds, as written by `SAVE` (an uncompressed RDB file).
+    pub fn dump(&self) -> Vec<u8> {
+        let ok = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "SAVE"])
+            .output()
+            .expect("redis-cli");
+        assert!(ok.status.success(), "SAVE failed");
+        std::fs::read(self.dir.join("dump.rdb")).expect("dump.rdb")
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -571,7 +589,11 @@ impl OwnRedis {
                     "",
                     "--appendonly",
                     "no",
+                    "--rdbcompression",
+                    "no",
+                    "--dir",
                 ])
+                .arg(&self.dir)
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("redis-server (make test installs it)"),
