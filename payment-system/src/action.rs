@@ -335,14 +335,45 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                         "recorded",
                         status = record.status.as_str()
                     ))
-                    .await?;
-                if !settled {
-                    // the reconciler got there first (this request outlived its patience):
-                    // answer with what the system of record says
-                    if let Some(stored) = self.ledger.get(&record.transaction_id).await? {
+                    .await;
+                match settled {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // the reconciler got there first (this request outlived its
+                        // patience): answer with what the system of record says
+                        if let Ok(Some(stored)) = self.ledger.get(&record.transaction_id).await {
+                            return Ok(Answer {
+                                record: stored.record,
+                                retry_after,
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        // The gateway has answered but the answer could not be stored: the
+                        // payment stays PROCESSING in the system of record and the reconciler
+                        // settles it from the gateway. Never "nothing happened, retry".
+                        tracing::error!(transaction_id = %record.transaction_id, error = %e, "could not store the gateway's answer; left PROCESSING for the reconciler");
+                        let mut unknown = self.record(
+                            attempt,
+                            verdict,
+                            &Charged {
+                                status: PaymentStatus::Processing,
+                                http_status: 202,
+                                gateway_id: None,
+                                error: failure(
+                                    "api_error",
+                                    "outcome_not_recorded",
+                                    format!(
+                                        "The payment gateway answered but the answer could not be recorded ({e}); the payment is being reconciled: read it at GET /payment/{}.",
+                                        attempt.transaction_id
+                                    ),
+                                ),
+                            },
+                        );
+                        unknown.processing_time_ms = record.processing_time_ms;
                         return Ok(Answer {
-                            record: stored.record,
-                            retry_after,
+                            record: unknown,
+                            retry_after: None,
                         });
                     }
                 }

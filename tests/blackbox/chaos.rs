@@ -41,7 +41,7 @@ struct Counts {
     answered: usize,
 }
 
-const PAYMENTS: usize = 120;
+const PAYMENTS: usize = 200;
 
 /// One payment by a careful client: retries with its key on 5xx, 409, 429 and no answer; stops
 /// at an answer that says what happened (200, 202, 402, 502). Answers the status it ended on.

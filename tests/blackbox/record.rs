@@ -155,6 +155,8 @@ async fn two_replicas_on_postgres_lose_nothing_answered_and_publish_each_outcome
         ("GATEWAY_TIMEOUT_MS", "1000"),
         ("RECONCILE_AFTER_MS", "2000"),
         ("RECONCILE_EVERY_MS", "200"),
+        // a charge cut off by the kill before it reached the gateway fails after 3 s, not 2 min
+        ("RECONCILE_NOT_FOUND_GRACE_MS", "3000"),
         ("CONFIRM_REQUEUE_AFTER_MS", "2000"),
         ("MERCHANT_RATE_PER_SEC", "100000"),
     ];
