@@ -65,7 +65,8 @@ run() { # name url script pid [secs] -> one line; figures kept for the ratios
   local out; out=$(wrk -t1 -c64 -d"${5:-$SECS}s" --latency -s "$3" "$2")
   local total secs non2xx ok p50 p99 rss
   total=$(awk '/requests in/ {print $1}' <<<"$out")
-  secs=$(awk '/requests in/ {gsub(/s,/, "", $4); print $4}' <<<"$out")
+  # wrk writes the duration with a unit: 10.01s, 5.27m
+  secs=$(awk '/requests in/ {d=$4; sub(/,$/, "", d); if (d ~ /m$/) {sub(/m$/, "", d); d*=60} else if (d ~ /h$/) {sub(/h$/, "", d); d*=3600} else {sub(/s$/, "", d)}; print d}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $4}' <<<"$out"); non2xx=${non2xx:-0}
   ok=$(python3 -c "print(round(($total - $non2xx) / $secs))")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")

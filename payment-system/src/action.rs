@@ -253,6 +253,7 @@ impl PaymentAction {
             gateway_key: Some(gateway_key(attempt)),
             idempotency_key: attempt.idempotency_key.clone(),
             fingerprint: attempt.fingerprint.clone(),
+            claim_token: attempt.claim_token.clone(),
         }
     }
 }

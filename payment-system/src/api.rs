@@ -14,7 +14,7 @@ use tai_core::runtime::{ApiError, ApiJson, ErrorType, Principal, TraceContext};
 use tracing::Instrument;
 
 use crate::idempotency::{Claim, validate_key};
-use crate::record::PaymentRecord;
+use crate::record::{PaymentRecord, PaymentStatus};
 use crate::{App, PaymentAttempt, keys, signal};
 
 fn rate_headers(d: &RateDecision) -> Vec<(HeaderName, HeaderValue)> {
@@ -119,6 +119,7 @@ pub(crate) async fn create_payment(
         return Err(e);
     }
     let fp = app.fingerprints.fingerprint(&body);
+    let mut claim_token = None;
     if let Some(k) = &key {
         match app
             .ledger
@@ -126,7 +127,7 @@ pub(crate) async fn create_payment(
             .claim(&request.merchant_id, k, &fp)
             .await?
         {
-            Claim::Proceed => {}
+            Claim::Proceed { token } => claim_token = Some(token),
             Claim::Replay { status, body } => {
                 let mut extra = limit_headers;
                 extra.push((
@@ -143,6 +144,10 @@ pub(crate) async fn create_payment(
                     HeaderValue::from_static("true"),
                 ));
                 return Ok(match read_record(&app, &transaction_id).await? {
+                    // settled since the claim was read: its own answer
+                    Some(record) if record.status != PaymentStatus::Processing => {
+                        respond(record.http_status, record.answer_body(), extra)
+                    }
                     Some(record) => respond(202, record.answer_body(), extra),
                     None => respond(
                         202,
@@ -158,6 +163,8 @@ pub(crate) async fn create_payment(
         .unwrap_or_else(|| TraceContext::root().trace_id);
     let mut attempt = PaymentAttempt::new(request, trace_id, key.clone());
     attempt.fingerprint = key.as_ref().map(|_| fp.clone());
+    attempt.claim_token = claim_token;
+    let transaction_id = attempt.transaction_id.clone();
     // Run in its own task: a client that hangs up must not cancel a charge half-way.
     let worker = {
         let app = app.clone();
@@ -188,11 +195,13 @@ pub(crate) async fn create_payment(
                         }
                         // nothing was written: the key is released (only a claim on which no
                         // charge was started can be), and the client may retry
-                        if let Some(k) = &attempt.idempotency_key {
+                        if let (Some(k), Some(token)) =
+                            (&attempt.idempotency_key, &attempt.claim_token)
+                        {
                             let _ = app
                                 .ledger
                                 .idempotency()
-                                .release(&attempt.request.merchant_id, k)
+                                .release(&attempt.request.merchant_id, k, token)
                                 .await;
                         }
                         return Err(ApiError::unavailable(
@@ -209,14 +218,35 @@ pub(crate) async fn create_payment(
             .instrument(span),
         )
     };
-    let (answer, body) = worker.await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorType::ApiError,
-            "internal_error",
-            format!("payment task failed: {e}"),
-        )
-    })??;
+    // Answer before the request timeout cuts the connection: a payment still being worked on
+    // then is PROCESSING (its task goes on), never a bare timeout a client might read as
+    // "nothing happened".
+    let (answer, body) = match tokio::time::timeout(app.answer_within, worker).await {
+        Ok(joined) => joined.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorType::ApiError,
+                "internal_error",
+                format!("payment task failed: {e}"),
+            )
+        })??,
+        Err(_) => {
+            tracing::warn!(transaction_id = %transaction_id, "payment still in progress at the answer deadline; answered PROCESSING");
+            return Ok(respond(
+                202,
+                json!({
+                    "transaction_id": transaction_id,
+                    "status": "PROCESSING",
+                    "error": {
+                        "type": "api_error",
+                        "code": "still_processing",
+                        "message": format!("The payment is still being processed; read it at GET /payment/{transaction_id}."),
+                    },
+                }),
+                limit_headers,
+            ));
+        }
+    };
     let mut extra = limit_headers;
     if let Some(after) = answer.retry_after {
         extra.retain(|(k, _)| k != header::RETRY_AFTER);

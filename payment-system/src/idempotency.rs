@@ -30,11 +30,25 @@ use tai_core::runtime::{ApiError, ErrorType};
 /// How long an answer is kept by default.
 pub const KEEP_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Which claim a final answer belongs to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Guard<'a> {
+    /// The claim holding this token (an outcome decided before any charge).
+    Claim(&'a str),
+    /// The claim guarding this transaction (a settled charge).
+    Payment(&'a str),
+}
+
 /// What to do with a request carrying a key.
 #[derive(Debug)]
 pub enum Claim {
-    /// First use: process it.
-    Proceed,
+    /// First use: process it. The token identifies this claim: only its holder may start a
+    /// charge under it, answer it, or give it up (a claim that lapsed and was taken by a later
+    /// request is no longer this one's).
+    Proceed {
+        /// This claim's token.
+        token: String,
+    },
     /// Its payment was sent to the gateway and is not settled yet: answer with that payment
     /// (`PROCESSING`), never start another.
     InProgress {
@@ -199,9 +213,10 @@ impl Idempotency {
         // looked at again
         for _ in 0..3 {
             let now = self.now();
+            let token = uuid::Uuid::new_v4().simple().to_string();
             let inserted = sqlx::query(
                 "INSERT INTO idempotency_keys (merchant_id, idempotency_key, fingerprint, recovery_point, \
-                 locked_at, created_at, expires_at) VALUES ($1, $2, $3, 'started', $4, $4, $5) \
+                 locked_at, created_at, expires_at, claim_token) VALUES ($1, $2, $3, 'started', $4, $4, $5, $6) \
                  ON CONFLICT (merchant_id, idempotency_key) DO NOTHING",
             )
             .bind(merchant)
@@ -209,11 +224,12 @@ impl Idempotency {
             .bind(fingerprint)
             .bind(now)
             .bind(now + ms(self.keep_for))
+            .bind(&token)
             .execute(self.db.pool())
             .await
             .map_err(db_error)?;
             if inserted.rows_affected() == 1 {
-                return Ok(Claim::Proceed);
+                return Ok(Claim::Proceed { token });
             }
             let Some(row) = self.read(merchant, key).await? else {
                 continue;
@@ -223,7 +239,7 @@ impl Idempotency {
                 let taken = sqlx::query(
                     "UPDATE idempotency_keys SET fingerprint = $1, recovery_point = 'started', locked_at = $2, \
                      transaction_id = NULL, response_status = NULL, response_body = NULL, created_at = $2, \
-                     expires_at = $3 WHERE merchant_id = $4 AND idempotency_key = $5 AND expires_at = $6",
+                     expires_at = $3, claim_token = $7 WHERE merchant_id = $4 AND idempotency_key = $5 AND expires_at = $6",
                 )
                 .bind(fingerprint)
                 .bind(now)
@@ -231,11 +247,12 @@ impl Idempotency {
                 .bind(merchant)
                 .bind(key)
                 .bind(row.expires_at)
+                .bind(&token)
                 .execute(self.db.pool())
                 .await
                 .map_err(db_error)?;
                 if taken.rows_affected() == 1 {
-                    return Ok(Claim::Proceed);
+                    return Ok(Claim::Proceed { token });
                 }
                 continue;
             }
@@ -271,39 +288,47 @@ impl Idempotency {
             }
             // nothing was sent under the lapsed claim (its request died before the charge)
             let retaken = sqlx::query(
-                "UPDATE idempotency_keys SET locked_at = $1 WHERE merchant_id = $2 AND idempotency_key = $3 \
-                 AND recovery_point = 'started' AND locked_at IS NOT DISTINCT FROM $4",
+                "UPDATE idempotency_keys SET locked_at = $1, claim_token = $5 WHERE merchant_id = $2 \
+                 AND idempotency_key = $3 AND recovery_point = 'started' AND locked_at IS NOT DISTINCT FROM $4",
             )
             .bind(now)
             .bind(merchant)
             .bind(key)
             .bind(row.locked_at)
+            .bind(&token)
             .execute(self.db.pool())
             .await
             .map_err(db_error)?;
             if retaken.rows_affected() == 1 {
-                return Ok(Claim::Proceed);
+                return Ok(Claim::Proceed { token });
             }
         }
         Err(ClaimError::InFlight)
     }
 
-    /// Gives a claim up when the request failed before its intent to charge was written;
-    /// once a charge may have been sent the claim stays (the reconciler finishes it).
-    pub async fn release(&self, merchant: &str, key: &str) -> Result<bool, BackendError> {
+    /// Gives claim `token` up when its request failed before its intent to charge was written;
+    /// once a charge may have been sent the claim stays (the reconciler finishes it), and a
+    /// claim taken over by a later request is not this one's to give up.
+    pub async fn release(
+        &self,
+        merchant: &str,
+        key: &str,
+        token: &str,
+    ) -> Result<bool, BackendError> {
         sqlx::query(
             "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2 \
-             AND recovery_point = 'started'",
+             AND recovery_point = 'started' AND claim_token = $3",
         )
         .bind(merchant)
         .bind(key)
+        .bind(token)
         .execute(self.db.pool())
         .await
         .map(|r| r.rows_affected() == 1)
         .map_err(db_error)
     }
 
-    /// In the transaction that writes the intent: the claim now guards transaction `txn`.
+    /// In the transaction that writes the intent: claim `token` now guards transaction `txn`.
     /// Fails if the claim is no longer this request's (it lapsed and was taken again), so
     /// nothing is charged under a lost claim.
     pub(crate) async fn charge_started(
@@ -311,18 +336,18 @@ impl Idempotency {
         conn: &mut sqlx::AnyConnection,
         merchant: &str,
         key: &str,
-        fingerprint: &str,
+        token: &str,
         txn: &str,
     ) -> Result<(), BackendError> {
         let r = sqlx::query(
             "UPDATE idempotency_keys SET recovery_point = 'charge_started', transaction_id = $1, locked_at = $2 \
-             WHERE merchant_id = $3 AND idempotency_key = $4 AND fingerprint = $5 AND recovery_point = 'started'",
+             WHERE merchant_id = $3 AND idempotency_key = $4 AND claim_token = $5 AND recovery_point = 'started'",
         )
         .bind(txn)
         .bind(self.now())
         .bind(merchant)
         .bind(key)
-        .bind(fingerprint)
+        .bind(token)
         .execute(&mut *conn)
         .await
         .map_err(db_error)?;
@@ -337,48 +362,57 @@ impl Idempotency {
     }
 
     /// In the transaction that writes the payment's final state: the answer retries replay.
+    /// `guard` says which claim this is: the one holding `token` (an outcome decided before any
+    /// charge), or the one guarding transaction `txn` (a settled charge). A claim that is no
+    /// longer this payment's is left alone.
     pub(crate) async fn finish(
         &self,
         conn: &mut sqlx::AnyConnection,
         merchant: &str,
         key: &str,
-        fingerprint: &str,
+        guard: Guard<'_>,
         status: u16,
         body: &serde_json::Value,
     ) -> Result<(), BackendError> {
         let now = self.now();
-        sqlx::query(
+        let (condition, value) = match guard {
+            Guard::Claim(token) => ("recovery_point = 'started' AND claim_token = $6", token),
+            Guard::Payment(txn) => ("transaction_id = $6", txn),
+        };
+        let sql = format!(
             "UPDATE idempotency_keys SET recovery_point = 'finished', response_status = $1, response_body = $2, \
-             locked_at = NULL, expires_at = $3 WHERE merchant_id = $4 AND idempotency_key = $5 AND fingerprint = $6",
-        )
-        .bind(i64::from(status))
-        .bind(body.to_string())
-        .bind(now + ms(self.keep_for))
-        .bind(merchant)
-        .bind(key)
-        .bind(fingerprint)
-        .execute(&mut *conn)
-        .await
-        .map(|_| ())
-        .map_err(db_error)
+             locked_at = NULL, expires_at = $3 WHERE merchant_id = $4 AND idempotency_key = $5 AND {condition}"
+        );
+        sqlx::query(&sql)
+            .bind(i64::from(status))
+            .bind(body.to_string())
+            .bind(now + ms(self.keep_for))
+            .bind(merchant)
+            .bind(key)
+            .bind(value)
+            .execute(&mut *conn)
+            .await
+            .map(|_| ())
+            .map_err(db_error)
     }
 
     /// In the transaction that records a refusal given without calling the gateway (its
-    /// breaker open): the key is freed, so a retry with it later is a new attempt rather than
-    /// a replay of "unavailable, retry later".
+    /// breaker open): claim `token` is freed, so a retry with the key later is a new attempt
+    /// rather than a replay of "unavailable, retry later".
     pub(crate) async fn forget(
         &self,
         conn: &mut sqlx::AnyConnection,
         merchant: &str,
         key: &str,
-        fingerprint: &str,
+        token: &str,
     ) -> Result<(), BackendError> {
         sqlx::query(
-            "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2 AND fingerprint = $3",
+            "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2 \
+             AND recovery_point = 'started' AND claim_token = $3",
         )
         .bind(merchant)
         .bind(key)
-        .bind(fingerprint)
+        .bind(token)
         .execute(&mut *conn)
         .await
         .map(|_| ())
@@ -445,29 +479,39 @@ mod tests {
         Idempotency::new(db, clock.shared(), Duration::from_secs(30), KEEP_FOR)
     }
 
-    async fn finish(idem: &Idempotency, key: &str, fp: &str, status: u16, body: serde_json::Value) {
+    async fn finish(
+        idem: &Idempotency,
+        key: &str,
+        guard: Guard<'_>,
+        status: u16,
+        body: serde_json::Value,
+    ) {
         let mut conn = idem.db.pool().acquire().await.expect("conn");
-        idem.finish(&mut conn, "m", key, fp, status, &body)
+        idem.finish(&mut conn, "m", key, guard, status, &body)
             .await
             .expect("db");
+    }
+
+    fn token(claim: Result<Claim, ClaimError>) -> String {
+        match claim {
+            Ok(Claim::Proceed { token }) => token,
+            other => panic!("expected to proceed, got {other:?}"),
+        }
     }
 
     #[tokio::test]
     async fn a_claim_with_a_charge_started_is_held_past_the_in_flight_ttl_until_finished() {
         let clock = ManualClock::new();
         let idem = idem(&clock).await;
-        assert!(matches!(
-            idem.claim("m", "k", "f").await,
-            Ok(Claim::Proceed)
-        ));
+        let mine = token(idem.claim("m", "k", "f").await);
         {
             let mut conn = idem.db.pool().acquire().await.expect("conn");
-            idem.charge_started(&mut conn, "m", "k", "f", "txn_1")
+            idem.charge_started(&mut conn, "m", "k", &mine, "txn_1")
                 .await
                 .expect("db");
         }
         assert!(
-            !idem.release("m", "k").await.expect("db"),
+            !idem.release("m", "k", &mine).await.expect("db"),
             "not released once sent"
         );
         clock.advance(Duration::from_secs(3600));
@@ -475,7 +519,28 @@ mod tests {
             matches!(idem.claim("m", "k", "f").await, Ok(Claim::InProgress { transaction_id }) if transaction_id == "txn_1"),
             "a retry an hour on resumes the payment it guards"
         );
-        finish(&idem, "k", "f", 200, serde_json::json!({"ok": true})).await;
+        // an answer for another payment, or for the claim as it was, does not touch it
+        finish(
+            &idem,
+            "k",
+            Guard::Payment("txn_other"),
+            402,
+            serde_json::json!({}),
+        )
+        .await;
+        finish(&idem, "k", Guard::Claim(&mine), 402, serde_json::json!({})).await;
+        assert!(matches!(
+            idem.claim("m", "k", "f").await,
+            Ok(Claim::InProgress { .. })
+        ));
+        finish(
+            &idem,
+            "k",
+            Guard::Payment("txn_1"),
+            200,
+            serde_json::json!({"ok": true}),
+        )
+        .await;
         assert!(matches!(
             idem.claim("m", "k", "f").await,
             Ok(Claim::Replay { status: 200, .. })
@@ -483,20 +548,46 @@ mod tests {
         assert!(
             matches!(
                 idem.claim("other-merchant", "k", "g").await,
-                Ok(Claim::Proceed)
+                Ok(Claim::Proceed { .. })
             ),
             "keys are per merchant"
         );
     }
 
     #[tokio::test]
+    async fn a_lapsed_claim_taken_over_is_no_longer_the_first_requests() {
+        let clock = ManualClock::new();
+        let idem = idem(&clock).await;
+        let first = token(idem.claim("m", "k", "f").await);
+        clock.advance(Duration::from_secs(30));
+        let second = token(idem.claim("m", "k", "f").await);
+        assert_ne!(first, second);
+        let mut conn = idem.db.pool().acquire().await.expect("conn");
+        assert!(
+            idem.charge_started(&mut conn, "m", "k", &first, "txn_1")
+                .await
+                .is_err(),
+            "the first request may not charge under a claim it lost"
+        );
+        idem.forget(&mut conn, "m", "k", &first).await.expect("db");
+        drop(conn);
+        assert!(!idem.release("m", "k", &first).await.expect("db"));
+        let mut conn = idem.db.pool().acquire().await.expect("conn");
+        idem.charge_started(&mut conn, "m", "k", &second, "txn_2")
+            .await
+            .expect("the holder may");
+        drop(conn);
+        assert!(matches!(
+            idem.claim("m", "k", "f").await,
+            Ok(Claim::InProgress { transaction_id }) if transaction_id == "txn_2"
+        ));
+    }
+
+    #[tokio::test]
     async fn claim_replay_mismatch_in_flight_lapse_and_expiry() {
         let clock = ManualClock::new();
         let idem = idem(&clock).await;
-        assert!(matches!(
-            idem.claim("m", "k", "f1").await,
-            Ok(Claim::Proceed)
-        ));
+        let t = token(idem.claim("m", "k", "f1").await);
         assert!(matches!(
             idem.claim("m", "k", "f1").await,
             Err(ClaimError::InFlight)
@@ -505,7 +596,14 @@ mod tests {
             idem.claim("m", "k", "f2").await,
             Err(ClaimError::Mismatch)
         ));
-        finish(&idem, "k", "f1", 200, serde_json::json!({"id": 1})).await;
+        finish(
+            &idem,
+            "k",
+            Guard::Claim(&t),
+            200,
+            serde_json::json!({"id": 1}),
+        )
+        .await;
         match idem.claim("m", "k", "f1").await {
             Ok(Claim::Replay { status, body }) => {
                 assert_eq!((status, body["id"].as_i64()), (200, Some(1)))
@@ -519,12 +617,12 @@ mod tests {
         // an abandoned claim (nothing sent) lapses
         assert!(matches!(
             idem.claim("m", "k2", "f").await,
-            Ok(Claim::Proceed)
+            Ok(Claim::Proceed { .. })
         ));
         clock.advance(Duration::from_secs(30));
         assert!(matches!(
             idem.claim("m", "k2", "f").await,
-            Ok(Claim::Proceed)
+            Ok(Claim::Proceed { .. })
         ));
         // answers are kept for the TTL, then the key is free for a new payment
         clock.advance(KEEP_FOR - Duration::from_secs(31));
@@ -535,7 +633,7 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         assert!(matches!(
             idem.claim("m", "k", "f3").await,
-            Ok(Claim::Proceed)
+            Ok(Claim::Proceed { .. })
         ));
         assert_eq!(
             idem.sweep().await.expect("db"),

@@ -21,7 +21,7 @@ use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
 use tai_core::db::{Database, SchemaChange, db_error};
 
-use crate::idempotency::Idempotency;
+use crate::idempotency::{Guard, Idempotency};
 use crate::record::{PaymentRecord, PaymentStatus};
 
 /// The payment service's tables (versions 1001 and up; tai-core's own are below 1000).
@@ -37,6 +37,12 @@ pub const SCHEMA: &[SchemaChange] = &[
         description: "payments failed as not found are looked up again until recheck_until",
         sqlite: SCHEMA_V2,
         postgres: SCHEMA_V2,
+    },
+    SchemaChange {
+        version: 1003,
+        description: "idempotency claims carry the token of the request holding them",
+        sqlite: "ALTER TABLE idempotency_keys ADD COLUMN claim_token TEXT;",
+        postgres: "ALTER TABLE idempotency_keys ADD COLUMN claim_token TEXT;",
     },
 ];
 
@@ -184,30 +190,43 @@ impl Ledger {
     }
 
     /// The answer, in the same transaction: the key's stored answer and the outcome's event.
+    /// `settled` says the payment was sent to the gateway (its key guards its transaction).
     async fn announce(
         &self,
         conn: &mut sqlx::AnyConnection,
         record: &PaymentRecord,
+        settled: bool,
     ) -> Result<(), BackendError> {
         let body = record.answer_body();
-        if let (Some(key), Some(fp)) = (&record.idempotency_key, &record.fingerprint) {
-            if record.http_status == 503 {
+        if let Some(key) = &record.idempotency_key {
+            // an outcome decided before any charge answers the claim this request holds; a
+            // settled charge answers the claim guarding its transaction
+            let guard = match (&record.claim_token, settled) {
+                (_, true) => Some(Guard::Payment(&record.transaction_id)),
+                (Some(token), false) => Some(Guard::Claim(token)),
+                (None, false) => None,
+            };
+            match guard {
                 // refused without calling the gateway (breaker open): "retry later" must not
                 // be what a retry with the key replays for a day
-                self.idempotency
-                    .forget(conn, &record.merchant_id, key, fp)
-                    .await?;
-            } else {
-                self.idempotency
-                    .finish(
-                        conn,
-                        &record.merchant_id,
-                        key,
-                        fp,
-                        record.http_status,
-                        &body,
-                    )
-                    .await?;
+                Some(Guard::Claim(token)) if record.http_status == 503 => {
+                    self.idempotency
+                        .forget(conn, &record.merchant_id, key, token)
+                        .await?
+                }
+                Some(guard) => {
+                    self.idempotency
+                        .finish(
+                            conn,
+                            &record.merchant_id,
+                            key,
+                            guard,
+                            record.http_status,
+                            &body,
+                        )
+                        .await?
+                }
+                None => {}
             }
         }
         if let Some(kind) = event_type(record.status) {
@@ -237,7 +256,7 @@ impl Ledger {
     pub async fn record_final(&self, record: &PaymentRecord) -> Result<(), BackendError> {
         let mut tx = self.db.pool().begin().await.map_err(db_error)?;
         self.insert(&mut tx, record).await?;
-        self.announce(&mut tx, record).await?;
+        self.announce(&mut tx, record, false).await?;
         tx.commit().await.map_err(db_error)
     }
 
@@ -252,13 +271,14 @@ impl Ledger {
         }
         let mut tx = self.db.pool().begin().await.map_err(db_error)?;
         self.insert(&mut tx, record).await?;
-        if let (Some(key), Some(fp)) = (&record.idempotency_key, &record.fingerprint) {
+        if let Some(key) = &record.idempotency_key {
+            let token = record.claim_token.as_deref().unwrap_or("");
             self.idempotency
                 .charge_started(
                     &mut tx,
                     &record.merchant_id,
                     key,
-                    fp,
+                    token,
                     &record.transaction_id,
                 )
                 .await?;
@@ -308,17 +328,7 @@ impl Ledger {
         every: Duration,
         limit: i64,
     ) -> Result<Vec<Versioned>, BackendError> {
-        let cutoff = self.now() - i64::try_from(every.as_millis()).unwrap_or(0);
-        let rows = sqlx::query(
-            "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
-             WHERE recheck_until IS NOT NULL AND updated_at <= $1 ORDER BY updated_at LIMIT $2",
-        )
-        .bind(cutoff)
-        .bind(limit)
-        .fetch_all(self.db.pool())
-        .await
-        .map_err(db_error)?;
-        rows.iter().map(Self::versioned).collect()
+        self.idle("recheck_until IS NOT NULL", every, limit).await
     }
 
     /// Notes a recheck: looked at now; stops rechecking once `recheck_until` has passed.
@@ -364,7 +374,7 @@ impl Ledger {
             tx.rollback().await.map_err(db_error)?;
             return Ok(false);
         }
-        self.announce(&mut tx, record).await?;
+        self.announce(&mut tx, record, true).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(true)
     }
@@ -399,23 +409,35 @@ impl Ledger {
         row.as_ref().map(Self::versioned).transpose()
     }
 
+    /// Payments matching `filter` (a fixed SQL condition, so its partial index serves it) that
+    /// have not changed for `age`, oldest first, at most `limit`.
+    async fn idle(
+        &self,
+        filter: &str,
+        age: Duration,
+        limit: i64,
+    ) -> Result<Vec<Versioned>, BackendError> {
+        let cutoff = self.now() - i64::try_from(age.as_millis()).unwrap_or(0);
+        let sql = format!(
+            "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
+             WHERE {filter} AND updated_at <= $1 ORDER BY updated_at LIMIT $2"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(cutoff)
+            .bind(limit)
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(Self::versioned).collect()
+    }
+
     /// Payments still `PROCESSING` whose intent was written at least `age` ago, oldest first.
     pub async fn processing_older_than(
         &self,
         age: Duration,
         limit: i64,
     ) -> Result<Vec<Versioned>, BackendError> {
-        let cutoff = self.now() - i64::try_from(age.as_millis()).unwrap_or(0);
-        let rows = sqlx::query(
-            "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
-             WHERE status = 'PROCESSING' AND updated_at <= $1 ORDER BY updated_at LIMIT $2",
-        )
-        .bind(cutoff)
-        .bind(limit)
-        .fetch_all(self.db.pool())
-        .await
-        .map_err(db_error)?;
-        rows.iter().map(Self::versioned).collect()
+        self.idle("status = 'PROCESSING'", age, limit).await
     }
 
     /// Successful payments not confirmed at least `age` after they succeeded (their queued
@@ -425,19 +447,12 @@ impl Ledger {
         age: Duration,
         limit: i64,
     ) -> Result<Vec<String>, BackendError> {
-        let cutoff = self.now() - i64::try_from(age.as_millis()).unwrap_or(0);
-        let rows = sqlx::query(
-            "SELECT transaction_id FROM payments WHERE status = 'SUCCESS' AND confirmed_at IS NULL \
-             AND updated_at <= $1 ORDER BY updated_at LIMIT $2",
-        )
-        .bind(cutoff)
-        .bind(limit)
-        .fetch_all(self.db.pool())
-        .await
-        .map_err(db_error)?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>(0).map_err(db_error))
-            .collect()
+        Ok(self
+            .idle("status = 'SUCCESS' AND confirmed_at IS NULL", age, limit)
+            .await?
+            .into_iter()
+            .map(|v| v.record.transaction_id)
+            .collect())
     }
 
     /// Marks a successful payment confirmed; answers false for an unknown id, a payment that is

@@ -84,6 +84,8 @@ pub struct PaymentAttempt {
     pub idempotency_key: Option<String>,
     /// The fingerprint of the request body, when a key was sent.
     pub fingerprint: Option<String>,
+    /// The token of the idempotency claim this request holds, when a key was sent.
+    pub claim_token: Option<String>,
     /// When it arrived (monotonic, for the processing time).
     pub received: Instant,
     /// When it arrived (wall clock, for the record).
@@ -99,6 +101,7 @@ impl PaymentAttempt {
             trace_id,
             idempotency_key,
             fingerprint: None,
+            claim_token: None,
             received: Instant::now(),
             received_at: Utc::now(),
         }
@@ -136,6 +139,9 @@ pub(crate) struct App {
     store: Arc<dyn StateStore>,
     clock: SharedClock,
     limits: Limits,
+    /// A payment still in progress after this long is answered `PROCESSING` (below the request
+    /// timeout, so the answer is never a bare timeout).
+    answer_within: Duration,
     /// Whether API keys are configured (the admin routes need them).
     keys_configured: bool,
     /// Whether a merchant's blocklist entry applies to every merchant (the rules' switch).
@@ -244,7 +250,11 @@ pub async fn build(
             Arc::new(http)
         }
         None => Arc::new(Sandbox::with_config(gateway::sandbox::config_from(
-            |name| cfg.setting(name),
+            // in process, a smaller memory: its decisions die with the process anyway
+            |name| {
+                cfg.setting(name)
+                    .or_else(|| (name == "SANDBOX_REMEMBER").then(|| "20000".into()))
+            },
         )?)),
     };
     runtime.set_backend(
@@ -465,6 +475,10 @@ pub async fn build(
             max_amount,
             rates: Arc::new(rates),
         },
+        answer_within: cfg
+            .request_timeout
+            .saturating_sub(Duration::from_secs(1))
+            .max(Duration::from_millis(100)),
         keys_configured: !cfg.api_keys.is_empty(),
         network_blocklist: rules.network_blocklist,
     });

@@ -144,6 +144,8 @@ impl Reconciler {
         let Some(key) = record.gateway_key.clone() else {
             return Ok(false);
         };
+        // Whatever happens below, this payment's next look is `recheck_every` away (a row that
+        // keeps failing must not hold the others up), except once it is reversed.
         let gateway_id = match self.gateway.lookup(&key).await {
             Ok(Some(ChargeOutcome::Approved { gateway_id }))
             | Ok(Some(ChargeOutcome::Reversed { gateway_id })) => gateway_id,
@@ -153,6 +155,7 @@ impl Reconciler {
             }
             Err(e) => {
                 tracing::warn!(transaction_id = %id, error = %e, "recheck lookup failed; will try again");
+                self.ledger.rechecked(&id, version).await?;
                 return Ok(false);
             }
         };
@@ -161,10 +164,12 @@ impl Reconciler {
             Ok(Reversal::Reversed) => {}
             Ok(other) => {
                 tracing::error!(transaction_id = %id, ?other, "the gateway would not reverse the late charge; left for a person");
+                self.ledger.rechecked(&id, version).await?;
                 return Ok(false);
             }
             Err(e) => {
                 tracing::warn!(transaction_id = %id, error = %e, "reversal failed; will try again");
+                self.ledger.rechecked(&id, version).await?;
                 return Ok(false);
             }
         }
@@ -175,11 +180,23 @@ impl Reconciler {
             code: "charge_reversed".into(),
             message: "The charge reached the payment gateway after the payment had been failed; it was reversed there, so no money moved.".into(),
         });
-        if !self.ledger.reverse(&record, version).await? {
-            return Ok(false);
+        // The charge is reversed at the gateway: record it, even if another replica bumped the
+        // row's version meanwhile (a recheck of its own).
+        let mut version = version;
+        for _ in 0..3 {
+            if self.ledger.reverse(&record, version).await? {
+                self.metrics.reconciled(record.status);
+                return Ok(true);
+            }
+            match self.ledger.get(&id).await? {
+                Some(current) if current.record.status == PaymentStatus::Failed => {
+                    version = current.version;
+                }
+                // reversed by another replica, or no longer ours to change
+                _ => return Ok(false),
+            }
         }
-        self.metrics.reconciled(record.status);
-        Ok(true)
+        Ok(false)
     }
 
     async fn finish(&self, payment: Versioned) -> Result<bool, BackendError> {
@@ -210,7 +227,7 @@ impl Reconciler {
                         kind: "api_error".into(),
                         code: "charge_not_found".into(),
                         message: format!(
-                            "The payment gateway has no charge for this payment {} s after it was sent (the service stopped or the request was lost on the way); nothing was charged.",
+                            "The payment gateway has no charge for this payment {} s after it was sent (the service stopped or the request was lost on the way). Should a charge still turn up, it is reversed at the gateway and the payment shows REVERSED.",
                             unknown_for / 1000
                         ),
                     }),
@@ -287,6 +304,7 @@ pub(crate) mod tests {
             gateway_key: Some(key.into()),
             idempotency_key: Some("client-key".into()),
             fingerprint: Some("fp".into()),
+            claim_token: None,
         }
     }
 
@@ -302,10 +320,11 @@ pub(crate) mod tests {
             panic!("approved")
         };
         let queue = MemoryQueue::<String>::new(QueueConfig::new("c", 10), clock.shared());
-        assert!(matches!(
-            ledger.idempotency().claim("m", "client-key", "fp").await,
-            Ok(Claim::Proceed)
-        ));
+        let Ok(Claim::Proceed { token }) =
+            ledger.idempotency().claim("m", "client-key", "fp").await
+        else {
+            panic!("a fresh key")
+        };
         let kaizen = tai_core::kaizen::Kaizen::new("t", clock.shared());
         let r = Reconciler {
             ledger: ledger.clone(),
@@ -321,6 +340,7 @@ pub(crate) mod tests {
         };
         for (id, key) in [("txn_a", "m:charged"), ("txn_b", "m:lost")] {
             let mut rec = processing(id, key, &clock);
+            rec.claim_token = Some(token.clone());
             if id == "txn_b" {
                 // only the first came with a client key
                 rec.idempotency_key = None;

@@ -112,6 +112,9 @@ pub struct PaymentRecord {
     /// The request body's fingerprint, when a key was sent (internal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// The token of the idempotency claim this payment's request held (internal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_token: Option<String>,
 }
 
 impl PaymentRecord {
@@ -135,6 +138,7 @@ impl PaymentRecord {
                 "gateway_key",
                 "idempotency_key",
                 "fingerprint",
+                "claim_token",
             ] {
                 map.remove(internal);
             }

@@ -48,7 +48,9 @@ pub async fn enqueue(
 /// One event as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
-    /// Position in the outbox (increasing in commit order, with gaps).
+    /// Position in the outbox: increasing in insertion order, with gaps; on PostgreSQL a
+    /// transaction can commit a lower one after a higher one is visible, so a reader that must
+    /// see everything reads unpublished rows, not "after the last seq".
     pub seq: i64,
     /// The event's id, unique.
     pub event_id: String,

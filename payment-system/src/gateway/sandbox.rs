@@ -14,9 +14,10 @@
 //! `lookup_lag` hides a decision from lookups until it is that old. A charge can be reversed
 //! (voided or refunded) by its key, idempotently.
 //!
-//! Decisions are remembered for the last [`REMEMBERED`] keys only: the sandbox lives in process
-//! memory under the embedded default, and memory must not grow with every payment ever made.
-//! A lookup is asked within seconds of a charge, far inside that horizon.
+//! Decisions are remembered for the last `remember` keys only (`SANDBOX_REMEMBER`; 100,000 for
+//! the standalone server, 20,000 in process): the sandbox lives in process memory, and memory
+//! must not grow with every payment ever made. The reconciler asks within seconds of a charge;
+//! the in-process sandbox's decisions die with the process anyway.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -41,8 +42,8 @@ pub const CARD_DECLINED: &str = "4000000000000002";
 /// Test card: processing error.
 pub const CARD_PROCESSING_ERROR: &str = "4000000000000119";
 
-/// How many decisions the sandbox remembers (the oldest are forgotten first).
-pub const REMEMBERED: usize = 200_000;
+/// How many decisions the standalone sandbox remembers by default (oldest forgotten first).
+pub const REMEMBERED: usize = 100_000;
 
 /// What the sandbox decided for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,8 +70,10 @@ pub enum ChargeReply {
 }
 
 /// How the sandbox behaves.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SandboxConfig {
+    /// How many decisions it remembers (`SANDBOX_REMEMBER`).
+    pub remember: usize,
     /// Every answer waits this long.
     pub latency: Duration,
     /// Share of charges that are processing errors (0..=1).
@@ -81,6 +84,19 @@ pub struct SandboxConfig {
     pub charge_then_fail_rate: f64,
     /// Lookups see a decision only once it is this old (`SANDBOX_LOOKUP_LAG_MS`).
     pub lookup_lag: Duration,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            remember: REMEMBERED,
+            latency: Duration::ZERO,
+            failure_rate: 0.0,
+            decide_late: false,
+            charge_then_fail_rate: 0.0,
+            lookup_lag: Duration::ZERO,
+        }
+    }
 }
 
 /// Reads a [`SandboxConfig`] through `get` (a setting by its environment name):
@@ -118,6 +134,13 @@ pub fn config_from(
         }
     };
     Ok(SandboxConfig {
+        remember: parse(
+            &get,
+            "SANDBOX_REMEMBER",
+            REMEMBERED,
+            "a number of decisions",
+        )?
+        .max(1),
         latency: Duration::from_millis(parse(&get, "SANDBOX_LATENCY_MS", 0u64, "milliseconds")?),
         failure_rate: parse(&get, "SANDBOX_FAILURE_RATE", 0.0f64, "a share from 0 to 1")?,
         decide_late,
@@ -154,10 +177,10 @@ struct Book {
 }
 
 impl Book {
-    fn put(&mut self, key: &str, slot: Slot) {
+    fn put(&mut self, key: &str, slot: Slot, remember: usize) {
         if self.by_key.insert(key.to_owned(), slot).is_none() {
             self.order.push_back(key.to_owned());
-            if self.order.len() > REMEMBERED
+            if self.order.len() > remember
                 && let Some(oldest) = self.order.pop_front()
             {
                 self.by_key.remove(&oldest);
@@ -241,6 +264,7 @@ impl Sandbox {
                 at: Instant::now(),
                 reference: reference.to_owned(),
             },
+            config.remember,
         );
         answer
     }
@@ -263,7 +287,7 @@ impl Sandbox {
                         Some(Some(answer.clone()))
                     }
                     _ => {
-                        book.put(key, Slot::Pending);
+                        book.put(key, Slot::Pending, self.config.remember);
                         None
                     }
                 }
