@@ -13,7 +13,7 @@
 #             customers: its peak resident memory must level off
 #
 # Each: successful (2xx) payments/s, p50, p99, peak RSS; then each ratio to the ceiling.
-# wrk -t1 -c64, as in shared figures; BENCH_SECS (default 10) per run.
+# wrk -t1 -c64 (one connection-driving thread, 64 connections); BENCH_SECS (default 10) per run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
