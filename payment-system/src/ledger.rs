@@ -44,6 +44,12 @@ pub const SCHEMA: &[SchemaChange] = &[
         sqlite: "ALTER TABLE idempotency_keys ADD COLUMN claim_token TEXT;",
         postgres: "ALTER TABLE idempotency_keys ADD COLUMN claim_token TEXT;",
     },
+    SchemaChange {
+        version: 1004,
+        description: "a PROCESSING payment looked at without result waits its turn",
+        sqlite: "ALTER TABLE payments ADD COLUMN next_check_at BIGINT;",
+        postgres: "ALTER TABLE payments ADD COLUMN next_check_at BIGINT;",
+    },
 ];
 
 const SCHEMA_V2: &str = "
@@ -417,18 +423,37 @@ impl Ledger {
         age: Duration,
         limit: i64,
     ) -> Result<Vec<Versioned>, BackendError> {
-        let cutoff = self.now() - i64::try_from(age.as_millis()).unwrap_or(0);
+        let now = self.now();
+        let cutoff = now - i64::try_from(age.as_millis()).unwrap_or(0);
+        // rows postponed by `postpone` wait their turn, so ones that cannot be settled yet do
+        // not keep the others out of the batch
         let sql = format!(
             "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
-             WHERE {filter} AND updated_at <= $1 ORDER BY updated_at LIMIT $2"
+             WHERE {filter} AND updated_at <= $1 AND (next_check_at IS NULL OR next_check_at <= $3) \
+             ORDER BY updated_at LIMIT $2"
         );
         let rows = sqlx::query(&sql)
             .bind(cutoff)
             .bind(limit)
+            .bind(now)
             .fetch_all(self.db.pool())
             .await
             .map_err(db_error)?;
         rows.iter().map(Self::versioned).collect()
+    }
+
+    /// Leaves a `PROCESSING` payment out of the reconciler's batches for `wait` (its lookup
+    /// failed, or found nothing yet), so the payments behind it get their turn.
+    pub async fn postpone(&self, id: &str, wait: Duration) -> Result<(), BackendError> {
+        sqlx::query(
+            "UPDATE payments SET next_check_at = $1 WHERE transaction_id = $2 AND status = 'PROCESSING'",
+        )
+        .bind(self.now() + i64::try_from(wait.as_millis()).unwrap_or(0))
+        .bind(id)
+        .execute(self.db.pool())
+        .await
+        .map(|_| ())
+        .map_err(db_error)
     }
 
     /// Payments still `PROCESSING` whose intent was written at least `age` ago, oldest first.

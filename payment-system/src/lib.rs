@@ -398,6 +398,7 @@ pub async fn build(
         "RECONCILE_AFTER_MS",
         u64::try_from(gateway_timeout.as_millis()).unwrap_or(5000) + 5000,
     )?);
+    let reconcile_every = Duration::from_millis(cfg.setting_or("RECONCILE_EVERY_MS", 1000u64)?);
     let reconciler = reconcile::Reconciler {
         ledger: ledger.clone(),
         gateway: gateway.clone(),
@@ -412,14 +413,13 @@ pub async fn build(
             cfg.setting_or("RECONCILE_NOT_FOUND_GRACE_MS", 120_000u64)?,
         ),
         recheck_for: Duration::from_secs(cfg.setting_or("RECONCILE_RECHECK_SECS", 86_400u64)?),
+        look_again: reconcile_every,
+        batch: 100,
         recheck_every: Duration::from_millis(
             cfg.setting_or("RECONCILE_RECHECK_EVERY_MS", 30_000u64)?,
         ),
     };
-    runtime.spawn_worker(reconciler.run(
-        Duration::from_millis(cfg.setting_or("RECONCILE_EVERY_MS", 1000u64)?),
-        runtime.shutdown_signal(),
-    ));
+    runtime.spawn_worker(reconciler.run(reconcile_every, runtime.shutdown_signal()));
     let action = PaymentAction {
         gateway,
         breaker,

@@ -73,9 +73,12 @@ pub struct Reconciler {
     pub recheck_for: Duration,
     /// How often it is looked up again.
     pub recheck_every: Duration,
+    /// How long a `PROCESSING` payment that could not be settled waits before its next lookup
+    /// (the others behind it get their turn meanwhile).
+    pub look_again: Duration,
+    /// How many payments one pass looks at, per kind of work.
+    pub batch: i64,
 }
-
-const BATCH: i64 = 100;
 
 impl Reconciler {
     /// Runs until shutdown: a pass every `every` (each an indexed query that finds nothing
@@ -109,7 +112,11 @@ impl Reconciler {
             requeued: 0,
             reversed: 0,
         };
-        for payment in self.ledger.processing_older_than(self.after, BATCH).await? {
+        for payment in self
+            .ledger
+            .processing_older_than(self.after, self.batch)
+            .await?
+        {
             if self.finish(payment).await? {
                 pass.finished += 1;
             } else {
@@ -118,14 +125,18 @@ impl Reconciler {
         }
         for id in self
             .ledger
-            .unconfirmed_older_than(self.confirm_after, BATCH)
+            .unconfirmed_older_than(self.confirm_after, self.batch)
             .await?
         {
             if self.confirmations.push(id).await.is_ok() {
                 pass.requeued += 1;
             }
         }
-        for payment in self.ledger.recheck_due(self.recheck_every, BATCH).await? {
+        for payment in self
+            .ledger
+            .recheck_due(self.recheck_every, self.batch)
+            .await?
+        {
             if self.recheck(payment).await? {
                 pass.reversed += 1;
             }
@@ -217,6 +228,7 @@ impl Reconciler {
                 if unknown_for < i64::try_from(self.not_found_grace.as_millis()).unwrap_or(i64::MAX)
                 {
                     // the gateway's books may lag its charges: ask again later
+                    self.ledger.postpone(&id, self.look_again).await?;
                     return Ok(false);
                 }
                 let unfound = Charged {
@@ -247,6 +259,7 @@ impl Reconciler {
             }
             Err(e) => {
                 tracing::warn!(transaction_id = %id, error = %e, "gateway lookup failed; will try again");
+                self.ledger.postpone(&id, self.look_again).await?;
                 return Ok(false);
             }
         };
@@ -337,6 +350,8 @@ pub(crate) mod tests {
             not_found_grace: Duration::from_secs(30),
             recheck_for: Duration::from_secs(3600),
             recheck_every: Duration::from_secs(10),
+            look_again: Duration::from_secs(1),
+            batch: 100,
         };
         for (id, key) in [("txn_a", "m:charged"), ("txn_b", "m:lost")] {
             let mut rec = processing(id, key, &clock);
@@ -435,6 +450,8 @@ pub(crate) mod tests {
             not_found_grace: Duration::from_secs(5),
             recheck_for: Duration::from_secs(3600),
             recheck_every: Duration::from_secs(10),
+            look_again: Duration::from_secs(1),
+            batch: 100,
         };
         let mut rec = processing("txn_late", "m:late", &clock);
         rec.idempotency_key = None;
@@ -479,6 +496,66 @@ pub(crate) mod tests {
                 "payments.events.payment.failed",
                 "payments.events.payment.reversed"
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_payment_the_gateway_cannot_settle_yet_does_not_hold_up_the_ones_behind_it() {
+        let clock = ManualClock::new();
+        let ledger = crate::ledger::tests::ledger(&clock).await;
+        let sandbox = Arc::new(Sandbox::new(Duration::ZERO, 0.0));
+        let queue = MemoryQueue::<String>::new(QueueConfig::new("c", 10), clock.shared());
+        let kaizen = tai_core::kaizen::Kaizen::new("t", clock.shared());
+        let r = Reconciler {
+            ledger: ledger.clone(),
+            gateway: sandbox.clone(),
+            confirmations: Arc::new(queue),
+            metrics: Arc::new(PaymentMetrics::new(&kaizen, clock.shared())),
+            clock: clock.shared(),
+            after: Duration::from_secs(1),
+            confirm_after: Duration::from_secs(60),
+            not_found_grace: Duration::from_secs(600),
+            recheck_for: Duration::from_secs(3600),
+            recheck_every: Duration::from_secs(10),
+            look_again: Duration::from_secs(5),
+            batch: 1,
+        };
+        // the older payment's charge is unknown to the gateway (for now); the newer one's is
+        // approved, and one pass only looks at one payment
+        for (id, key) in [("txn_unknown", "m:unknown"), ("txn_known", "m:known")] {
+            let mut rec = processing(id, key, &clock);
+            rec.idempotency_key = None;
+            rec.fingerprint = None;
+            ledger.begin_charge(&rec).await.expect("intent");
+            clock.advance(Duration::from_millis(10));
+        }
+        assert!(matches!(
+            sandbox.decide("m:known", None).await,
+            crate::gateway::sandbox::SandboxAnswer::Approved(_)
+        ));
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            r.pass().await.expect("pass").waiting,
+            1,
+            "the unknown one, postponed"
+        );
+        assert_eq!(
+            r.pass().await.expect("pass").finished,
+            1,
+            "the known one's turn"
+        );
+        let known = ledger
+            .get("txn_known")
+            .await
+            .expect("db")
+            .expect("rec")
+            .record;
+        assert_eq!(known.status, PaymentStatus::Success);
+        clock.advance(Duration::from_secs(5));
+        assert_eq!(
+            r.pass().await.expect("pass").waiting,
+            1,
+            "looked at again later"
         );
     }
 }
