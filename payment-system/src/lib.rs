@@ -339,13 +339,18 @@ pub async fn build(
         let relay_for_status = relay.clone();
         let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let pending_figure = pending.clone();
+        let mut shutdown = runtime.shutdown_signal();
         runtime.spawn_worker(async move {
-            // the outbox's backlog, for Andon and /status, counted once a second
+            // the outbox's backlog, for Andon and /status, counted once a second until shutdown
+            // (a worker that never returns would hold the graceful stop for its whole grace)
             loop {
                 if let Ok(n) = relay_for_status.pending().await {
                     pending.store(n, std::sync::atomic::Ordering::Relaxed);
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return,
+                }
             }
         });
         runtime.add_figures(move |f| {

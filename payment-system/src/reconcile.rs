@@ -294,6 +294,30 @@ pub(crate) mod tests {
     use crate::idempotency::Claim;
     use crate::record::PaymentRecord;
 
+    /// A reconciler over `ledger` and `sandbox` with the tests' usual settings.
+    fn reconciler(
+        ledger: &Ledger,
+        sandbox: Arc<Sandbox>,
+        queue: &MemoryQueue<String>,
+        clock: &ManualClock,
+    ) -> Reconciler {
+        let kaizen = tai_core::kaizen::Kaizen::new("t", clock.shared());
+        Reconciler {
+            ledger: ledger.clone(),
+            gateway: sandbox,
+            confirmations: Arc::new(queue.clone()),
+            metrics: Arc::new(PaymentMetrics::new(&kaizen, clock.shared())),
+            clock: clock.shared(),
+            after: Duration::from_secs(10),
+            confirm_after: Duration::from_secs(60),
+            not_found_grace: Duration::from_secs(30),
+            recheck_for: Duration::from_secs(3600),
+            recheck_every: Duration::from_secs(10),
+            look_again: Duration::from_secs(1),
+            batch: 100,
+        }
+    }
+
     pub(crate) fn processing(id: &str, key: &str, clock: &ManualClock) -> PaymentRecord {
         PaymentRecord {
             transaction_id: id.into(),
@@ -338,21 +362,7 @@ pub(crate) mod tests {
         else {
             panic!("a fresh key")
         };
-        let kaizen = tai_core::kaizen::Kaizen::new("t", clock.shared());
-        let r = Reconciler {
-            ledger: ledger.clone(),
-            gateway: sandbox,
-            confirmations: Arc::new(queue.clone()),
-            metrics: Arc::new(PaymentMetrics::new(&kaizen, clock.shared())),
-            clock: clock.shared(),
-            after: Duration::from_secs(10),
-            confirm_after: Duration::from_secs(60),
-            not_found_grace: Duration::from_secs(30),
-            recheck_for: Duration::from_secs(3600),
-            recheck_every: Duration::from_secs(10),
-            look_again: Duration::from_secs(1),
-            batch: 100,
-        };
+        let r = reconciler(&ledger, sandbox, &queue, &clock);
         for (id, key) in [("txn_a", "m:charged"), ("txn_b", "m:lost")] {
             let mut rec = processing(id, key, &clock);
             rec.claim_token = Some(token.clone());
@@ -438,20 +448,10 @@ pub(crate) mod tests {
         let ledger = crate::ledger::tests::ledger(&clock).await;
         let sandbox = Arc::new(Sandbox::new(Duration::ZERO, 0.0));
         let queue = MemoryQueue::<String>::new(QueueConfig::new("c", 10), clock.shared());
-        let kaizen = tai_core::kaizen::Kaizen::new("t", clock.shared());
         let r = Reconciler {
-            ledger: ledger.clone(),
-            gateway: sandbox.clone(),
-            confirmations: Arc::new(queue),
-            metrics: Arc::new(PaymentMetrics::new(&kaizen, clock.shared())),
-            clock: clock.shared(),
             after: Duration::from_secs(1),
-            confirm_after: Duration::from_secs(60),
             not_found_grace: Duration::from_secs(5),
-            recheck_for: Duration::from_secs(3600),
-            recheck_every: Duration::from_secs(10),
-            look_again: Duration::from_secs(1),
-            batch: 100,
+            ..reconciler(&ledger, sandbox.clone(), &queue, &clock)
         };
         let mut rec = processing("txn_late", "m:late", &clock);
         rec.idempotency_key = None;
@@ -505,20 +505,12 @@ pub(crate) mod tests {
         let ledger = crate::ledger::tests::ledger(&clock).await;
         let sandbox = Arc::new(Sandbox::new(Duration::ZERO, 0.0));
         let queue = MemoryQueue::<String>::new(QueueConfig::new("c", 10), clock.shared());
-        let kaizen = tai_core::kaizen::Kaizen::new("t", clock.shared());
         let r = Reconciler {
-            ledger: ledger.clone(),
-            gateway: sandbox.clone(),
-            confirmations: Arc::new(queue),
-            metrics: Arc::new(PaymentMetrics::new(&kaizen, clock.shared())),
-            clock: clock.shared(),
             after: Duration::from_secs(1),
-            confirm_after: Duration::from_secs(60),
             not_found_grace: Duration::from_secs(600),
-            recheck_for: Duration::from_secs(3600),
-            recheck_every: Duration::from_secs(10),
             look_again: Duration::from_secs(5),
             batch: 1,
+            ..reconciler(&ledger, sandbox.clone(), &queue, &clock)
         };
         // the older payment's charge is unknown to the gateway (for now); the newer one's is
         // approved, and one pass only looks at one payment
