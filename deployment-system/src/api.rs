@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use tai_core::policy::Decision;
 use tai_core::runtime::{ApiError, ApiJson, ErrorType};
 
 use crate::App;
-use crate::rollout::controller::Op;
-use crate::rollout::{Deployment, OpError, RegionRollout, RegionStatus, Status};
+use crate::rollout::Op;
+use crate::analysis::Target;
+use crate::rollout::{Deployment, OpError, Status};
 use crate::signal::{self, DeployRequest};
 
 fn new_id() -> String {
@@ -59,22 +59,122 @@ fn plan(req: &DeployRequest) -> Value {
     })
 }
 
+const IDEMPOTENCY_PREFIX: &str = "dep:idem:";
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What an idempotency key is bound to: the request's body and the deployment it created.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeyClaim {
+    body: String,
+    deployment_id: String,
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(k.to_owned()))
+        }
+        _ => Err(ApiError::invalid(
+            "idempotency_key_invalid",
+            "Idempotency-Key",
+            "Idempotency-Key is 1 to 255 visible ASCII characters.",
+        )),
+    }
+}
+
+/// The answer for a deployment as it stands: 422 with the reasons when rejected, else `status`.
+fn answer(d: &Deployment, status: StatusCode) -> Response {
+    if d.status == Status::Rejected {
+        let codes: Vec<&str> = d
+            .reasons
+            .iter()
+            .filter_map(|r| r["code"].as_str())
+            .collect();
+        let mut body = doc(d);
+        body["error"] = json!({"type": "invalid_request_error", "code": codes.first().copied().unwrap_or("rejected"), "message": format!("Rejected by the safety checks: {}.", codes.join(", "))});
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
+    }
+    with_location(status, d)
+}
+
+/// Binds `key` to this request, or answers for the deployment an earlier request with the same
+/// key and body created (`Err(response)`); another body under the key is a 422.
+async fn claim_key(
+    app: &App,
+    key: &str,
+    body: &str,
+    id: &str,
+) -> Result<Result<(), Response>, ApiError> {
+    let store_key = format!("{IDEMPOTENCY_PREFIX}{key}");
+    let claim = serde_json::to_vec(&KeyClaim {
+        body: body.to_owned(),
+        deployment_id: id.to_owned(),
+    })
+    .map_err(|e| unavailable(e))?;
+    if app
+        .store
+        .put_if_absent(&store_key, claim, Some(IDEMPOTENCY_TTL))
+        .await
+        .map_err(unavailable)?
+    {
+        return Ok(Ok(()));
+    }
+    let earlier = app
+        .store
+        .get(&store_key)
+        .await
+        .map_err(unavailable)?
+        .and_then(|b| serde_json::from_slice::<KeyClaim>(&b).ok())
+        .ok_or_else(|| unavailable("the idempotency key changed hands; retry"))?;
+    if earlier.body != body {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorType::InvalidRequestError,
+            "idempotency_key_reused",
+            "This Idempotency-Key was used with another request body.",
+        )
+        .with_param("Idempotency-Key"));
+    }
+    // the same request again: answer with its deployment once the first request stored it
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(d) = app.handle.get(&earlier.deployment_id) {
+            return Ok(Err(answer(&d, StatusCode::OK)));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorType::InvalidRequestError,
+                "idempotency_key_in_use",
+                "A request with this Idempotency-Key is still being processed; retry.",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Start a deployment.
 #[utoipa::path(post, path = "/deploy", tag = "deployments",
     request_body(content = Object, description = "service, version, target_region or regions, rollout_strategy, image, stages, analysis, on_region_failure, dry_run"),
-    params(("wait" = Option<bool>, Query, description = "answer when the deployment ends")),
+    params(("wait" = Option<bool>, Query, description = "answer when the deployment ends"),
+        ("Idempotency-Key" = Option<String>, Header, description = "the same key and body give the same deployment; another body is a 422")),
     responses(
         (status = 202, description = "Accepted: PENDING or IN_PROGRESS, with Location"),
-        (status = 200, description = "dry_run plan, or the ended deployment with ?wait=true"),
+        (status = 200, description = "dry_run plan, the ended deployment with ?wait=true, or a replay of an Idempotency-Key"),
         (status = 400, description = "Malformed request, naming the parameter"),
-        (status = 422, description = "REJECTED by the safety checks, with every reason"),
+        (status = 409, description = "A request with the same Idempotency-Key is in flight"),
+        (status = 422, description = "REJECTED by the safety checks, with every reason; a query Prometheus refuses; a reused Idempotency-Key"),
     ))]
 pub(crate) async fn create(
     State(app): State<Arc<App>>,
     Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let req = signal::parse(&body, &app.defaults)?;
+    let mut req = signal::parse(&body, &app.defaults)?;
     if !app.providers.contains(&req.analysis.provider) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -87,121 +187,69 @@ pub(crate) async fn create(
         )
         .with_param("analysis[provider]"));
     }
-    let outcome = app
-        .safety
-        .run(&req)
-        .await
-        .map_err(|e| unavailable(format!("{e}")))?;
-    let verdict = outcome.verdict;
-    let facts = outcome.output;
-    let now = app.clock.wall();
-    if verdict.decision == Decision::Deny {
-        let reasons: Vec<Value> = verdict
-            .reasons
-            .iter()
-            .map(|r| json!({"code": r.rule, "message": r.observed, "expected": r.threshold}))
-            .collect();
-        let codes: Vec<&str> = verdict.reasons.iter().map(|r| r.rule.as_str()).collect();
-        let mut d = base_deployment(&req, new_id(), app.handle.next_seq(), now, &facts);
-        d.status = Status::Rejected;
-        d.finished_at = Some(now);
-        d.reasons = reasons.clone();
-        for r in &mut d.regions {
-            r.status = RegionStatus::Skipped;
+    if let (Some(prom), Some(_)) = (&app.prometheus, &req.analysis.queries) {
+        for region in &req.regions {
+            let target = Target {
+                service: req.service.clone(),
+                version: req.version.clone(),
+                region: region.clone(),
+                queries: req.analysis.queries.clone(),
+            };
+            if let Err((param, why)) = prom.validate(&target).await {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    ErrorType::InvalidRequestError,
+                    "query_invalid",
+                    why,
+                )
+                .with_param(&param));
+            }
         }
-        d.event(now, "rejected", None, None, json!({"reasons": codes}));
-        if !req.dry_run {
-            d = app.handle.create(d).await.map_err(unavailable)?;
+    }
+    req.deployment_id = new_id();
+    let key = if req.dry_run {
+        None
+    } else {
+        idempotency_key(&headers)?
+    };
+    if let Some(k) = &key {
+        if let Err(replay) = claim_key(&app, k, &body.to_string(), &req.deployment_id).await? {
+            return Ok(replay);
         }
-        let mut body = doc(&d);
-        body["error"] = json!({"type": "invalid_request_error", "code": codes.first().copied().unwrap_or("rejected"), "message": format!("Rejected by the safety checks: {}.", codes.join(", "))});
-        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response());
+    }
+    let outcome = match app.safety.run(&req).await {
+        Ok(o) => o,
+        Err(e) => {
+            // nothing was stored: free the key so a retry can go through
+            if let Some(k) = &key {
+                let _ = app.store.delete(&format!("{IDEMPOTENCY_PREFIX}{k}")).await;
+            }
+            return Err(unavailable(format!("{e}")));
+        }
+    };
+    let d = outcome.output;
+    if d.status == Status::Rejected {
+        return Ok(answer(&d, StatusCode::UNPROCESSABLE_ENTITY));
     }
     if req.dry_run {
-        return Ok((StatusCode::OK, Json(json!({"dry_run": true, "valid": true, "checks": ["image_exists", "regions_known", "capacity", "rollback_target"], "plan": plan(&req)}))).into_response());
+        return Ok((StatusCode::OK, Json(json!({"dry_run": true, "valid": true, "checks": ["image_exists", "regions_known", "capacity", "rollback_target", "queries"], "plan": plan(&req)}))).into_response());
     }
-    let mut d = base_deployment(&req, new_id(), app.handle.next_seq(), now, &facts);
-    d.event(
-        now,
-        "validated",
-        None,
-        None,
-        json!({"image": req.image, "checks": "passed"}),
-    );
-    let d = app.handle.create(d).await.map_err(unavailable)?;
     let wait = q.get("wait").is_some_and(|v| v == "true" || v == "1");
     if wait {
         // answer when it ends, or just before the request would time out
-        let deadline = tokio::time::Instant::now() + app.wait_limit;
-        while tokio::time::Instant::now() < deadline {
-            if let Some(now) = app.handle.get(&d.deployment_id)
-                && now.status.is_terminal()
-            {
-                return Ok(with_location(StatusCode::OK, &now));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let current = app.handle.get(&d.deployment_id).unwrap_or(d);
-        return Ok(with_location(StatusCode::ACCEPTED, &current));
+        let now = app
+            .handle
+            .wait_end(&d.deployment_id, app.wait_limit)
+            .await
+            .unwrap_or(d);
+        let status = if now.status.is_terminal() {
+            StatusCode::OK
+        } else {
+            StatusCode::ACCEPTED
+        };
+        return Ok(with_location(status, &now));
     }
     Ok(with_location(StatusCode::ACCEPTED, &d))
-}
-
-fn base_deployment(
-    req: &DeployRequest,
-    id: String,
-    seq: u64,
-    now: chrono::DateTime<chrono::Utc>,
-    facts: &crate::safety::SafetyFacts,
-) -> Deployment {
-    let regions = req
-        .regions
-        .iter()
-        .map(|region| RegionRollout {
-            region: region.clone(),
-            status: RegionStatus::Pending,
-            stable_version: facts
-                .regions
-                .iter()
-                .find(|f| f.region == *region)
-                .and_then(|f| f.stable.clone())
-                .unwrap_or_default(),
-            stages_completed: Vec::new(),
-            stage_index: 0,
-            started_at: None,
-            finished_at: None,
-            stage_started_at: None,
-            stage_deadline: None,
-            next_analysis_at: None,
-            inconclusive_since: None,
-            paused_remaining_ms: None,
-            queue_position: None,
-            analysis: Vec::new(),
-        })
-        .collect();
-    let mut d = Deployment {
-        deployment_id: id,
-        service: req.service.clone(),
-        version: req.version.clone(),
-        image: req.image.clone(),
-        rollout_strategy: "canary".into(),
-        status: Status::Pending,
-        seq,
-        created_at: now,
-        finished_at: None,
-        duration_secs: 0.0,
-        stages_completed: Vec::new(),
-        stages: req.stages.clone(),
-        analysis: req.analysis.clone(),
-        on_region_failure: req.on_region_failure,
-        current_region: 0,
-        paused: false,
-        regions,
-        reasons: Vec::new(),
-        events: Vec::new(),
-    };
-    d.refresh(now);
-    d
 }
 
 fn lookup(app: &App, id: &str) -> Result<Deployment, ApiError> {
@@ -228,6 +276,12 @@ pub(crate) async fn get(
 async fn operate(app: &App, id: &str, op: Op) -> Result<Json<Value>, ApiError> {
     lookup(app, id)?;
     match app.handle.operate(id, op).await {
+        // an abort ends once the platform serves stable; answer with that if it comes quickly
+        Ok(d) if op == Op::Abort && !d.status.is_terminal() => Ok(Json(doc(&app
+            .handle
+            .wait_end(id, Duration::from_millis(600))
+            .await
+            .unwrap_or(d)))),
         Ok(d) => Ok(Json(doc(&d))),
         Err(OpError::NotFound) => Err(lookup(app, id)
             .err()
@@ -305,9 +359,63 @@ pub(crate) async fn list(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({"deployments": items}))
 }
 
-/// What the simulated fleet runs, per region and service.
-#[utoipa::path(get, path = "/fleet", tag = "deployments", responses((status = 200, description = "Traffic per region and service")))]
+/// Per region and service: the traffic the controller asks for, and what the platform reports.
+#[utoipa::path(get, path = "/fleet", tag = "deployments", responses((status = 200, description = "Per region and service: stable, canary and canary_weight asked for, and `observed`")))]
 pub(crate) async fn fleet(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
-    let snapshot = app.fleet.snapshot().await.map_err(unavailable)?;
-    Ok(Json(json!({"platform": "sim", "regions": snapshot})))
+    let observed = app.fleet.snapshot().await.map_err(unavailable)?;
+    let desired = app.handle.desired();
+    let mut regions = serde_json::Map::new();
+    for (region, services) in observed {
+        let mut out = serde_json::Map::new();
+        for (service, seen) in services {
+            let asked = desired
+                .get(&(region.clone(), service.clone()))
+                .cloned()
+                .unwrap_or_else(|| seen.clone());
+            out.insert(
+                service,
+                json!({"stable": asked.stable, "canary": asked.canary, "canary_weight": asked.canary_weight, "observed": seen}),
+            );
+        }
+        regions.insert(region, Value::Object(out));
+    }
+    let faults = app.fleet.faults_until().await.map_err(unavailable)?;
+    Ok(Json(
+        json!({"platform": "sim", "fail_set_traffic_until": faults, "regions": regions}),
+    ))
+}
+
+/// A drill: the simulated fleet's traffic changes fail for `fail_set_traffic_secs` seconds.
+#[utoipa::path(post, path = "/fleet/faults", tag = "deployments",
+    request_body(content = Object, description = "{\"fail_set_traffic_secs\": N}, 0 to 3600; 0 ends the drill"),
+    responses((status = 200, description = "Until when traffic changes fail"), (status = 400, description = "Malformed")))]
+pub(crate) async fn faults(
+    State(app): State<Arc<App>>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("invalid_body", "body", "The body must be a JSON object."))?;
+    if let Some(k) = obj.keys().find(|k| *k != "fail_set_traffic_secs") {
+        let k: String = k.chars().take(64).collect();
+        return Err(ApiError::invalid(
+            "parameter_unknown",
+            &k,
+            format!("Received unknown parameter: {k}."),
+        ));
+    }
+    let secs = obj
+        .get("fail_set_traffic_secs")
+        .and_then(Value::as_f64)
+        .filter(|s| (0.0..=3600.0).contains(s))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "parameter_invalid",
+                "fail_set_traffic_secs",
+                "fail_set_traffic_secs is a number of seconds from 0 to 3600.",
+            )
+        })?;
+    let until = app.fleet.set_faults(secs).await.map_err(unavailable)?;
+    tracing::warn!(secs, "fault drill: the simulated fleet's traffic changes fail until it lapses");
+    Ok(Json(json!({"fail_set_traffic_until": until})))
 }

@@ -9,8 +9,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tai_core::backend::{BackendError, BoxFuture};
+use tai_core::clock::SharedClock;
 use tai_core::store::StateStore;
 
 /// The fixture compiled in, so the binary runs from any directory.
@@ -77,6 +79,31 @@ pub struct TrafficState {
     pub canary_weight: u8,
 }
 
+impl TrafficState {
+    /// `weight`% to `canary`, the rest to `stable`, in its one normal form: at 100% the canary
+    /// is the stable version, at 0% (or without a canary) only `stable` runs.
+    pub fn split(stable: &str, canary: Option<&str>, weight: u8) -> Self {
+        match canary {
+            Some(c) if weight >= 100 => Self::only(c),
+            Some(c) if weight > 0 && c != stable => Self {
+                stable: stable.to_owned(),
+                canary: Some(c.to_owned()),
+                canary_weight: weight,
+            },
+            _ => Self::only(stable),
+        }
+    }
+
+    /// All traffic to `version`.
+    pub fn only(version: &str) -> Self {
+        Self {
+            stable: version.to_owned(),
+            canary: None,
+            canary_weight: 0,
+        }
+    }
+}
+
 /// Whether a region can take a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
@@ -86,27 +113,41 @@ pub struct Capacity {
     pub needed: u32,
 }
 
+/// The outcome of a fenced traffic change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The platform took the change.
+    Done,
+    /// The platform refused it: it already applied a change with the newer token `newer`, so
+    /// the writer was deposed.
+    Refused {
+        /// The newest token the platform has applied.
+        newer: u64,
+    },
+}
+
 /// A platform that runs services in regions.
 pub trait Platform: Send + Sync + std::fmt::Debug {
     /// `sim`, or another platform's name.
     fn kind(&self) -> &'static str;
     /// The regions it knows.
     fn regions(&self) -> Vec<String>;
-    /// What runs for `service` in `region` (`None`: the service does not run there).
+    /// What the platform observes running for `service` in `region` (`None`: the service does
+    /// not run there).
     fn traffic<'a>(
         &'a self,
         region: &'a str,
         service: &'a str,
     ) -> BoxFuture<'a, Result<Option<TrafficState>, BackendError>>;
-    /// Sends `weight`% of traffic to `canary` and the rest to `stable` (0 removes the canary).
+    /// Sets the traffic of `service` in `region` to `desired`, fenced by the controller lease's
+    /// `token`: a platform refuses a token older than the newest it has applied there.
     fn set_traffic<'a>(
         &'a self,
         region: &'a str,
         service: &'a str,
-        stable: &'a str,
-        canary: Option<&'a str>,
-        weight: u8,
-    ) -> BoxFuture<'a, Result<(), BackendError>>;
+        desired: &'a TrafficState,
+        token: u64,
+    ) -> BoxFuture<'a, Result<Applied, BackendError>>;
     /// The capacity check for a rollout of `service` in `region` (`None`: unknown region).
     fn capacity(&self, region: &str, service: &str) -> Option<Capacity>;
 }
@@ -116,18 +157,40 @@ pub trait Platform: Send + Sync + std::fmt::Debug {
 pub struct SimFleet {
     fixture: Arc<FleetFixture>,
     store: Arc<dyn StateStore>,
+    clock: SharedClock,
+}
+
+/// What the simulated fleet keeps per (region, service): the traffic and the newest fencing
+/// token applied there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    stable: String,
+    canary: Option<String>,
+    canary_weight: u8,
+    #[serde(default)]
+    token: u64,
 }
 
 fn key(region: &str, service: &str) -> String {
     format!("dep:fleet:{region}:{service}")
 }
 
+const FAULTS_KEY: &str = "dep:fleet:faults";
+
+fn fleet_error(message: String) -> BackendError {
+    BackendError::Protocol {
+        backend: "fleet",
+        message,
+    }
+}
+
 impl SimFleet {
     /// A fleet from `fixture`, keeping its traffic state in `store`.
-    pub fn new(fixture: FleetFixture, store: Arc<dyn StateStore>) -> Self {
+    pub fn new(fixture: FleetFixture, store: Arc<dyn StateStore>, clock: SharedClock) -> Self {
         Self {
             fixture: Arc::new(fixture),
             store,
+            clock,
         }
     }
 
@@ -152,7 +215,38 @@ impl SimFleet {
         }
     }
 
-    /// Every region's and service's traffic, for `GET /fleet`.
+    /// A drill: every traffic change fails for `secs` seconds from now (0 ends the drill). Kept
+    /// in the store, so it holds across restarts and for every replica sharing the store.
+    pub async fn set_faults(&self, secs: f64) -> Result<Option<DateTime<Utc>>, BackendError> {
+        if secs <= 0.0 {
+            self.store.delete(FAULTS_KEY).await?;
+            return Ok(None);
+        }
+        let until =
+            self.clock.wall() + chrono::Duration::milliseconds((secs * 1000.0).round() as i64);
+        self.store
+            .put(
+                FAULTS_KEY,
+                until.timestamp_millis().to_string().into_bytes(),
+                None,
+            )
+            .await?;
+        Ok(Some(until))
+    }
+
+    /// Until when traffic changes fail, if a drill is on.
+    pub async fn faults_until(&self) -> Result<Option<DateTime<Utc>>, BackendError> {
+        let Some(bytes) = self.store.get(FAULTS_KEY).await? else {
+            return Ok(None);
+        };
+        let until = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|t| t.parse::<i64>().ok())
+            .and_then(DateTime::<Utc>::from_timestamp_millis);
+        Ok(until.filter(|u| *u > self.clock.wall()))
+    }
+
+    /// Every region's and service's observed traffic, for `GET /fleet`.
     pub async fn snapshot(
         &self,
     ) -> Result<BTreeMap<String, BTreeMap<String, TrafficState>>, BackendError> {
@@ -167,6 +261,17 @@ impl SimFleet {
             out.insert(region.clone(), services);
         }
         Ok(out)
+    }
+
+    async fn stored(&self, region: &str, service: &str) -> Result<Option<(Vec<u8>, Stored)>, BackendError> {
+        match self.store.get(&key(region, service)).await? {
+            Some(bytes) => {
+                let s: Stored =
+                    serde_json::from_slice(&bytes).map_err(|e| fleet_error(e.to_string()))?;
+                Ok(Some((bytes, s)))
+            }
+            None => Ok(None),
+        }
     }
 }
 
@@ -186,49 +291,64 @@ impl Platform for SimFleet {
             if !self.fixture.regions.contains_key(region) {
                 return Ok(None);
             }
-            if let Some(bytes) = self.store.get(&key(region, service)).await? {
-                let state = serde_json::from_slice(&bytes).map_err(|e| BackendError::Protocol {
-                    backend: "fleet",
-                    message: e.to_string(),
-                })?;
-                return Ok(Some(state));
+            if let Some((_, s)) = self.stored(region, service).await? {
+                return Ok(Some(TrafficState {
+                    stable: s.stable,
+                    canary: s.canary,
+                    canary_weight: s.canary_weight,
+                }));
             }
-            Ok(self.fixture.services.get(service).map(|s| TrafficState {
-                stable: s.stable.clone(),
-                canary: None,
-                canary_weight: 0,
-            }))
+            Ok(self
+                .fixture
+                .services
+                .get(service)
+                .map(|s| TrafficState::only(&s.stable)))
         })
     }
     fn set_traffic<'a>(
         &'a self,
         region: &'a str,
         service: &'a str,
-        stable: &'a str,
-        canary: Option<&'a str>,
-        weight: u8,
-    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        desired: &'a TrafficState,
+        token: u64,
+    ) -> BoxFuture<'a, Result<Applied, BackendError>> {
         Box::pin(async move {
-            let state = match canary {
-                // at 100% the new version becomes the stable one
-                Some(c) if weight >= 100 => TrafficState {
-                    stable: c.to_owned(),
-                    canary: None,
-                    canary_weight: 0,
-                },
-                Some(c) if weight > 0 => TrafficState {
-                    stable: stable.to_owned(),
-                    canary: Some(c.to_owned()),
-                    canary_weight: weight,
-                },
-                _ => TrafficState {
-                    stable: stable.to_owned(),
-                    canary: None,
-                    canary_weight: 0,
-                },
+            if let Some(until) = self.faults_until().await? {
+                return Err(BackendError::Unavailable {
+                    backend: "fleet",
+                    message: format!("fault drill: traffic changes fail until {until}"),
+                });
+            }
+            let new = Stored {
+                stable: desired.stable.clone(),
+                canary: desired.canary.clone(),
+                canary_weight: desired.canary_weight,
+                token,
             };
-            let bytes = serde_json::to_vec(&state).unwrap_or_default();
-            self.store.put(&key(region, service), bytes, None).await
+            let bytes = serde_json::to_vec(&new).map_err(|e| fleet_error(e.to_string()))?;
+            let k = key(region, service);
+            // compare-and-swap against what was read, so a newer token cannot be overwritten
+            // between the check and the write
+            for _ in 0..8 {
+                let written = match self.stored(region, service).await? {
+                    Some((_, old)) if old.token > token => {
+                        return Ok(Applied::Refused { newer: old.token });
+                    }
+                    Some((old_bytes, _)) => {
+                        self.store
+                            .compare_and_swap(&k, &old_bytes, bytes.clone(), None)
+                            .await?
+                    }
+                    None => self.store.put_if_absent(&k, bytes.clone(), None).await?,
+                };
+                if written {
+                    return Ok(Applied::Done);
+                }
+            }
+            Err(BackendError::Unavailable {
+                backend: "fleet",
+                message: format!("{region}/{service}: traffic kept changing under this write"),
+            })
         })
     }
     fn capacity(&self, region: &str, service: &str) -> Option<Capacity> {
@@ -257,9 +377,11 @@ mod tests {
     #[tokio::test]
     async fn the_fixture_and_traffic_state() {
         let fixture = FleetFixture::from_toml(DEFAULT_FLEET).expect("fixture");
+        let clock = ManualClock::new();
         let fleet = SimFleet::new(
             fixture,
-            Arc::new(MemoryStore::new(ManualClock::new().shared())),
+            Arc::new(MemoryStore::new(clock.shared())),
+            clock.shared(),
         );
         assert_eq!(fleet.regions(), vec!["eu-west-1", "us-east-1", "us-west-2"]);
         let t = fleet
@@ -275,20 +397,40 @@ mod tests {
                 .expect("mem")
                 .is_none()
         );
-        fleet
-            .set_traffic("us-west-2", "api-service", "v1.9.0", Some("v2.0.0"), 5)
-            .await
-            .expect("mem");
+        let canary = TrafficState::split("v1.9.0", Some("v2.0.0"), 5);
+        assert_eq!(
+            fleet
+                .set_traffic("us-west-2", "api-service", &canary, 2)
+                .await
+                .expect("mem"),
+            Applied::Done
+        );
         let t = fleet
             .traffic("us-west-2", "api-service")
             .await
             .expect("mem")
             .expect("runs");
         assert_eq!((t.canary.as_deref(), t.canary_weight), (Some("v2.0.0"), 5));
-        fleet
-            .set_traffic("us-west-2", "api-service", "v1.9.0", Some("v2.0.0"), 100)
-            .await
-            .expect("mem");
+        // a deposed writer (older token) is refused and changes nothing
+        assert_eq!(
+            fleet
+                .set_traffic("us-west-2", "api-service", &TrafficState::only("v1.9.0"), 1)
+                .await
+                .expect("mem"),
+            Applied::Refused { newer: 2 }
+        );
+        // a drill fails traffic changes until it lapses
+        fleet.set_faults(2.0).await.expect("mem");
+        let full = TrafficState::split("v1.9.0", Some("v2.0.0"), 100);
+        assert!(fleet.set_traffic("us-west-2", "api-service", &full, 2).await.is_err());
+        clock.advance(std::time::Duration::from_secs(3));
+        assert_eq!(
+            fleet
+                .set_traffic("us-west-2", "api-service", &full, 2)
+                .await
+                .expect("mem"),
+            Applied::Done
+        );
         assert_eq!(
             fleet
                 .traffic("us-west-2", "api-service")

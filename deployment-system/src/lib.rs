@@ -33,7 +33,7 @@ use tai_core::andon::{AndonRule, Level};
 use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
 use tai_core::pipeline::{Action, Pipeline};
-use tai_core::policy::Verdict;
+use tai_core::policy::{Decision, Verdict};
 use tai_core::runtime::{ConfigError, Runtime};
 use tai_core::store::StateStore;
 use utoipa::OpenApi;
@@ -42,24 +42,54 @@ use crate::analysis::{AnalysisProvider, HttpProbe, PrometheusAnalysis, SimAnalys
 use crate::fleet::{FleetFixture, SimFleet};
 use crate::metrics::DeploymentMetrics;
 use crate::registry::{FixtureRegistry, OciRegistry};
-use crate::rollout::{Controller, ControllerHandle};
+use crate::rollout::measure::Measurer;
+use crate::rollout::{Controller, ControllerHandle, Deployment, Parts};
 use crate::safety::{SafetyFactSource, SafetyFacts, SafetyPolicy};
 use crate::signal::{Defaults, DeployRequest, Provider};
 
-/// Admitting a checked request hands its facts on; the controller takes it from there.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Admit;
+/// The deploy pipeline's Action: builds the deployment from the checked request, `REJECTED`
+/// with every reason when the safety policy denies it, and hands it to the controller, which
+/// stores it (a dry run is built and not stored).
+#[derive(Debug, Clone)]
+pub struct Admit {
+    handle: ControllerHandle,
+    clock: SharedClock,
+}
 
 impl Action<DeployRequest, SafetyFacts> for Admit {
-    type Output = SafetyFacts;
+    type Output = Deployment;
     type Error = BackendError;
     async fn act(
         &self,
-        _req: &DeployRequest,
+        req: &DeployRequest,
         facts: &SafetyFacts,
-        _verdict: &Verdict,
-    ) -> Result<SafetyFacts, BackendError> {
-        Ok(facts.clone())
+        verdict: &Verdict,
+    ) -> Result<Deployment, BackendError> {
+        let now = self.clock.wall();
+        let seq = if req.dry_run {
+            0
+        } else {
+            self.handle.next_seq().await?
+        };
+        let stables: Vec<(String, Option<String>)> = facts
+            .regions
+            .iter()
+            .map(|f| (f.region.clone(), f.stable.clone()))
+            .collect();
+        let mut d = Deployment::create(req, req.deployment_id.clone(), seq, &stables, now);
+        if verdict.decision == Decision::Deny {
+            let reasons: Vec<serde_json::Value> = verdict
+                .reasons
+                .iter()
+                .map(|r| serde_json::json!({"code": r.rule, "message": r.observed, "expected": r.threshold}))
+                .collect();
+            let codes: Vec<&str> = verdict.reasons.iter().map(|r| r.rule.as_str()).collect();
+            d.reject(reasons, &codes, now);
+        }
+        if req.dry_run {
+            return Ok(d);
+        }
+        self.handle.create(d).await
     }
 }
 
@@ -69,9 +99,10 @@ pub(crate) struct App {
     defaults: Defaults,
     safety: Pipeline<SafetyFactSource, SafetyPolicy, Admit>,
     handle: ControllerHandle,
-    clock: SharedClock,
     providers: HashSet<Provider>,
+    prometheus: Option<PrometheusAnalysis>,
     fleet: SimFleet,
+    store: Arc<dyn StateStore>,
     wait_limit: Duration,
 }
 
@@ -106,7 +137,8 @@ pub enum BuildError {
     api::pause,
     api::resume,
     api::list,
-    api::fleet
+    api::fleet,
+    api::faults
 ))]
 struct DeployApi;
 
@@ -132,7 +164,7 @@ pub async fn build(
     let store: Arc<dyn StateStore> = runtime.state_store().await?;
     runtime.set_backend("platform", "sim");
 
-    let sim = SimFleet::new(fixture.clone(), store.clone());
+    let sim = SimFleet::new(fixture.clone(), store.clone(), clock.clone());
     let platform: Arc<dyn fleet::Platform> = Arc::new(sim.clone());
 
     let probe_timeout = Duration::from_millis(cfg.setting_or("ANALYSIS_TIMEOUT_MS", 2000u64)?);
@@ -144,6 +176,7 @@ pub async fn build(
             Arc::new(HttpProbe::new(&template, probe_timeout).map_err(BuildError::Provider)?),
         );
     }
+    let mut prometheus = None;
     if let Some(prom) = cfg.setting("PROMETHEUS_URL") {
         let error_q = cfg
             .setting("PROMQL_ERROR_RATE")
@@ -151,13 +184,13 @@ pub async fn build(
         let p99_q = cfg
             .setting("PROMQL_P99_SECONDS")
             .unwrap_or_else(|| analysis::DEFAULT_P99_QUERY.to_owned());
-        providers.insert(
-            Provider::Prometheus,
-            Arc::new(
-                PrometheusAnalysis::new(&prom, &error_q, &p99_q, probe_timeout)
-                    .map_err(BuildError::Provider)?,
-            ),
-        );
+        let requests_q = cfg
+            .setting("PROMQL_REQUESTS")
+            .unwrap_or_else(|| analysis::DEFAULT_REQUESTS_QUERY.to_owned());
+        let p = PrometheusAnalysis::new(&prom, &error_q, &p99_q, &requests_q, probe_timeout)
+            .map_err(BuildError::Provider)?;
+        prometheus = Some(p.clone());
+        providers.insert(Provider::Prometheus, Arc::new(p));
     }
 
     let mut defaults = Defaults::default();
@@ -192,22 +225,28 @@ pub async fn build(
     let audit = runtime
         .audit_sink(&stream, &format!("{subject_prefix}.>"))
         .await?;
-    let (controller, handle) = Controller::load(
-        store.clone(),
-        platform.clone(),
-        providers,
-        clock.clone(),
-        metrics.clone(),
-        audit,
-        &subject_prefix,
-    )
-    .await?;
     let lease_ttl = Duration::from_millis(cfg.setting_or("CONTROLLER_LEASE_MS", 3000u64)?);
-    runtime.spawn_worker(
-        controller
-            .with_lease_ttl(lease_ttl)
-            .run(runtime.shutdown_signal()),
-    );
+    let lease = runtime.lease("controller", store.clone(), "dep:controller:", lease_ttl);
+    // the providers' own clients give up after ANALYSIS_TIMEOUT_MS; this bounds anything else
+    let (measurer, measured) =
+        Measurer::new(providers, probe_timeout + Duration::from_secs(1), clock.clone());
+    for breaker in measurer.breakers() {
+        runtime.add_breaker(breaker);
+    }
+    let (controller, handle) = Controller::load(Parts {
+        store: store.clone(),
+        platform: platform.clone(),
+        measurer,
+        measured,
+        clock: clock.clone(),
+        metrics: metrics.clone(),
+        audit,
+        subject_prefix: subject_prefix.clone(),
+        lease,
+        shutdown: runtime.shutdown_signal(),
+    })
+    .await?;
+    runtime.spawn_worker(controller.run(runtime.shutdown_signal()));
 
     let trouble = metrics.clone();
     let inconclusive = handle.clone();
@@ -230,14 +269,17 @@ pub async fn build(
         "inconclusive_gates",
         0.0,
         Level::Yellow,
-        "stages held on inconclusive health analysis",
+        "stages held by the gate: inconclusive measurements or measurement errors",
     ));
 
     let safety = Pipeline::new(
         "deploy",
         SafetyFactSource { registry, platform },
         SafetyPolicy,
-        Admit,
+        Admit {
+            handle: handle.clone(),
+            clock: clock.clone(),
+        },
         runtime.kaizen().clone(),
     );
     let wait_limit = cfg
@@ -248,9 +290,10 @@ pub async fn build(
         defaults,
         safety,
         handle,
-        clock,
         providers: provider_kinds,
+        prometheus,
         fleet: sim,
+        store,
         wait_limit,
     });
     let router = Router::new()
@@ -262,6 +305,7 @@ pub async fn build(
         .route("/deploy/{deployment_id}/resume", post(api::resume))
         .route("/deployments", get(api::list))
         .route("/fleet", get(api::fleet))
+        .route("/fleet/faults", post(api::faults))
         .with_state(app);
     Ok((router, DeployApi::openapi()))
 }

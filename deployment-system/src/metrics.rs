@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
 use tai_core::clock::SharedClock;
 use tai_core::kaizen::{Kaizen, RollingWindow, register};
 
-use crate::rollout::model::{Deployment, Status};
+use crate::rollout::model::{Cause, Deployment, Status};
 
 const DURATION_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
@@ -17,7 +17,7 @@ const DURATION_BUCKETS: &[f64] = &[
 #[derive(Debug)]
 pub struct DeploymentMetrics {
     success: IntCounter,
-    rollback: IntCounter,
+    rollback: IntCounterVec,
     failed: IntCounter,
     duration: Histogram,
     stage: HistogramVec,
@@ -42,9 +42,12 @@ impl DeploymentMetrics {
             ),
             rollback: register(
                 r,
-                IntCounter::new(
-                    "deployment_rollback_total",
-                    "Regions rolled back after a failed gate or an abort",
+                IntCounterVec::new(
+                    Opts::new(
+                        "deployment_rollback_total",
+                        "Regions seen back on their stable version, by cause (gate, rollback_all, abort)",
+                    ),
+                    &["cause"],
                 )
                 .expect(valid),
             ),
@@ -84,9 +87,11 @@ impl DeploymentMetrics {
                 Histogram::with_opts(
                     HistogramOpts::new(
                         "deployment_rollback_duration_seconds",
-                        "Time from a failed gate to the rollback done",
+                        "Time from the failing measurement (or the abort) to the platform seen serving stable",
                     )
-                    .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    ]),
                 )
                 .expect(valid),
             ),
@@ -108,9 +113,9 @@ impl DeploymentMetrics {
         self.stage.with_label_values(&[stage]).observe(secs);
     }
 
-    /// A region was rolled back after a failed gate.
-    pub fn rolled_back(&self, secs: f64) {
-        self.rollback.inc();
+    /// A region is seen back on stable, `secs` after the decision.
+    pub fn rolled_back(&self, cause: Cause, secs: f64) {
+        self.rollback.with_label_values(&[cause.as_str()]).inc();
         self.rollback_seconds.observe(secs);
         self.recent.tag("rollback");
     }

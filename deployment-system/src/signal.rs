@@ -32,7 +32,59 @@ pub enum Provider {
     Prometheus,
 }
 
-/// The health gates.
+/// What a gate does once measurements have been inconclusive more than `inconclusive_limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInconclusive {
+    /// Fail the stage and roll the region back (the default).
+    Rollback,
+    /// Pause the deployment for a person to decide.
+    Pause,
+}
+
+/// PromQL overriding the configured queries for one deployment (`{service}`, `{version}` and
+/// `{region}` are filled in).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queries {
+    /// The error rate, 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<String>,
+    /// The p99 latency in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<String>,
+    /// The number of requests the measurement covers (compared with `min_samples`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<String>,
+}
+
+impl Queries {
+    /// Each query given, with its parameter name.
+    pub fn given(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("error_rate", self.error_rate.as_deref()),
+            ("p99_ms", self.p99_ms.as_deref()),
+            ("requests", self.requests.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+}
+
+fn default_consecutive_error_limit() -> u32 {
+    4
+}
+fn default_inconclusive_limit() -> u32 {
+    6
+}
+fn default_min_samples() -> u64 {
+    50
+}
+fn default_on_inconclusive() -> OnInconclusive {
+    OnInconclusive::Rollback
+}
+
+/// The health gates, with Argo Rollouts' measurement limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnalysisSpec {
     /// Fail when the error rate is above this (0..=1).
@@ -43,8 +95,35 @@ pub struct AnalysisSpec {
     pub interval_secs: f64,
     /// Where the figures come from.
     pub provider: Provider,
-    /// How long measurements may stay inconclusive before the gate fails, in seconds.
+    /// Kept for the default of `inconclusive_limit`: as many measurements as fit in it.
     pub max_inconclusive_secs: f64,
+    /// Failed measurements a stage tolerates (0: the first one fails the stage).
+    #[serde(default)]
+    pub failure_limit: u32,
+    /// Measurement errors in a row a stage tolerates (the next one fails it).
+    #[serde(default = "default_consecutive_error_limit")]
+    pub consecutive_error_limit: u32,
+    /// Inconclusive measurements a stage tolerates before `on_inconclusive`.
+    #[serde(default = "default_inconclusive_limit")]
+    pub inconclusive_limit: u32,
+    /// Requests a traffic-derived measurement needs to count (not for probes).
+    #[serde(default = "default_min_samples")]
+    pub min_samples: u64,
+    /// What happens past `inconclusive_limit`.
+    #[serde(default = "default_on_inconclusive")]
+    pub on_inconclusive: OnInconclusive,
+    /// PromQL overriding the configured queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queries: Option<Queries>,
+}
+
+impl AnalysisSpec {
+    /// The default `inconclusive_limit`: as many measurements as fit in `max_inconclusive_secs`.
+    pub fn derived_inconclusive_limit(&self) -> u32 {
+        (self.max_inconclusive_secs / self.interval_secs)
+            .floor()
+            .clamp(0.0, 100_000.0) as u32
+    }
 }
 
 /// What to do when a region fails its gates.
@@ -101,6 +180,12 @@ impl Default for Defaults {
                 interval_secs: 5.0,
                 provider: Provider::Sim,
                 max_inconclusive_secs: 30.0,
+                failure_limit: 0,
+                consecutive_error_limit: 4,
+                inconclusive_limit: 6,
+                min_samples: 50,
+                on_inconclusive: OnInconclusive::Rollback,
+                queries: None,
             },
         }
     }
@@ -125,6 +210,9 @@ pub struct DeployRequest {
     pub on_region_failure: OnRegionFailure,
     /// Validate and plan only.
     pub dry_run: bool,
+    /// The id the deployment will have (given by the API before the pipeline runs, so an
+    /// idempotency key can be bound to it).
+    pub deployment_id: String,
 }
 
 fn invalid(code: &str, param: &str, message: impl Into<String>) -> ApiError {
@@ -271,6 +359,7 @@ fn parse_analysis(v: &Value, defaults: &AnalysisSpec) -> Result<AnalysisSpec, Ap
         )
     })?;
     let mut a = defaults.clone();
+    let mut limit_given = false;
     for (k, v) in obj {
         let param = format!("analysis[{k}]");
         match k.as_str() {
@@ -314,6 +403,29 @@ fn parse_analysis(v: &Value, defaults: &AnalysisSpec) -> Result<AnalysisSpec, Ap
                     ));
                 }
             }
+            "failure_limit" => a.failure_limit = count(v, &param, 1000)? as u32,
+            "consecutive_error_limit" => {
+                a.consecutive_error_limit = count(v, &param, 1000)? as u32
+            }
+            "inconclusive_limit" => {
+                a.inconclusive_limit = count(v, &param, 100_000)? as u32;
+                limit_given = true;
+            }
+            "min_samples" => a.min_samples = count(v, &param, 1_000_000_000)?,
+            "on_inconclusive" => {
+                a.on_inconclusive = match v.as_str() {
+                    Some("rollback") => OnInconclusive::Rollback,
+                    Some("pause") => OnInconclusive::Pause,
+                    _ => {
+                        return Err(invalid(
+                            "parameter_invalid",
+                            &param,
+                            "on_inconclusive is rollback or pause.",
+                        ));
+                    }
+                }
+            }
+            "queries" => a.queries = Some(parse_queries(v)?),
             "provider" => {
                 a.provider = match v.as_str() {
                     Some("sim") => Provider::Sim,
@@ -337,7 +449,64 @@ fn parse_analysis(v: &Value, defaults: &AnalysisSpec) -> Result<AnalysisSpec, Ap
             }
         }
     }
+    if !limit_given {
+        a.inconclusive_limit = a.derived_inconclusive_limit();
+    }
+    if a.queries.is_some() && a.provider != Provider::Prometheus {
+        return Err(invalid(
+            "parameter_invalid",
+            "analysis[queries]",
+            "queries apply to provider prometheus only.",
+        ));
+    }
     Ok(a)
+}
+
+fn count(v: &Value, param: &str, max: u64) -> Result<u64, ApiError> {
+    v.as_u64().filter(|n| *n <= max).ok_or_else(|| {
+        invalid(
+            "parameter_invalid",
+            param,
+            format!("{param} is a whole number from 0 to {max}."),
+        )
+    })
+}
+
+fn parse_queries(v: &Value) -> Result<Queries, ApiError> {
+    let obj = v.as_object().ok_or_else(|| {
+        invalid(
+            "parameter_invalid",
+            "analysis[queries]",
+            "queries is an object of PromQL strings: error_rate, p99_ms, requests.",
+        )
+    })?;
+    let mut q = Queries::default();
+    for (k, v) in obj {
+        let param = format!("analysis[queries][{}]", k.chars().take(32).collect::<String>());
+        let text = match v.as_str() {
+            Some(t) if (1..=4096).contains(&t.len()) => t.to_owned(),
+            _ => {
+                return Err(invalid(
+                    "parameter_invalid",
+                    &param,
+                    format!("{param} is a PromQL expression of 1 to 4096 characters."),
+                ));
+            }
+        };
+        match k.as_str() {
+            "error_rate" => q.error_rate = Some(text),
+            "p99_ms" => q.p99_ms = Some(text),
+            "requests" => q.requests = Some(text),
+            _ => {
+                return Err(invalid(
+                    "parameter_unknown",
+                    &param,
+                    format!("Received unknown parameter: {param}."),
+                ));
+            }
+        }
+    }
+    Ok(q)
 }
 
 const KNOWN: &[&str] = &[
@@ -506,6 +675,7 @@ pub fn parse(body: &Value, defaults: &Defaults) -> Result<DeployRequest, ApiErro
         analysis,
         on_region_failure,
         dry_run,
+        deployment_id: String::new(),
     })
 }
 

@@ -29,6 +29,7 @@ pub mod heijunka;
 pub mod jidoka;
 pub mod kaizen;
 pub mod kanban;
+pub mod lease;
 pub mod outbox;
 pub mod pipeline;
 pub mod policy;

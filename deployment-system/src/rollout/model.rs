@@ -1,9 +1,10 @@
 //! The persisted shape of a deployment: what `GET /deploy/{id}` returns and what is stored
-//! before every transition takes effect.
+//! before every transition takes effect. Its transitions are in [`super::transitions`].
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::gate::{Class, Counts};
 use crate::signal::{AnalysisSpec, OnRegionFailure, StageSpec};
 
 /// A deployment's status (docs/API.md).
@@ -14,6 +15,10 @@ pub enum Status {
     Pending,
     /// Rolling out.
     InProgress,
+    /// A gate failed; traffic is going back to stable (not yet observed on the platform).
+    RollingBack,
+    /// An operator aborted; traffic is going back to stable (not yet observed).
+    Aborting,
     /// Every region on the new version.
     Success,
     /// A gate failed and the failing region (or every region) went back to stable.
@@ -24,6 +29,8 @@ pub enum Status {
     Aborted,
     /// Refused by the safety checks.
     Rejected,
+    /// Queued, never started, and replaced by a later deploy of the same service.
+    Superseded,
 }
 
 impl Status {
@@ -36,6 +43,7 @@ impl Status {
                 | Status::Failed
                 | Status::Aborted
                 | Status::Rejected
+                | Status::Superseded
         )
     }
 }
@@ -48,6 +56,8 @@ pub enum RegionStatus {
     Pending,
     /// Stages running.
     InProgress,
+    /// Going back to the stable version (not yet observed on the platform).
+    RollingBack,
     /// On the new version at 100%.
     Success,
     /// Back on the stable version.
@@ -56,6 +66,29 @@ pub enum RegionStatus {
     Skipped,
     /// Stopped by an operator.
     Aborted,
+}
+
+/// Why a region went back to its stable version (the `cause` label of the rollback counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// Its own gate failed.
+    Gate,
+    /// Another region failed with `on_region_failure: rollback_all`.
+    RollbackAll,
+    /// An operator aborted.
+    Abort,
+}
+
+impl Cause {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Gate => "gate",
+            Cause::RollbackAll => "rollback_all",
+            Cause::Abort => "abort",
+        }
+    }
 }
 
 /// One health measurement and the gate's verdict on it.
@@ -71,12 +104,15 @@ pub struct AnalysisRecord {
     pub error_rate: Option<f64>,
     /// Measured p99 latency (ms), when measured.
     pub p99_ms: Option<f64>,
+    /// Requests the figures cover, for traffic-derived metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u64>,
     /// The error-rate gate.
     pub max_error_rate: f64,
     /// The latency gate.
     pub max_p99_ms: f64,
-    /// `pass`, `fail` or `inconclusive`.
-    pub result: String,
+    /// `pass`, `fail`, `inconclusive` or `error`.
+    pub result: Class,
     /// Why, in words.
     pub detail: String,
 }
@@ -121,8 +157,20 @@ pub struct RegionRollout {
     pub stage_deadline: Option<DateTime<Utc>>,
     /// When the next measurement is due.
     pub next_analysis_at: Option<DateTime<Utc>>,
-    /// Since when measurements have been inconclusive.
+    /// Since when the gate has held the stage (inconclusive, errors, tolerated failures).
     pub inconclusive_since: Option<DateTime<Utc>>,
+    /// Whether the platform has been seen serving what this region's state asks for.
+    #[serde(default)]
+    pub observed: bool,
+    /// The running stage's measurement counts.
+    #[serde(default)]
+    pub counts: Counts,
+    /// Why it is going or went back to stable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    /// When the failing measurement (or the abort) decided the rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<DateTime<Utc>>,
     /// Bake left when paused, in milliseconds.
     pub paused_remaining_ms: Option<u64>,
     /// Place in this region's queue while waiting (1 = next).
@@ -147,7 +195,7 @@ pub struct Deployment {
     pub rollout_strategy: String,
     /// The status.
     pub status: Status,
-    /// Arrival order (regions are granted in this order).
+    /// Arrival order, issued by the store (each region's lane is granted in this order).
     pub seq: u64,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
@@ -169,6 +217,9 @@ pub struct Deployment {
     pub paused: bool,
     /// Per region, in rollout order.
     pub regions: Vec<RegionRollout>,
+    /// The later deployment that replaced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<String>,
     /// Why it was rejected or how it ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<serde_json::Value>,

@@ -74,6 +74,7 @@ pub(crate) struct Common {
     readiness: Vec<Readiness>,
     backends: BTreeMap<String, String>,
     figure_sources: Vec<FigureSource>,
+    leases: BTreeMap<String, Arc<std::sync::RwLock<crate::lease::LeaseStatus>>>,
     api_keys: Vec<ApiKey>,
     request_timeout: std::time::Duration,
     openapi_json: String,
@@ -150,6 +151,7 @@ pub struct Runtime {
     workers: Vec<JoinHandle<()>>,
     redis: Option<crate::store::RedisStore>,
     database: Option<crate::db::Database>,
+    leases: BTreeMap<String, Arc<std::sync::RwLock<crate::lease::LeaseStatus>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -257,6 +259,7 @@ impl Runtime {
             workers: Vec::new(),
             redis: None,
             database: None,
+            leases: BTreeMap::new(),
         }
     }
 
@@ -278,6 +281,37 @@ impl Runtime {
     /// Shows `breaker` on `/status` and in the `breakers_open` Andon figure.
     pub fn add_breaker(&mut self, breaker: CircuitBreaker) {
         self.breakers.push(breaker);
+    }
+
+    /// A lease named `name` for a singleton worker, kept in `store` under `prefix`, shown on
+    /// `/status` (`leases.<name>`: role, holder, token, takeovers) and counting takeovers in
+    /// `lease_takeovers_total{lease}`.
+    pub fn lease(
+        &mut self,
+        name: &str,
+        store: Arc<dyn crate::store::StateStore>,
+        prefix: &str,
+        ttl: std::time::Duration,
+    ) -> crate::lease::Lease {
+        let mut lease = crate::lease::Lease::new(store, name, prefix, ttl);
+        let counter = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "lease_takeovers_total",
+                "Times this replica took a lease over from another holder",
+            ),
+            &["lease"],
+        )
+        .ok()
+        .and_then(|c| match self.kaizen.registry().register(Box::new(c.clone())) {
+            Ok(()) => Some(c),
+            Err(prometheus::Error::AlreadyReg) => None,
+            Err(_) => None,
+        });
+        if let Some(c) = counter {
+            lease = lease.with_takeover_counter(c.with_label_values(&[name]));
+        }
+        self.leases.insert(name.to_owned(), lease.status());
+        lease
     }
 
     /// Shows `queue` on `/status` and drains it on shutdown.
@@ -488,6 +522,7 @@ impl Runtime {
             readiness: self.readiness,
             backends: self.backends,
             figure_sources: self.figure_sources,
+            leases: self.leases,
             api_keys: self.config.api_keys.clone(),
             request_timeout: self.config.request_timeout,
             openapi_json,

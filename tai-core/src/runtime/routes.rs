@@ -98,6 +98,8 @@ struct StatusView {
     andon: AndonSummary,
     breakers: Vec<BreakerSnapshot>,
     queues: Vec<QueueView>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    leases: BTreeMap<String, crate::lease::LeaseStatus>,
 }
 
 #[derive(Serialize)]
@@ -106,7 +108,8 @@ struct AndonSummary {
     reasons: Vec<String>,
 }
 
-/// Service, version, profile, uptime, backends, Kaizen summary, Andon level, breakers, queues.
+/// Service, version, profile, uptime, backends, Kaizen summary, Andon level, breakers, queues,
+/// leases.
 #[utoipa::path(get, path = "/status", tag = "operations",
     responses((status = 200, description = "The service's state at a glance")))]
 pub(crate) async fn status(State(common): State<Arc<Common>>) -> Json<serde_json::Value> {
@@ -133,6 +136,16 @@ pub(crate) async fn status(State(common): State<Arc<Common>>) -> Json<serde_json
                 name: q.name().to_owned(),
                 backend: q.backend(),
                 depth: q.depth(),
+            })
+            .collect(),
+        leases: common
+            .leases
+            .iter()
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    s.read().unwrap_or_else(|p| p.into_inner()).clone(),
+                )
             })
             .collect(),
     };
