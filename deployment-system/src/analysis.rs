@@ -19,8 +19,11 @@ use crate::signal::Queries;
 pub enum Measurement {
     /// Figures; a missing one is "no data".
     Figures(Figures),
-    /// The provider could not measure (unreachable, timed out, a probe's non-2xx answer).
+    /// The provider could not measure (unreachable, timed out).
     Error(String),
+    /// A probe reached its target and got a non-2xx answer: a measurement error for the gate
+    /// (Argo's web metric), but the provider itself worked (its breaker counts a success).
+    BadAnswer(String),
     /// The provider can never measure this as configured (a refused query, no provider).
     Misconfigured(String),
 }
@@ -135,7 +138,7 @@ impl AnalysisProvider for HttpProbe {
             let started = Instant::now();
             match self.client.get(&url).send().await {
                 Err(e) => Measurement::Error(format!("probe of {url} got no answer: {e}")),
-                Ok(r) if !r.status().is_success() => Measurement::Error(format!(
+                Ok(r) if !r.status().is_success() => Measurement::BadAnswer(format!(
                     "probe of {url} answered {}",
                     r.status().as_u16()
                 )),

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use tai_core::runtime::{ApiError, ApiJson, ErrorType};
 
 use crate::App;
-use crate::rollout::Op;
 use crate::analysis::Target;
+use crate::rollout::Op;
 use crate::rollout::{Deployment, OpError, Status};
 use crate::signal::{self, DeployRequest};
 
@@ -113,7 +113,7 @@ async fn claim_key(
         body: body.to_owned(),
         deployment_id: id.to_owned(),
     })
-    .map_err(|e| unavailable(e))?;
+    .map_err(unavailable)?;
     if app
         .store
         .put_if_absent(&store_key, claim, Some(IDEMPOTENCY_TTL))
@@ -212,10 +212,10 @@ pub(crate) async fn create(
     } else {
         idempotency_key(&headers)?
     };
-    if let Some(k) = &key {
-        if let Err(replay) = claim_key(&app, k, &body.to_string(), &req.deployment_id).await? {
-            return Ok(replay);
-        }
+    if let Some(k) = &key
+        && let Err(replay) = claim_key(&app, k, &body.to_string(), &req.deployment_id).await?
+    {
+        return Ok(replay);
     }
     let outcome = match app.safety.run(&req).await {
         Ok(o) => o,
@@ -393,9 +393,9 @@ pub(crate) async fn faults(
     State(app): State<Arc<App>>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let obj = body
-        .as_object()
-        .ok_or_else(|| ApiError::invalid("invalid_body", "body", "The body must be a JSON object."))?;
+    let obj = body.as_object().ok_or_else(|| {
+        ApiError::invalid("invalid_body", "body", "The body must be a JSON object.")
+    })?;
     if let Some(k) = obj.keys().find(|k| *k != "fail_set_traffic_secs") {
         let k: String = k.chars().take(64).collect();
         return Err(ApiError::invalid(
@@ -416,6 +416,9 @@ pub(crate) async fn faults(
             )
         })?;
     let until = app.fleet.set_faults(secs).await.map_err(unavailable)?;
-    tracing::warn!(secs, "fault drill: the simulated fleet's traffic changes fail until it lapses");
+    tracing::warn!(
+        secs,
+        "fault drill: the simulated fleet's traffic changes fail until it lapses"
+    );
     Ok(Json(json!({"fail_set_traffic_until": until})))
 }

@@ -263,7 +263,11 @@ impl SimFleet {
         Ok(out)
     }
 
-    async fn stored(&self, region: &str, service: &str) -> Result<Option<(Vec<u8>, Stored)>, BackendError> {
+    async fn stored(
+        &self,
+        region: &str,
+        service: &str,
+    ) -> Result<Option<(Vec<u8>, Stored)>, BackendError> {
         match self.store.get(&key(region, service)).await? {
             Some(bytes) => {
                 let s: Stored =
@@ -422,7 +426,12 @@ mod tests {
         // a drill fails traffic changes until it lapses
         fleet.set_faults(2.0).await.expect("mem");
         let full = TrafficState::split("v1.9.0", Some("v2.0.0"), 100);
-        assert!(fleet.set_traffic("us-west-2", "api-service", &full, 2).await.is_err());
+        assert!(
+            fleet
+                .set_traffic("us-west-2", "api-service", &full, 2)
+                .await
+                .is_err()
+        );
         clock.advance(std::time::Duration::from_secs(3));
         assert_eq!(
             fleet

@@ -228,8 +228,11 @@ pub async fn build(
     let lease_ttl = Duration::from_millis(cfg.setting_or("CONTROLLER_LEASE_MS", 3000u64)?);
     let lease = runtime.lease("controller", store.clone(), "dep:controller:", lease_ttl);
     // the providers' own clients give up after ANALYSIS_TIMEOUT_MS; this bounds anything else
-    let (measurer, measured) =
-        Measurer::new(providers, probe_timeout + Duration::from_secs(1), clock.clone());
+    let (measurer, measured) = Measurer::new(
+        providers,
+        probe_timeout + Duration::from_secs(1),
+        clock.clone(),
+    );
     for breaker in measurer.breakers() {
         runtime.add_breaker(breaker);
     }

@@ -404,9 +404,7 @@ fn parse_analysis(v: &Value, defaults: &AnalysisSpec) -> Result<AnalysisSpec, Ap
                 }
             }
             "failure_limit" => a.failure_limit = count(v, &param, 1000)? as u32,
-            "consecutive_error_limit" => {
-                a.consecutive_error_limit = count(v, &param, 1000)? as u32
-            }
+            "consecutive_error_limit" => a.consecutive_error_limit = count(v, &param, 1000)? as u32,
             "inconclusive_limit" => {
                 a.inconclusive_limit = count(v, &param, 100_000)? as u32;
                 limit_given = true;
@@ -482,7 +480,10 @@ fn parse_queries(v: &Value) -> Result<Queries, ApiError> {
     })?;
     let mut q = Queries::default();
     for (k, v) in obj {
-        let param = format!("analysis[queries][{}]", k.chars().take(32).collect::<String>());
+        let param = format!(
+            "analysis[queries][{}]",
+            k.chars().take(32).collect::<String>()
+        );
         let text = match v.as_str() {
             Some(t) if (1..=4096).contains(&t.len()) => t.to_owned(),
             _ => {

@@ -275,7 +275,11 @@ mod tests {
             panic!("the standby takes the lapsed lease");
         };
         assert!(tb > ta);
-        assert_eq!(from.as_deref(), Some(a.instance()), "reported as a takeover");
+        assert_eq!(
+            from.as_deref(),
+            Some(a.instance()),
+            "reported as a takeover"
+        );
         assert_eq!(b.status().read().expect("status").takeovers, 1);
         // the deposed holder's late write is refused, and its next renewal finds it lost
         assert!(

@@ -7,4 +7,5 @@ mod foundation;
 mod operator;
 mod payment;
 mod record;
+mod rollout;
 mod safety;

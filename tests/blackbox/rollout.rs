@@ -199,9 +199,7 @@ fn unix_ms(s: &str) -> i64 {
     let (time, offset_min) = match rest.strip_suffix('Z') {
         Some(t) => (t, 0),
         None => {
-            let at = rest
-                .rfind(|c: char| c == '+' || c == '-')
-                .expect("a UTC offset");
+            let at = rest.rfind(['+', '-']).expect("a UTC offset");
             let (t, o) = rest.split_at(at);
             let (oh, om) = o[1..].split_once(':').expect("hh:mm");
             let minutes = oh.parse::<i64>().expect("hh") * 60 + om.parse::<i64>().expect("mm");

@@ -371,7 +371,11 @@ impl Controller {
         match report {
             Report::Fenced { newer } => {
                 if newer > token {
-                    tracing::warn!(token, newer, "the platform applied a newer controller's change; standing by");
+                    tracing::warn!(
+                        token,
+                        newer,
+                        "the platform applied a newer controller's change; standing by"
+                    );
                     self.stand_by();
                 }
             }
@@ -402,11 +406,8 @@ impl Controller {
 
     async fn on_measured(&mut self, done: Done) {
         let job = &done.job;
-        self.in_flight.remove(&(
-            job.deployment_id.clone(),
-            job.region_idx,
-            job.stage_idx,
-        ));
+        self.in_flight
+            .remove(&(job.deployment_id.clone(), job.region_idx, job.stage_idx));
         if self.lease.token().is_none() {
             return;
         }

@@ -145,7 +145,7 @@ pub fn judge(spec: &AnalysisSpec, counts: Counts, m: &Measurement) -> Judgement 
             ));
             (Class::Error, Action::Fail)
         }
-        Measurement::Error(why) => {
+        Measurement::Error(why) | Measurement::BadAnswer(why) => {
             counts.consecutive_errors += 1;
             reasons.push(reason(
                 Rule::MeasurementError,
@@ -352,7 +352,11 @@ mod tests {
         let s = spec();
         let j = judge(&s, Counts::default(), &figures(0.0, 10.0, Some(3)));
         assert_eq!((j.class, j.action), (Class::Inconclusive, Action::Hold));
-        assert!(j.detail.contains("too few samples (3 < 50)"), "{}", j.detail);
+        assert!(
+            j.detail.contains("too few samples (3 < 50)"),
+            "{}",
+            j.detail
+        );
         let none = Measurement::Figures(Figures {
             error_rate: None,
             p99_ms: Some(1.0),

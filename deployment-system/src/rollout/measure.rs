@@ -39,10 +39,13 @@ pub struct Done {
     pub measurement: Measurement,
 }
 
+/// A provider and its breaker.
+type Guarded = (Arc<dyn AnalysisProvider>, CircuitBreaker);
+
 /// Runs measurements.
 #[derive(Debug, Clone)]
 pub struct Measurer {
-    providers: Arc<HashMap<Provider, (Arc<dyn AnalysisProvider>, CircuitBreaker)>>,
+    providers: Arc<HashMap<Provider, Guarded>>,
     timeout: Duration,
     tx: mpsc::Sender<Done>,
 }

@@ -27,7 +27,13 @@ fn at(ms: i64) -> DateTime<Utc> {
 
 /// A deployment of `service` `version` to `regions`: stages 5/25/100 baking 1 s, measured every
 /// 0.2 s, with `extra` merged into the request.
-fn dep(id: &str, seq: u64, service: &str, regions: &[&str], extra: serde_json::Value) -> Deployment {
+fn dep(
+    id: &str,
+    seq: u64,
+    service: &str,
+    regions: &[&str],
+    extra: serde_json::Value,
+) -> Deployment {
     let mut body = json!({
         "service": service, "version": format!("v{seq}"), "regions": regions,
         "stages": [{"name": "canary", "weight": 5, "bake_secs": 1}, {"name": "staging", "weight": 25, "bake_secs": 1}, {"name": "prod", "weight": 100, "bake_secs": 1}],
@@ -79,7 +85,10 @@ fn measure(d: &mut Deployment, m: &Measurement, now: DateTime<Utc>) -> Vec<Note>
 
 /// Observes the current region's desired traffic as applied.
 fn observe(d: &mut Deployment, i: usize, now: DateTime<Utc>) -> Vec<Note> {
-    assert!(d.desired(i).is_some(), "only a region with a desired state is observed");
+    assert!(
+        d.desired(i).is_some(),
+        "only a region with a desired state is observed"
+    );
     d.observed(i, now)
 }
 
@@ -87,15 +96,19 @@ fn observe(d: &mut Deployment, i: usize, now: DateTime<Utc>) -> Vec<Note> {
 fn a_region_is_taken_its_stages_bake_from_the_observed_weight_and_it_succeeds() {
     let mut d = dep("a", 1, "api", &["r1"], json!({}));
     assert_eq!((d.status, d.waiting_for()), (Status::Pending, Some("r1")));
-    assert_eq!(d.desired(0), None, "a pending region asks nothing of the platform");
+    assert_eq!(
+        d.desired(0),
+        None,
+        "a pending region asks nothing of the platform"
+    );
     d.take_region("v0", at(0));
     assert_eq!(d.status, Status::InProgress);
     assert!(d.owns(0));
-    assert_eq!(
-        d.desired(0),
-        Some(TrafficState::split("v0", Some("v1"), 5))
+    assert_eq!(d.desired(0), Some(TrafficState::split("v0", Some("v1"), 5)));
+    assert!(
+        !d.measurement_due(at(5000)),
+        "nothing is measured before the weight is in place"
     );
-    assert!(!d.measurement_due(at(5000)), "nothing is measured before the weight is in place");
     observe(&mut d, 0, at(100));
     assert_eq!(d.regions[0].stage_deadline, Some(at(1100)));
     assert!(!d.measurement_due(at(200)));
@@ -115,7 +128,10 @@ fn a_region_is_taken_its_stages_bake_from_the_observed_weight_and_it_succeeds() 
     }
     assert_eq!(d.status, Status::Success);
     assert_eq!(d.regions[0].status, RegionStatus::Success);
-    assert!(!d.owns(0), "the 100% weight was already observed: the lane is free");
+    assert!(
+        !d.owns(0),
+        "the 100% weight was already observed: the lane is free"
+    );
     assert_eq!(d.desired(0), Some(TrafficState::only("v1")));
     assert_eq!(d.finished_at, Some(at(3400)));
 }
@@ -129,7 +145,11 @@ fn a_failed_gate_rolls_back_and_ends_only_once_stable_is_observed() {
     assert!(notes.is_empty(), "nothing has ended yet: {notes:?}");
     assert_eq!(
         (d.status, d.regions[0].status, d.regions[1].status),
-        (Status::RollingBack, RegionStatus::RollingBack, RegionStatus::Skipped)
+        (
+            Status::RollingBack,
+            RegionStatus::RollingBack,
+            RegionStatus::Skipped
+        )
     );
     assert_eq!(d.desired(0), Some(TrafficState::only("v0")));
     assert!(d.owns(0), "the lane stays held until the rollback is seen");
@@ -149,8 +169,14 @@ fn a_failed_gate_rolls_back_and_ends_only_once_stable_is_observed() {
     assert_eq!(d.regions[0].status, RegionStatus::RolledBack);
     assert!(!d.owns(0));
     let kinds: Vec<&str> = d.events.iter().map(|e| e.kind.as_str()).collect();
-    let failed = kinds.iter().position(|k| *k == "gate_failed").expect("gate_failed");
-    let back = kinds.iter().position(|k| *k == "rolled_back").expect("rolled_back");
+    let failed = kinds
+        .iter()
+        .position(|k| *k == "gate_failed")
+        .expect("gate_failed");
+    let back = kinds
+        .iter()
+        .position(|k| *k == "rolled_back")
+        .expect("rolled_back");
     assert!(failed < back);
 }
 
@@ -166,7 +192,10 @@ fn holds_pause_and_resume_freeze_the_bake_and_promote_cuts_it() {
     assert!(d.regions[0].inconclusive_since.is_some());
     // pausing freezes what is left; nothing is due while paused
     d.pause("operator", json!(null), at(1100)).expect("pause");
-    assert!(d.pause("operator", json!(null), at(1100)).is_err(), "already paused");
+    assert!(
+        d.pause("operator", json!(null), at(1100)).is_err(),
+        "already paused"
+    );
     assert!(!d.measurement_due(at(60_000)));
     d.resume(at(60_000)).expect("resume");
     assert!(d.resume(at(60_000)).is_err(), "not paused");
@@ -199,14 +228,26 @@ fn the_gate_pauses_for_a_person_when_asked() {
     assert!(d.paused, "past the limit: paused, not rolled back");
     assert_eq!(d.status, Status::InProgress);
     let e = d.events.last().expect("event");
-    assert_eq!((e.kind.as_str(), e.detail["by"].as_str()), ("paused", Some("gate")));
-    assert_eq!(d.regions[0].counts.inconclusive, 0, "a resume starts counting afresh");
+    assert_eq!(
+        (e.kind.as_str(), e.detail["by"].as_str()),
+        ("paused", Some("gate"))
+    );
+    assert_eq!(
+        d.regions[0].counts.inconclusive, 0,
+        "a resume starts counting afresh"
+    );
 }
 
 #[test]
 fn abort_rolls_back_what_it_owns_and_leaves_a_later_deployments_region_alone() {
     // r1 succeeded and a later deployment took it; r2 runs
-    let mut d = dep("a", 1, "api", &["r1", "r2", "r3"], json!({"stages": [{"name": "all", "weight": 100, "bake_secs": 0}]}));
+    let mut d = dep(
+        "a",
+        1,
+        "api",
+        &["r1", "r2", "r3"],
+        json!({"stages": [{"name": "all", "weight": 100, "bake_secs": 0}]}),
+    );
     d.take_region("v0", at(0));
     observe(&mut d, 0, at(0));
     measure(&mut d, &good(), at(0));
@@ -218,7 +259,11 @@ fn abort_rolls_back_what_it_owns_and_leaves_a_later_deployments_region_alone() {
     assert_eq!(d.status, Status::Aborting);
     assert_eq!(
         d.regions.iter().map(|r| r.status).collect::<Vec<_>>(),
-        vec![RegionStatus::Success, RegionStatus::RollingBack, RegionStatus::Skipped]
+        vec![
+            RegionStatus::Success,
+            RegionStatus::RollingBack,
+            RegionStatus::Skipped
+        ]
     );
     assert!(d.events.iter().any(|e| e.kind == "rollback_skipped"));
     assert!(d.abort(&taken, at(21)).is_err(), "already aborting");
@@ -236,12 +281,21 @@ fn abort_rolls_back_what_it_owns_and_leaves_a_later_deployments_region_alone() {
     assert_eq!(d.regions[1].status, RegionStatus::Aborted);
     // a deployment that never started aborts at once
     let mut q = dep("b", 2, "api", &["r1"], json!({}));
-    assert_eq!(q.abort(&none_taken, at(0)), Ok(vec![Note::Ended(Status::Aborted)]));
+    assert_eq!(
+        q.abort(&none_taken, at(0)),
+        Ok(vec![Note::Ended(Status::Aborted)])
+    );
 }
 
 #[test]
 fn continue_and_rollback_all_handle_a_failing_region_as_asked() {
-    let mut d = dep("a", 1, "api", &["r1", "r2"], json!({"on_region_failure": "continue", "stages": [{"name": "all", "weight": 100, "bake_secs": 0}]}));
+    let mut d = dep(
+        "a",
+        1,
+        "api",
+        &["r1", "r2"],
+        json!({"on_region_failure": "continue", "stages": [{"name": "all", "weight": 100, "bake_secs": 0}]}),
+    );
     d.take_region("v0", at(0));
     observe(&mut d, 0, at(0));
     measure(&mut d, &bad(), at(0));
@@ -250,10 +304,23 @@ fn continue_and_rollback_all_handle_a_failing_region_as_asked() {
     d.take_region("v0", at(1));
     observe(&mut d, 1, at(1));
     measure(&mut d, &good(), at(1));
-    assert_eq!(d.status, Status::InProgress, "r1's rollback is not seen yet");
-    assert_eq!(observe(&mut d, 0, at(2)).last(), Some(&Note::Ended(Status::Failed)));
+    assert_eq!(
+        d.status,
+        Status::InProgress,
+        "r1's rollback is not seen yet"
+    );
+    assert_eq!(
+        observe(&mut d, 0, at(2)).last(),
+        Some(&Note::Ended(Status::Failed))
+    );
 
-    let mut d = dep("b", 2, "api", &["r1", "r2"], json!({"on_region_failure": "rollback_all", "stages": [{"name": "all", "weight": 100, "bake_secs": 0}]}));
+    let mut d = dep(
+        "b",
+        2,
+        "api",
+        &["r1", "r2"],
+        json!({"on_region_failure": "rollback_all", "stages": [{"name": "all", "weight": 100, "bake_secs": 0}]}),
+    );
     d.take_region("v0", at(0));
     observe(&mut d, 0, at(0));
     measure(&mut d, &good(), at(0));
@@ -261,14 +328,20 @@ fn continue_and_rollback_all_handle_a_failing_region_as_asked() {
     observe(&mut d, 1, at(1));
     measure(&mut d, &bad(), at(1));
     assert_eq!(
-        d.regions.iter().map(|r| (r.status, r.cause)).collect::<Vec<_>>(),
+        d.regions
+            .iter()
+            .map(|r| (r.status, r.cause))
+            .collect::<Vec<_>>(),
         vec![
             (RegionStatus::RollingBack, Some(Cause::RollbackAll)),
             (RegionStatus::RollingBack, Some(Cause::Gate))
         ]
     );
     observe(&mut d, 0, at(2));
-    assert_eq!(observe(&mut d, 1, at(2)).last(), Some(&Note::Ended(Status::RolledBack)));
+    assert_eq!(
+        observe(&mut d, 1, at(2)).last(),
+        Some(&Note::Ended(Status::RolledBack))
+    );
 }
 
 #[test]
@@ -277,9 +350,16 @@ fn lanes_grant_in_arrival_order_skip_the_paused_and_supersede_queued_deploys() {
     let b = dep("b", 2, "api", &["r1"], json!({}));
     let other = dep("o", 3, "web", &["r1"], json!({}));
     let p = lanes::plan(&[b.clone(), a.clone(), other.clone()]);
-    assert_eq!(p.grants, vec!["a".to_string(), "o".to_string()], "one per (region, service)");
+    assert_eq!(
+        p.grants,
+        vec!["a".to_string(), "o".to_string()],
+        "one per (region, service)"
+    );
     assert!(p.positions.contains(&("b".into(), Some(1))));
-    assert!(p.supersede.is_empty(), "nobody waits behind a busy lane yet");
+    assert!(
+        p.supersede.is_empty(),
+        "nobody waits behind a busy lane yet"
+    );
     a.take_region("v0", at(0));
     // c arrives: b is still queued and unstarted, so c supersedes it
     let c = dep("c", 4, "api", &["r1"], json!({}));
@@ -295,11 +375,20 @@ fn lanes_grant_in_arrival_order_skip_the_paused_and_supersede_queued_deploys() {
     q.current_region = 1;
     let r = dep("r", 6, "api", &["r1"], json!({}));
     let p = lanes::plan(&[a.clone(), q.clone(), r.clone()]);
-    assert_eq!(p.supersede, Vec::<(String, String)>::new(), "q has started: never superseded");
-    assert!(p.positions.contains(&("q".into(), Some(1))) && p.positions.contains(&("r".into(), Some(2))));
+    assert_eq!(
+        p.supersede,
+        Vec::<(String, String)>::new(),
+        "q has started: never superseded"
+    );
+    assert!(
+        p.positions.contains(&("q".into(), Some(1)))
+            && p.positions.contains(&("r".into(), Some(2)))
+    );
     q.pause("operator", json!(null), at(1)).expect("pause");
     let p = lanes::plan(&[a, q, r]);
-    assert!(p.positions.contains(&("q".into(), None)) && p.positions.contains(&("r".into(), Some(1))));
+    assert!(
+        p.positions.contains(&("q".into(), None)) && p.positions.contains(&("r".into(), Some(1)))
+    );
 }
 
 /// One step of a random history.
@@ -335,8 +424,18 @@ fn run(history: &[Step]) -> Result<(), TestCaseError> {
     let mut ds: Vec<Deployment> = (0..5)
         .map(|i| {
             let service = if i % 2 == 0 { "api" } else { "web" };
-            let regions: &[&str] = if i % 3 == 0 { &["r1", "r2"] } else { &["r2", "r1"] };
-            dep(&format!("d{i}"), i as u64 + 1, service, regions, json!({"on_region_failure": failures[i % 3]}))
+            let regions: &[&str] = if i % 3 == 0 {
+                &["r1", "r2"]
+            } else {
+                &["r2", "r1"]
+            };
+            dep(
+                &format!("d{i}"),
+                i as u64 + 1,
+                service,
+                regions,
+                json!({"on_region_failure": failures[i % 3]}),
+            )
         })
         .collect();
     let mut platform: BTreeMap<Lane, TrafficState> = BTreeMap::new();
@@ -345,7 +444,11 @@ fn run(history: &[Step]) -> Result<(), TestCaseError> {
         let owners = lanes::owners(ds.iter().filter(|d| !d.status.is_terminal()));
         match s.clone() {
             Step::Plan => {
-                let active: Vec<Deployment> = ds.iter().filter(|d| !d.status.is_terminal()).cloned().collect();
+                let active: Vec<Deployment> = ds
+                    .iter()
+                    .filter(|d| !d.status.is_terminal())
+                    .cloned()
+                    .collect();
                 let p = lanes::plan(&active);
                 for (id, by) in p.supersede {
                     if let Some(d) = ds.iter_mut().find(|d| d.deployment_id == id) {
@@ -354,7 +457,10 @@ fn run(history: &[Step]) -> Result<(), TestCaseError> {
                 }
                 for id in p.grants {
                     if let Some(d) = ds.iter_mut().find(|d| d.deployment_id == id) {
-                        let region = d.waiting_for().map(str::to_owned).ok_or_else(|| TestCaseError::fail("granted but not waiting"))?;
+                        let region = d
+                            .waiting_for()
+                            .map(str::to_owned)
+                            .ok_or_else(|| TestCaseError::fail("granted but not waiting"))?;
                         let stable = platform
                             .get(&(region, d.service.clone()))
                             .map(|t| t.stable.clone())
@@ -383,7 +489,11 @@ fn run(history: &[Step]) -> Result<(), TestCaseError> {
                         0 => good(),
                         1 => bad(),
                         2 => Measurement::Error("down".into()),
-                        _ => Measurement::Figures(Figures { error_rate: None, p99_ms: None, samples: Some(0) }),
+                        _ => Measurement::Figures(Figures {
+                            error_rate: None,
+                            p99_ms: None,
+                            samples: Some(0),
+                        }),
                     };
                     let others: Vec<String> = owners
                         .iter()
@@ -392,8 +502,17 @@ fn run(history: &[Step]) -> Result<(), TestCaseError> {
                         .collect();
                     let counts = d.regions[d.current_region].counts;
                     let j = gate::judge(&d.analysis, counts, &m);
-                    let figures = match &m { Measurement::Figures(f) => Some(f.clone()), _ => None };
-                    d.judged(&j, "sim", figures.as_ref(), &|r: &str| others.iter().any(|o| o == r), now);
+                    let figures = match &m {
+                        Measurement::Figures(f) => Some(f.clone()),
+                        _ => None,
+                    };
+                    d.judged(
+                        &j,
+                        "sim",
+                        figures.as_ref(),
+                        &|r: &str| others.iter().any(|o| o == r),
+                        now,
+                    );
                 }
             }
             Step::Pause(i) => {
@@ -421,16 +540,31 @@ fn run(history: &[Step]) -> Result<(), TestCaseError> {
         for d in &ds {
             for (i, r) in d.regions.iter().enumerate() {
                 if d.owns(i)
-                    && let Some(prev) = seen.insert((r.region.clone(), d.service.clone()), &d.deployment_id)
+                    && let Some(prev) =
+                        seen.insert((r.region.clone(), d.service.clone()), &d.deployment_id)
                 {
-                    prop_assert!(false, "two owners of {}/{}: {prev} and {}", r.region, d.service, d.deployment_id);
+                    prop_assert!(
+                        false,
+                        "two owners of {}/{}: {prev} and {}",
+                        r.region,
+                        d.service,
+                        d.deployment_id
+                    );
                 }
                 let names: Vec<&str> = d.stages.iter().map(|s| s.name.as_str()).collect();
                 let done: Vec<&str> = r.stages_completed.iter().map(String::as_str).collect();
-                prop_assert!(names.starts_with(&done), "stages skipped or repeated: {done:?}");
+                prop_assert!(
+                    names.starts_with(&done),
+                    "stages skipped or repeated: {done:?}"
+                );
                 if d.status.is_terminal() {
                     prop_assert!(!d.owns(i), "{} ended owning {}", d.deployment_id, r.region);
-                    prop_assert!(!matches!(r.status, RegionStatus::InProgress | RegionStatus::RollingBack | RegionStatus::Pending));
+                    prop_assert!(!matches!(
+                        r.status,
+                        RegionStatus::InProgress
+                            | RegionStatus::RollingBack
+                            | RegionStatus::Pending
+                    ));
                 }
                 if matches!(r.status, RegionStatus::RolledBack | RegionStatus::Aborted) {
                     prop_assert!(r.observed, "a rollback is only final once seen");
@@ -439,7 +573,10 @@ fn run(history: &[Step]) -> Result<(), TestCaseError> {
         }
         for (lane, state) in &platform {
             if !seen.contains_key(lane) {
-                prop_assert!(state.canary.is_none(), "{lane:?} has no owner but a live canary: {state:?}");
+                prop_assert!(
+                    state.canary.is_none(),
+                    "{lane:?} has no owner but a live canary: {state:?}"
+                );
             }
         }
     }

@@ -146,10 +146,12 @@ async fn converge(
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("the platform did not answer in time".to_owned()),
     }
-    Ok((read().await?.as_ref() == Some(want)).then(|| Report::Observed {
-        lane: lane.clone(),
-        state: want.clone(),
-    }))
+    Ok(
+        (read().await?.as_ref() == Some(want)).then(|| Report::Observed {
+            lane: lane.clone(),
+            state: want.clone(),
+        }),
+    )
 }
 
 async fn run(

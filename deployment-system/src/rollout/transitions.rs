@@ -136,7 +136,9 @@ impl Deployment {
 
     /// The region this deployment waits to take, if it waits for one.
     pub fn waiting_for(&self) -> Option<&str> {
-        if self.status.is_terminal() || matches!(self.status, Status::RollingBack | Status::Aborting) {
+        if self.status.is_terminal()
+            || matches!(self.status, Status::RollingBack | Status::Aborting)
+        {
             return None;
         }
         self.regions
@@ -259,7 +261,10 @@ impl Deployment {
         match r.status {
             RegionStatus::InProgress => {
                 // the bake starts now that the weight is in place (a promote may have cut it)
-                let left = r.paused_remaining_ms.take().unwrap_or((bake * 1000.0) as u64);
+                let left = r
+                    .paused_remaining_ms
+                    .take()
+                    .unwrap_or((bake * 1000.0) as u64);
                 if paused {
                     r.paused_remaining_ms = Some(left);
                 } else {
@@ -359,7 +364,13 @@ impl Deployment {
             Action::Hold => {
                 if r.inconclusive_since.is_none() {
                     r.inconclusive_since = Some(now);
-                    self.event(now, "analysis_inconclusive", Some(&region), Some(&stage.name), gate);
+                    self.event(
+                        now,
+                        "analysis_inconclusive",
+                        Some(&region),
+                        Some(&stage.name),
+                        gate,
+                    );
                 }
                 let r = &mut self.regions[ci];
                 // hold the stage: its bake does not end while the gate cannot pass it
@@ -546,7 +557,11 @@ impl Deployment {
         let status = match self.status {
             Status::Aborting => Status::Aborted,
             Status::RollingBack => Status::RolledBack,
-            _ if self.regions.iter().any(|r| r.status == RegionStatus::RolledBack) => {
+            _ if self
+                .regions
+                .iter()
+                .any(|r| r.status == RegionStatus::RolledBack) =>
+            {
                 Status::Failed
             }
             _ => Status::Success,
@@ -563,7 +578,13 @@ impl Deployment {
             .iter()
             .map(|r| json!({"region": r.region, "status": r.status}))
             .collect();
-        self.event(now, kind, None, None, json!({"status": status, "regions": regions}));
+        self.event(
+            now,
+            kind,
+            None,
+            None,
+            json!({"status": status, "regions": regions}),
+        );
         vec![Note::Ended(status)]
     }
 
@@ -597,7 +618,10 @@ impl Deployment {
     pub fn pause(&mut self, by: &str, why: Value, now: DateTime<Utc>) -> Result<(), String> {
         self.operable("pause")?;
         if self.paused {
-            return Err(format!("deployment {} is already paused", self.deployment_id));
+            return Err(format!(
+                "deployment {} is already paused",
+                self.deployment_id
+            ));
         }
         self.paused = true;
         let ci = self.current_region;

@@ -302,11 +302,13 @@ impl Runtime {
             &["lease"],
         )
         .ok()
-        .and_then(|c| match self.kaizen.registry().register(Box::new(c.clone())) {
-            Ok(()) => Some(c),
-            Err(prometheus::Error::AlreadyReg) => None,
-            Err(_) => None,
-        });
+        .and_then(
+            |c| match self.kaizen.registry().register(Box::new(c.clone())) {
+                Ok(()) => Some(c),
+                Err(prometheus::Error::AlreadyReg) => None,
+                Err(_) => None,
+            },
+        );
         if let Some(c) = counter {
             lease = lease.with_takeover_counter(c.with_label_values(&[name]));
         }
