@@ -22,6 +22,7 @@ pub mod registry;
 pub mod rollout;
 pub mod safety;
 pub mod signal;
+pub mod spec;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

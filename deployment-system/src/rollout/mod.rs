@@ -17,6 +17,7 @@ pub mod handle;
 pub mod lanes;
 pub mod measure;
 pub mod model;
+mod operations;
 mod replica;
 pub mod traffic;
 pub mod transitions;

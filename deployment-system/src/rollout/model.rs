@@ -4,8 +4,10 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use serde_json::{Value, json};
+
 use super::gate::{Class, Counts};
-use crate::signal::{AnalysisSpec, OnRegionFailure, StageSpec};
+use crate::signal::{AnalysisSpec, DeployRequest, OnRegionFailure, StageSpec};
 
 /// A deployment's status (docs/API.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +230,89 @@ pub struct Deployment {
 }
 
 impl Deployment {
+    /// A new deployment of `req`, `PENDING` in every region; `stables` gives the version each
+    /// region runs today (the rollback target; refreshed when the region is taken).
+    pub fn create(
+        req: &DeployRequest,
+        id: String,
+        seq: u64,
+        stables: &[(String, Option<String>)],
+        now: DateTime<Utc>,
+    ) -> Self {
+        let regions = req
+            .regions
+            .iter()
+            .map(|region| RegionRollout {
+                region: region.clone(),
+                status: RegionStatus::Pending,
+                stable_version: stables
+                    .iter()
+                    .find(|(r, _)| r == region)
+                    .and_then(|(_, s)| s.clone())
+                    .unwrap_or_default(),
+                stages_completed: Vec::new(),
+                stage_index: 0,
+                started_at: None,
+                finished_at: None,
+                stage_started_at: None,
+                stage_deadline: None,
+                next_analysis_at: None,
+                inconclusive_since: None,
+                observed: false,
+                counts: Counts::default(),
+                cause: None,
+                failed_at: None,
+                paused_remaining_ms: None,
+                queue_position: None,
+                analysis: Vec::new(),
+            })
+            .collect();
+        let mut d = Deployment {
+            deployment_id: id,
+            service: req.service.clone(),
+            version: req.version.clone(),
+            image: req.image.clone(),
+            rollout_strategy: "canary".into(),
+            status: Status::Pending,
+            seq,
+            created_at: now,
+            finished_at: None,
+            duration_secs: 0.0,
+            stages_completed: Vec::new(),
+            stages: req.stages.clone(),
+            analysis: req.analysis.clone(),
+            on_region_failure: req.on_region_failure,
+            current_region: 0,
+            paused: false,
+            regions,
+            superseded_by: None,
+            reasons: Vec::new(),
+            events: Vec::new(),
+        };
+        d.event(
+            now,
+            "validated",
+            None,
+            None,
+            json!({"image": req.image, "checks": "passed"}),
+        );
+        d.refresh(now);
+        d
+    }
+
+    /// Refused by the safety checks: `REJECTED`, every region skipped.
+    pub fn reject(&mut self, reasons: Vec<Value>, codes: &[&str], now: DateTime<Utc>) {
+        self.events.clear();
+        self.status = Status::Rejected;
+        self.finished_at = Some(now);
+        self.reasons = reasons;
+        for r in &mut self.regions {
+            r.status = RegionStatus::Skipped;
+        }
+        self.event(now, "rejected", None, None, json!({"reasons": codes}));
+        self.refresh(now);
+    }
+
     /// Appends an event.
     pub fn event(
         &mut self,

@@ -11,10 +11,10 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::gate::{Action, Counts, Judgement};
-use super::model::{AnalysisRecord, Cause, Deployment, RegionRollout, RegionStatus, Status};
+use super::model::{AnalysisRecord, Cause, Deployment, RegionStatus, Status};
 use crate::analysis::Figures;
 use crate::fleet::TrafficState;
-use crate::signal::{DeployRequest, OnRegionFailure};
+use crate::signal::OnRegionFailure;
 
 /// What a transition did that the controller reports (metrics, Andon).
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +37,7 @@ pub enum Note {
     Ended(Status),
 }
 
-fn ms(secs: f64) -> chrono::Duration {
+pub(super) fn ms(secs: f64) -> chrono::Duration {
     chrono::Duration::milliseconds((secs * 1000.0).round() as i64)
 }
 
@@ -46,89 +46,6 @@ fn secs_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
 }
 
 impl Deployment {
-    /// A new deployment of `req`, `PENDING` in every region; `stables` gives the version each
-    /// region runs today (the rollback target; refreshed when the region is taken).
-    pub fn create(
-        req: &DeployRequest,
-        id: String,
-        seq: u64,
-        stables: &[(String, Option<String>)],
-        now: DateTime<Utc>,
-    ) -> Self {
-        let regions = req
-            .regions
-            .iter()
-            .map(|region| RegionRollout {
-                region: region.clone(),
-                status: RegionStatus::Pending,
-                stable_version: stables
-                    .iter()
-                    .find(|(r, _)| r == region)
-                    .and_then(|(_, s)| s.clone())
-                    .unwrap_or_default(),
-                stages_completed: Vec::new(),
-                stage_index: 0,
-                started_at: None,
-                finished_at: None,
-                stage_started_at: None,
-                stage_deadline: None,
-                next_analysis_at: None,
-                inconclusive_since: None,
-                observed: false,
-                counts: Counts::default(),
-                cause: None,
-                failed_at: None,
-                paused_remaining_ms: None,
-                queue_position: None,
-                analysis: Vec::new(),
-            })
-            .collect();
-        let mut d = Deployment {
-            deployment_id: id,
-            service: req.service.clone(),
-            version: req.version.clone(),
-            image: req.image.clone(),
-            rollout_strategy: "canary".into(),
-            status: Status::Pending,
-            seq,
-            created_at: now,
-            finished_at: None,
-            duration_secs: 0.0,
-            stages_completed: Vec::new(),
-            stages: req.stages.clone(),
-            analysis: req.analysis.clone(),
-            on_region_failure: req.on_region_failure,
-            current_region: 0,
-            paused: false,
-            regions,
-            superseded_by: None,
-            reasons: Vec::new(),
-            events: Vec::new(),
-        };
-        d.event(
-            now,
-            "validated",
-            None,
-            None,
-            json!({"image": req.image, "checks": "passed"}),
-        );
-        d.refresh(now);
-        d
-    }
-
-    /// Refused by the safety checks: `REJECTED`, every region skipped.
-    pub fn reject(&mut self, reasons: Vec<Value>, codes: &[&str], now: DateTime<Utc>) {
-        self.events.clear();
-        self.status = Status::Rejected;
-        self.finished_at = Some(now);
-        self.reasons = reasons;
-        for r in &mut self.regions {
-            r.status = RegionStatus::Skipped;
-        }
-        self.event(now, "rejected", None, None, json!({"reasons": codes}));
-        self.refresh(now);
-    }
-
     /// Whether any region has started.
     pub fn started(&self) -> bool {
         self.regions.iter().any(|r| r.started_at.is_some())
@@ -485,7 +402,7 @@ impl Deployment {
         self.settle(now)
     }
 
-    fn skip_pending(&mut self) {
+    pub(super) fn skip_pending(&mut self) {
         for r in &mut self.regions {
             if r.status == RegionStatus::Pending {
                 r.status = RegionStatus::Skipped;
@@ -495,7 +412,7 @@ impl Deployment {
     }
 
     /// Region `i`, running or done, goes back to stable unless a later deployment owns its lane.
-    fn roll_back_region_if_ours(
+    pub(super) fn roll_back_region_if_ours(
         &mut self,
         i: usize,
         cause: Cause,
@@ -541,7 +458,7 @@ impl Deployment {
     }
 
     /// Ends the deployment once nothing is left to do or to observe.
-    fn settle(&mut self, now: DateTime<Utc>) -> Vec<Note> {
+    pub(super) fn settle(&mut self, now: DateTime<Utc>) -> Vec<Note> {
         if self.status.is_terminal() {
             return Vec::new();
         }
@@ -588,7 +505,7 @@ impl Deployment {
         vec![Note::Ended(status)]
     }
 
-    fn finish(&mut self, status: Status, now: DateTime<Utc>) {
+    pub(super) fn finish(&mut self, status: Status, now: DateTime<Utc>) {
         self.status = status;
         self.finished_at = Some(now);
         self.paused = false;
@@ -596,131 +513,5 @@ impl Deployment {
             r.queue_position = None;
         }
         self.refresh(now);
-    }
-
-    fn operable(&self, what: &str) -> Result<(), String> {
-        if self.status.is_terminal() {
-            return Err(format!(
-                "deployment {} already ended as {:?}; cannot {what}",
-                self.deployment_id, self.status
-            ));
-        }
-        if matches!(self.status, Status::RollingBack | Status::Aborting) {
-            return Err(format!(
-                "deployment {} is going back to stable ({:?}); cannot {what}",
-                self.deployment_id, self.status
-            ));
-        }
-        Ok(())
-    }
-
-    /// Freezes the timers (`by`: `operator` or `gate`, with `why`).
-    pub fn pause(&mut self, by: &str, why: Value, now: DateTime<Utc>) -> Result<(), String> {
-        self.operable("pause")?;
-        if self.paused {
-            return Err(format!(
-                "deployment {} is already paused",
-                self.deployment_id
-            ));
-        }
-        self.paused = true;
-        let ci = self.current_region;
-        if let Some(r) = self.regions.get_mut(ci)
-            && r.status == RegionStatus::InProgress
-            && let Some(dl) = r.stage_deadline.take()
-        {
-            r.paused_remaining_ms = Some((dl - now).num_milliseconds().max(0) as u64);
-            r.next_analysis_at = None;
-        }
-        self.set_queue_position(None);
-        self.event(now, "paused", None, None, json!({"by": by, "why": why}));
-        Ok(())
-    }
-
-    /// Unfreezes the timers.
-    pub fn resume(&mut self, now: DateTime<Utc>) -> Result<(), String> {
-        self.operable("resume")?;
-        if !self.paused {
-            return Err(format!("deployment {} is not paused", self.deployment_id));
-        }
-        self.paused = false;
-        let interval = self.analysis.interval_secs;
-        let ci = self.current_region;
-        if let Some(r) = self.regions.get_mut(ci)
-            && r.status == RegionStatus::InProgress
-            && r.observed
-        {
-            let left = r.paused_remaining_ms.take().unwrap_or(0);
-            r.stage_deadline = Some(now + chrono::Duration::milliseconds(left as i64));
-            r.next_analysis_at = Some(now + ms(interval.min(left as f64 / 1000.0)));
-        }
-        self.event(now, "resumed", None, None, json!({"by": "operator"}));
-        Ok(())
-    }
-
-    /// Skips the rest of the running stage's bake (and unpauses).
-    pub fn promote(&mut self, now: DateTime<Utc>) -> Result<(), String> {
-        self.operable("promote")?;
-        let ci = self.current_region;
-        let id = self.deployment_id.clone();
-        let Some(r) = self
-            .regions
-            .get_mut(ci)
-            .filter(|r| r.status == RegionStatus::InProgress)
-        else {
-            return Err(format!("deployment {id} has no stage running to promote"));
-        };
-        if r.observed {
-            r.stage_deadline = Some(now);
-            r.next_analysis_at = Some(now);
-            r.paused_remaining_ms = None;
-        } else {
-            // the weight is not in place yet: its bake will be zero once it is
-            r.paused_remaining_ms = Some(0);
-        }
-        let stage = self.stages.get(r.stage_index).map(|s| s.name.clone());
-        let region = r.region.clone();
-        self.paused = false;
-        self.event(
-            now,
-            "promoted",
-            Some(&region),
-            stage.as_deref(),
-            json!({"by": "operator", "skipped": "the rest of the bake"}),
-        );
-        Ok(())
-    }
-
-    /// Stops the deployment: every region it runs in, or finished in and still owns, goes
-    /// back to stable; `ABORTED` once the platform is seen serving stable everywhere.
-    pub fn abort(
-        &mut self,
-        taken: &dyn Fn(&str) -> bool,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Note>, String> {
-        self.operable("abort")?;
-        for i in 0..self.regions.len() {
-            self.roll_back_region_if_ours(i, Cause::Abort, "aborted by an operator", taken, now);
-        }
-        self.skip_pending();
-        self.status = Status::Aborting;
-        self.paused = false;
-        self.event(now, "aborted", None, None, json!({"by": "operator"}));
-        Ok(self.settle(now))
-    }
-
-    /// Replaced, before it started, by the later deployment `by`.
-    pub fn supersede(&mut self, by: &str, now: DateTime<Utc>) -> Result<Vec<Note>, String> {
-        if self.status.is_terminal() || self.started() {
-            return Err(format!(
-                "deployment {} has started or ended; it cannot be superseded",
-                self.deployment_id
-            ));
-        }
-        self.skip_pending();
-        self.superseded_by = Some(by.to_owned());
-        self.finish(Status::Superseded, now);
-        self.event(now, "superseded", None, None, json!({"by": by}));
-        Ok(vec![Note::Ended(Status::Superseded)])
     }
 }
