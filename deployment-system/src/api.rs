@@ -61,6 +61,9 @@ fn plan(req: &DeployRequest) -> Value {
 
 const IDEMPOTENCY_PREFIX: &str = "dep:idem:";
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a claim lasts before the deployment is stored: a request cut off in between (a
+/// timeout, a crash) leaves the key free again after it.
+const CLAIM_TTL: Duration = Duration::from_secs(60);
 
 /// What an idempotency key is bound to: the request's body and the deployment it created.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -116,7 +119,7 @@ async fn claim_key(
     .map_err(unavailable)?;
     if app
         .store
-        .put_if_absent(&store_key, claim, Some(IDEMPOTENCY_TTL))
+        .put_if_absent(&store_key, claim, Some(CLAIM_TTL))
         .await
         .map_err(unavailable)?
     {
@@ -228,6 +231,25 @@ pub(crate) async fn create(
         }
     };
     let d = outcome.output;
+    if let Some(k) = &key {
+        // stored: the key now holds for a day
+        let claim = serde_json::to_vec(&KeyClaim {
+            body: body.to_string(),
+            deployment_id: d.deployment_id.clone(),
+        })
+        .unwrap_or_default();
+        if let Err(e) = app
+            .store
+            .put(
+                &format!("{IDEMPOTENCY_PREFIX}{k}"),
+                claim,
+                Some(IDEMPOTENCY_TTL),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "idempotency key kept for its claim time only");
+        }
+    }
     if d.status == Status::Rejected {
         return Ok(answer(&d, StatusCode::UNPROCESSABLE_ENTITY));
     }

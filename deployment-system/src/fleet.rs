@@ -148,6 +148,12 @@ pub trait Platform: Send + Sync + std::fmt::Debug {
         desired: &'a TrafficState,
         token: u64,
     ) -> BoxFuture<'a, Result<Applied, BackendError>>;
+    /// The newest fencing token the platform applied for `service` in `region` (0: none).
+    fn applied_token<'a>(
+        &'a self,
+        region: &'a str,
+        service: &'a str,
+    ) -> BoxFuture<'a, Result<u64, BackendError>>;
     /// The capacity check for a rollout of `service` in `region` (`None`: unknown region).
     fn capacity(&self, region: &str, service: &str) -> Option<Capacity>;
 }
@@ -353,6 +359,19 @@ impl Platform for SimFleet {
                 backend: "fleet",
                 message: format!("{region}/{service}: traffic kept changing under this write"),
             })
+        })
+    }
+    fn applied_token<'a>(
+        &'a self,
+        region: &'a str,
+        service: &'a str,
+    ) -> BoxFuture<'a, Result<u64, BackendError>> {
+        Box::pin(async move {
+            Ok(self
+                .stored(region, service)
+                .await?
+                .map(|(_, s)| s.token)
+                .unwrap_or(0))
         })
     }
     fn capacity(&self, region: &str, service: &str) -> Option<Capacity> {

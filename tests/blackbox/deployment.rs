@@ -358,13 +358,10 @@ async fn regions_roll_out_one_after_another_and_a_busy_region_queues() {
     }
 
     // two deployments to one region: the second waits, PENDING, first in line
-    let (_, first) = post(
-        &http,
-        &svc,
-        "/deploy",
-        &request("bad-service", "v1.1.0", 1.0),
-    )
-    .await;
+    // the first fails its gate on its first measurement, 0.8 s in
+    let mut slow = request("bad-service", "v1.1.0", 1.0);
+    slow["analysis"]["interval_secs"] = json!(0.8);
+    let (_, first) = post(&http, &svc, "/deploy", &slow).await;
     let (_, second) = post(
         &http,
         &svc,

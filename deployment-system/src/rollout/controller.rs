@@ -86,6 +86,12 @@ pub struct Controller {
     measurer: Measurer,
     measured: mpsc::Receiver<Done>,
     in_flight: HashSet<(String, usize, usize)>,
+    /// Whether this leader has reloaded every deployment since it took the lease; until then
+    /// it drives nothing (a standby's view may be stale).
+    pub(super) loaded: bool,
+    /// Arrival numbers missing from the view (accepted by a standby, not yet synced), and
+    /// since when: a lane's grant waits a little for an earlier arrival.
+    gaps: HashMap<u64, std::time::Instant>,
     traffic: TrafficHandle,
     reports: mpsc::Receiver<Report>,
     audit: Arc<dyn AuditSink>,
@@ -160,6 +166,8 @@ impl Controller {
             measurer,
             measured,
             in_flight: HashSet::new(),
+            loaded: false,
+            gaps: HashMap::new(),
             traffic,
             reports,
             audit,
@@ -189,14 +197,20 @@ impl Controller {
                 }
             }
             match self.lease.tick().await {
-                Change::Took { .. } => self.sync(true).await,
+                Change::Took { .. } => {
+                    self.loaded = false;
+                    self.in_flight.clear();
+                }
                 Change::Lost => self.stand_by(),
                 Change::None => {}
+            }
+            if self.lease.token().is_some() && !self.loaded {
+                self.loaded = self.sync(true).await;
             }
             if self.replica.last_sync.elapsed() >= Duration::from_millis(500) {
                 self.sync(false).await;
             }
-            if self.lease.token().is_some() {
+            if self.lease.token().is_some() && self.loaded {
                 if self.replica.last_commands.elapsed() >= Duration::from_millis(100) {
                     self.take_forwarded().await;
                 }
@@ -229,14 +243,25 @@ impl Controller {
         v
     }
 
-    /// Whether `region`'s lane of `d`'s service is owned by another deployment.
+    /// Whether `region`'s lane of `d`'s service belongs to another deployment: one that owns it
+    /// now, or a later one that has started there (ended or not), whose version it then runs.
     fn taken_by_other(&self, d: &Deployment) -> impl Fn(&str) -> bool + use<> {
         let owners = lanes::owners(self.active().iter());
+        let later: HashSet<String> = {
+            let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+            view.values()
+                .filter(|e| e.service == d.service && e.seq > d.seq)
+                .flat_map(|e| e.regions.iter())
+                .filter(|r| r.started_at.is_some())
+                .map(|r| r.region.clone())
+                .collect()
+        };
         let (id, service) = (d.deployment_id.clone(), d.service.clone());
         move |region: &str| {
-            owners
-                .get(&(region.to_owned(), service.clone()))
-                .is_some_and(|o| *o != id)
+            later.contains(region)
+                || owners
+                    .get(&(region.to_owned(), service.clone()))
+                    .is_some_and(|o| *o != id)
         }
     }
 
@@ -326,10 +351,10 @@ impl Controller {
     }
 
     pub(super) async fn operate(&mut self, id: &str, op: Op) -> Result<Deployment, OpError> {
-        let mut d = self.handle.get(id).ok_or(OpError::NotFound)?;
-        if self.lease.token().is_none() {
+        if self.lease.token().is_none() || !self.loaded {
             return Err(OpError::NotLeader);
         }
+        let mut d = self.handle.get(id).ok_or(OpError::NotFound)?;
         let now = self.clock.wall();
         let notes = match op {
             Op::Abort => {
@@ -365,7 +390,7 @@ impl Controller {
     }
 
     async fn on_report(&mut self, report: Report) {
-        let Some(token) = self.lease.token() else {
+        let Some(token) = self.lease.token().filter(|_| self.loaded) else {
             return;
         };
         match report {
@@ -379,7 +404,15 @@ impl Controller {
                     self.stand_by();
                 }
             }
-            Report::Observed { lane, state } => {
+            Report::Observed {
+                lane,
+                state,
+                generation,
+            } => {
+                // a report about an earlier desired state of the lane says nothing about now
+                if self.traffic.generation(&lane) != Some(generation) {
+                    return;
+                }
                 let owners = lanes::owners(self.active().iter());
                 let Some(owner) = owners.get(&lane) else {
                     return;
@@ -445,6 +478,28 @@ impl Controller {
         }
     }
 
+    /// The earliest arrival number missing from the view for less than two seconds (a gap
+    /// older than that is a deployment that was never stored, and no longer holds anyone up).
+    fn earliest_gap(&mut self) -> Option<u64> {
+        let seqs: HashSet<u64> = {
+            let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+            view.values().map(|d| d.seq).collect()
+        };
+        let max = seqs.iter().copied().max().unwrap_or(0);
+        let floor = max.saturating_sub(1000);
+        self.gaps.retain(|s, _| !seqs.contains(s) && *s > floor);
+        for s in floor.max(1)..max {
+            if !seqs.contains(&s) {
+                self.gaps.entry(s).or_insert_with(std::time::Instant::now);
+            }
+        }
+        self.gaps
+            .iter()
+            .filter(|(_, since)| since.elapsed() < Duration::from_secs(2))
+            .map(|(s, _)| *s)
+            .min()
+    }
+
     async fn reconcile(&mut self) {
         let now = self.clock.wall();
         let active = self.active();
@@ -460,10 +515,15 @@ impl Controller {
                 }
             }
         }
+        let held = self.earliest_gap();
         for id in &plan.grants {
             let Some(mut d) = self.handle.get(id) else {
                 continue;
             };
+            if held.is_some_and(|gap| gap < d.seq) {
+                // an earlier arrival was accepted by a standby and is not here yet
+                continue;
+            }
             let Some(region) = d.waiting_for().map(str::to_owned) else {
                 continue;
             };
@@ -495,8 +555,11 @@ impl Controller {
                 if d.current_region == 0 && d.status == Status::InProgress && !d.started() {
                     d.status = Status::Pending;
                 }
-                d.refresh(now);
-                self.update_view(&d);
+                // stored, so standbys show it and a new leader starts from it
+                if let Err(e) = self.persist(&mut d).await {
+                    tracing::warn!(deployment_id = %id, error = %e, "could not store a queue position");
+                    return;
+                }
             }
         }
         for d in self.active() {
@@ -511,6 +574,7 @@ impl Controller {
             }
             self.in_flight.insert(key);
             self.measurer.spawn(Job {
+                term: self.lease.token().unwrap_or(0),
                 deployment_id: d.deployment_id.clone(),
                 region_idx: ci,
                 stage_idx: stage,

@@ -16,6 +16,8 @@ use crate::signal::Provider;
 /// One measurement to take.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
+    /// The lease term (fencing token) it was started under.
+    pub term: u64,
     /// The deployment.
     pub deployment_id: String,
     /// Its region being measured (index).
@@ -91,11 +93,20 @@ impl Measurer {
         self.providers.values().map(|(_, b)| b.clone()).collect()
     }
 
-    /// Starts `job` in its own task.
+    /// Starts `job` in its own task; its result is always reported, a panic included.
     pub fn spawn(&self, job: Job) {
         let me = self.clone();
         tokio::spawn(async move {
-            let (provider, measurement) = me.measure(&job).await;
+            let inner = {
+                let (me, job) = (me.clone(), job.clone());
+                tokio::spawn(async move { me.measure(&job).await })
+            };
+            let (provider, measurement) = inner.await.unwrap_or_else(|e| {
+                (
+                    "none",
+                    Measurement::Error(format!("the measurement failed: {e}")),
+                )
+            });
             let _ = me
                 .tx
                 .send(Done {

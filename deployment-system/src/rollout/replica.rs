@@ -37,8 +37,9 @@ enum ForwardedAnswer {
 pub(super) struct ReplicaState {
     pub(super) last_sync: std::time::Instant,
     pub(super) last_commands: std::time::Instant,
+    last_full: std::time::Instant,
     commands_seen: Vec<u8>,
-    synced_seq: Vec<u8>,
+    synced: std::collections::HashMap<&'static str, Vec<u8>>,
 }
 
 impl ReplicaState {
@@ -49,8 +50,9 @@ impl ReplicaState {
         Self {
             last_sync: long_ago,
             last_commands: long_ago,
+            last_full: long_ago,
             commands_seen: Vec::new(),
-            synced_seq: Vec::new(),
+            synced: std::collections::HashMap::new(),
         }
     }
 }
@@ -79,8 +81,20 @@ pub(super) async fn forward(
         return Err(e.into());
     }
     let result_key = format!("{RESULT_PREFIX}{nonce}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while tokio::time::Instant::now() < deadline {
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut extended = false;
+    loop {
+        if tokio::time::Instant::now() >= deadline {
+            // nobody took it: take it back, so it does not run later by surprise; if the
+            // leader already took it, it ran or runs: wait for its answer a while longer
+            match store.delete(&format!("{CMD_PREFIX}{nonce}")).await {
+                Ok(false) if !extended => {
+                    extended = true;
+                    deadline += Duration::from_secs(5);
+                }
+                _ => return Err(OpError::NotLeader),
+            }
+        }
         if let Some(bytes) = store.get(&result_key).await? {
             let _ = store.delete(&result_key).await;
             return match serde_json::from_slice::<ForwardedAnswer>(&bytes) {
@@ -101,48 +115,61 @@ pub(super) async fn forward(
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    // nobody took it: take it back, so it does not run later by surprise
-    let _ = store.delete(&format!("{CMD_PREFIX}{nonce}")).await;
-    Err(OpError::NotLeader)
 }
 
 impl Controller {
     /// Reloads deployments from the store: all of them on a standby (to answer reads), and on
     /// the leader the ones it does not know yet (accepted by standbys) or, on `takeover`, all.
-    pub(super) async fn sync(&mut self, takeover: bool) {
+    /// Answers whether every record was read (a new leader drives nothing until then).
+    pub(super) async fn sync(&mut self, takeover: bool) -> bool {
         self.replica.last_sync = std::time::Instant::now();
         // a standby reloads when the leader changed anything, the leader when a standby
-        // accepted a deployment: one read decides, the key scan only follows a change
+        // accepted a deployment (and every 5 s regardless, in case a signal was lost): one
+        // read decides, the key scan only follows a change
         let leader = self.lease.token().is_some();
         let watched = if leader { CREATE_SEQ } else { CHANGE_SEQ };
+        let mut seen = None;
         if !takeover {
             match self.store.get(watched).await {
-                Ok(seq) if seq.clone().unwrap_or_default() == self.replica.synced_seq => {
-                    self.metrics.set_in_progress(self.handle.in_progress());
-                    return;
+                Ok(seq) => {
+                    let seq = seq.unwrap_or_default();
+                    let due = leader && self.replica.last_full.elapsed() >= Duration::from_secs(5);
+                    if self.replica.synced.get(watched) == Some(&seq) && !due {
+                        self.metrics.set_in_progress(self.handle.in_progress());
+                        return true;
+                    }
+                    seen = Some(seq);
                 }
-                Ok(seq) => self.replica.synced_seq = seq.unwrap_or_default(),
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
         let keys = match self.store.keys("dep:dpl:").await {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list deployments");
-                return;
+                return false;
             }
         };
+        let mut complete = true;
         for k in keys {
             let id = k.trim_start_matches("dep:dpl:").to_owned();
             let known = self.handle.get(&id).is_some();
             if leader && known && !takeover {
                 continue;
             }
-            let Ok(Some(bytes)) = self.store.get(&k).await else {
-                continue;
-            };
-            let Ok(d) = serde_json::from_slice::<Deployment>(&bytes) else {
-                continue;
+            let d = match self.store.get(&k).await {
+                Ok(Some(bytes)) => match serde_json::from_slice::<Deployment>(&bytes) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::error!(key = %k, error = %e, "unreadable deployment record; skipped");
+                        continue;
+                    }
+                },
+                Ok(None) => continue,
+                Err(_) => {
+                    complete = false;
+                    continue;
+                }
             };
             if d.status.is_terminal() {
                 self.published
@@ -151,7 +178,17 @@ impl Controller {
             }
             self.update_view(&d);
         }
+        if complete {
+            // remembered only once the scan went through, so a failed one is repeated
+            if let Some(seq) = seen {
+                self.replica.synced.insert(watched, seq);
+            }
+            if leader {
+                self.replica.last_full = std::time::Instant::now();
+            }
+        }
         self.metrics.set_in_progress(self.handle.in_progress());
+        complete
     }
 
     /// Runs the operator commands standbys forwarded, and leaves each answer where its standby
@@ -167,10 +204,10 @@ impl Controller {
         if seq == self.replica.commands_seen {
             return;
         }
-        self.replica.commands_seen = seq;
         let Ok(keys) = self.store.keys(CMD_PREFIX).await else {
             return;
         };
+        self.replica.commands_seen = seq;
         for k in keys {
             let Ok(Some(bytes)) = self.store.get(&k).await else {
                 continue;
@@ -209,7 +246,12 @@ impl Controller {
         self.store
             .put_if_absent(&key(&d.deployment_id), bytes, None)
             .await?;
-        let _ = self.store.incr(CREATE_SEQ).await;
+        // the leader loads it on its next look (at the latest within 5 s, even if this
+        // signal is lost); other standbys on the change signal
+        if let Err(e) = self.store.incr(CREATE_SEQ).await {
+            tracing::warn!(deployment_id = %d.deployment_id, error = %e, "could not signal the leader; it finds the deployment on its next full look");
+        }
+        let _ = self.store.incr(CHANGE_SEQ).await;
         self.update_view(d);
         Ok(())
     }

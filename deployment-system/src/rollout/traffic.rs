@@ -20,12 +20,15 @@ use crate::fleet::{Applied, Platform, TrafficState};
 /// What the task tells the controller.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
-    /// The platform serves `state` in `lane`, as asked.
+    /// The platform serves `state` in `lane`, as asked at `generation`.
     Observed {
         /// The lane.
         lane: Lane,
         /// What it serves.
         state: TrafficState,
+        /// The generation of the desired state it matched: the controller accepts the report
+        /// only while that is still the lane's generation.
+        generation: u64,
     },
     /// The platform refused a write: a newer token was applied there (this replica was
     /// deposed).
@@ -85,6 +88,12 @@ impl TrafficHandle {
         }
     }
 
+    /// The generation of what is asked of `lane` now.
+    pub fn generation(&self, lane: &Lane) -> Option<u64> {
+        let d = self.desired.lock().unwrap_or_else(|p| p.into_inner());
+        d.lanes.get(lane).map(|w| w.generation)
+    }
+
     /// What is asked now, per lane.
     pub fn desired(&self) -> BTreeMap<Lane, TrafficState> {
         let d = self.desired.lock().unwrap_or_else(|p| p.into_inner());
@@ -114,44 +123,54 @@ pub fn start(
     (handle, rx)
 }
 
-/// One lane's pass: read, write if different, read back.
+/// One lane's pass: read what the platform serves and the newest token it applied; write when
+/// either differs from what this controller asks (so a new leader stamps its token on every
+/// lane it owns, and a deposed leader's late write is refused there); read back.
 async fn converge(
     platform: &dyn Platform,
     lane: &Lane,
-    want: &TrafficState,
+    want: &Want,
     token: u64,
 ) -> Result<Option<Report>, String> {
     let (region, service) = (lane.0.as_str(), lane.1.as_str());
+    let timed = |what: &'static str| move |_| format!("the platform did not answer {what} in time");
     let read = || async {
-        match tokio::time::timeout(CALL_TIMEOUT, platform.traffic(region, service)).await {
-            Ok(Ok(t)) => Ok(t),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the platform did not answer in time".to_owned()),
-        }
+        tokio::time::timeout(CALL_TIMEOUT, platform.traffic(region, service))
+            .await
+            .map_err(timed("a read"))?
+            .map_err(|e| e.to_string())
     };
-    if read().await?.as_ref() == Some(want) {
-        return Ok(Some(Report::Observed {
+    let applied = tokio::time::timeout(CALL_TIMEOUT, platform.applied_token(region, service))
+        .await
+        .map_err(timed("a read"))?
+        .map_err(|e| e.to_string())?;
+    if applied > token {
+        return Ok(Some(Report::Fenced { newer: applied }));
+    }
+    let observed = |state: Option<TrafficState>| {
+        (state.as_ref() == Some(&want.state)).then(|| Report::Observed {
             lane: lane.clone(),
-            state: want.clone(),
-        }));
+            state: want.state.clone(),
+            generation: want.generation,
+        })
+    };
+    if applied == token
+        && let Some(report) = observed(read().await?)
+    {
+        return Ok(Some(report));
     }
     match tokio::time::timeout(
         CALL_TIMEOUT,
-        platform.set_traffic(region, service, want, token),
+        platform.set_traffic(region, service, &want.state, token),
     )
     .await
+    .map_err(timed("a write"))?
     {
-        Ok(Ok(Applied::Done)) => {}
-        Ok(Ok(Applied::Refused { newer })) => return Ok(Some(Report::Fenced { newer })),
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err("the platform did not answer in time".to_owned()),
+        Ok(Applied::Done) => {}
+        Ok(Applied::Refused { newer }) => return Ok(Some(Report::Fenced { newer })),
+        Err(e) => return Err(e.to_string()),
     }
-    Ok(
-        (read().await?.as_ref() == Some(want)).then(|| Report::Observed {
-            lane: lane.clone(),
-            state: want.clone(),
-        }),
-    )
+    Ok(observed(read().await?))
 }
 
 async fn run(
@@ -181,7 +200,7 @@ async fn run(
                 .collect();
             let results = futures_util::future::join_all(
                 work.iter()
-                    .map(|(lane, w)| converge(platform.as_ref(), lane, &w.state, token)),
+                    .map(|(lane, w)| converge(platform.as_ref(), lane, w, token)),
             )
             .await;
             for ((lane, w), result) in work.into_iter().zip(results) {
@@ -219,5 +238,97 @@ async fn run(
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tai_core::clock::ManualClock;
+    use tai_core::store::MemoryStore;
+
+    use super::*;
+    use crate::fleet::{DEFAULT_FLEET, FleetFixture, SimFleet};
+
+    fn lane() -> Lane {
+        ("us-west-2".to_owned(), "api-service".to_owned())
+    }
+
+    #[test]
+    fn a_desired_state_asked_again_gets_a_new_generation() {
+        let h = TrafficHandle {
+            desired: Arc::new(Mutex::new(Desired::default())),
+            notify: Arc::new(Notify::new()),
+        };
+        let stable = TrafficState::only("v1");
+        let canary = TrafficState::split("v1", Some("v2"), 5);
+        h.set(Some(1), BTreeMap::from([(lane(), stable.clone())]));
+        let first = h.generation(&lane()).expect("asked");
+        h.set(Some(1), BTreeMap::from([(lane(), stable.clone())]));
+        assert_eq!(
+            h.generation(&lane()),
+            Some(first),
+            "unchanged: same generation"
+        );
+        h.set(Some(1), BTreeMap::from([(lane(), canary)]));
+        h.set(Some(1), BTreeMap::from([(lane(), stable)]));
+        let again = h.generation(&lane()).expect("asked");
+        assert!(
+            again > first,
+            "a report about the first ask must not count for the same state asked again"
+        );
+        h.set(Some(1), BTreeMap::new());
+        assert_eq!(
+            h.generation(&lane()),
+            None,
+            "a released lane is asked nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_leader_stamps_its_token_even_where_the_state_already_matches() {
+        let clock = ManualClock::new();
+        let fleet = SimFleet::new(
+            FleetFixture::from_toml(DEFAULT_FLEET).expect("fixture"),
+            Arc::new(MemoryStore::new(clock.shared())),
+            clock.shared(),
+        );
+        let stable = TrafficState::only("v1.9.0");
+        let canary = TrafficState::split("v1.9.0", Some("v2.0.0"), 5);
+        // the old leader (token 5) set the canary; the new leader (token 6) wants stable
+        fleet
+            .set_traffic("us-west-2", "api-service", &stable, 5)
+            .await
+            .expect("mem");
+        let want = Want {
+            state: stable.clone(),
+            generation: 1,
+        };
+        let r = converge(&fleet, &lane(), &want, 6).await.expect("converge");
+        assert!(matches!(r, Some(Report::Observed { generation: 1, .. })));
+        assert_eq!(
+            fleet
+                .applied_token("us-west-2", "api-service")
+                .await
+                .expect("mem"),
+            6,
+            "stamped although the traffic already matched"
+        );
+        // so the deposed leader's late write is refused
+        assert_eq!(
+            fleet
+                .set_traffic("us-west-2", "api-service", &canary, 5)
+                .await
+                .expect("mem"),
+            Applied::Refused { newer: 6 }
+        );
+        // and the deposed leader's own task learns it was fenced out
+        let old = Want {
+            state: canary,
+            generation: 9,
+        };
+        assert_eq!(
+            converge(&fleet, &lane(), &old, 5).await.expect("converge"),
+            Some(Report::Fenced { newer: 6 })
+        );
     }
 }
