@@ -17,6 +17,7 @@ use serde_json::json;
 use tai_core::audit::AuditSink;
 use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
+use tai_core::jidoka::{BreakerConfig, CircuitBreaker};
 use tai_core::lease::{Change, Lease};
 use tai_core::store::StateStore;
 use tokio::sync::{mpsc, watch};
@@ -81,7 +82,7 @@ pub struct Controller {
     pub(super) published: HashMap<String, usize>,
     platform: Arc<dyn Platform>,
     clock: SharedClock,
-    view: Arc<RwLock<BTreeMap<String, Deployment>>>,
+    pub(super) view: Arc<RwLock<BTreeMap<String, Deployment>>>,
     rx: mpsc::Receiver<Command>,
     measurer: Measurer,
     measured: mpsc::Receiver<Done>,
@@ -91,11 +92,14 @@ pub struct Controller {
     pub(super) loaded: bool,
     /// Arrival numbers missing from the view (accepted by a standby, not yet synced), and
     /// since when: a lane's grant waits a little for an earlier arrival.
-    gaps: HashMap<u64, std::time::Instant>,
+    pub(super) gaps: HashMap<u64, std::time::Instant>,
     traffic: TrafficHandle,
     reports: mpsc::Receiver<Report>,
-    audit: Arc<dyn AuditSink>,
-    subject_prefix: String,
+    pub(super) audit: Arc<dyn AuditSink>,
+    /// Opens after a failed publish, so an unreachable stream costs the loop one timeout per
+    /// few seconds, not one per transition; the events wait in the record meanwhile.
+    pub(super) audit_breaker: CircuitBreaker,
+    pub(super) subject_prefix: String,
     tick: Duration,
 }
 
@@ -160,7 +164,7 @@ impl Controller {
             replica: ReplicaState::new(),
             published,
             platform,
-            clock,
+            clock: clock.clone(),
             view,
             rx,
             measurer,
@@ -171,6 +175,17 @@ impl Controller {
             traffic,
             reports,
             audit,
+            audit_breaker: CircuitBreaker::new(
+                "audit_stream",
+                BreakerConfig {
+                    consecutive_failures: 1,
+                    slow_call: None,
+                    open_for: Duration::from_secs(5),
+                    half_open_trials: 1,
+                    ..BreakerConfig::default()
+                },
+                clock.clone(),
+            ),
             subject_prefix,
             tick: Duration::from_millis(25),
         };
@@ -232,7 +247,7 @@ impl Controller {
             .insert(d.deployment_id.clone(), d.clone());
     }
 
-    fn active(&self) -> Vec<Deployment> {
+    pub(super) fn active(&self) -> Vec<Deployment> {
         let view = self.view.read().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<Deployment> = view
             .values()
@@ -241,28 +256,6 @@ impl Controller {
             .collect();
         v.sort_by_key(|d| d.seq);
         v
-    }
-
-    /// Whether `region`'s lane of `d`'s service belongs to another deployment: one that owns it
-    /// now, or a later one that has started there (ended or not), whose version it then runs.
-    fn taken_by_other(&self, d: &Deployment) -> impl Fn(&str) -> bool + use<> {
-        let owners = lanes::owners(self.active().iter());
-        let later: HashSet<String> = {
-            let view = self.view.read().unwrap_or_else(|p| p.into_inner());
-            view.values()
-                .filter(|e| e.service == d.service && e.seq > d.seq)
-                .flat_map(|e| e.regions.iter())
-                .filter(|r| r.started_at.is_some())
-                .map(|r| r.region.clone())
-                .collect()
-        };
-        let (id, service) = (d.deployment_id.clone(), d.service.clone());
-        move |region: &str| {
-            later.contains(region)
-                || owners
-                    .get(&(region.to_owned(), service.clone()))
-                    .is_some_and(|o| *o != id)
-        }
     }
 
     /// Stores `d` fenced by the lease's token, then shows and publishes it.
@@ -286,26 +279,6 @@ impl Controller {
         self.update_view(d);
         self.publish_events(d).await;
         Ok(())
-    }
-
-    /// Publishes the events not yet published, in order; stops at the first failure and tries
-    /// again after the next transition.
-    async fn publish_events(&mut self, d: &Deployment) {
-        let done = self.published.get(&d.deployment_id).copied().unwrap_or(0);
-        let subject = format!("{}.{}", self.subject_prefix, d.deployment_id);
-        for (i, event) in d.events.iter().enumerate().skip(done) {
-            let payload = json!({"deployment_id": d.deployment_id, "service": d.service, "version": d.version, "seq": i, "event": event});
-            let id = format!("{}:{i}", d.deployment_id);
-            if let Err(e) = self
-                .audit
-                .publish(&subject, &id, payload.to_string().into_bytes())
-                .await
-            {
-                tracing::warn!(deployment_id = %d.deployment_id, error = %e, "audit event not published; will retry");
-                return;
-            }
-            self.published.insert(d.deployment_id.clone(), i + 1);
-        }
     }
 
     /// Turns what transitions did into figures.
@@ -476,28 +449,6 @@ impl Controller {
                 tracing::warn!(deployment_id = %d.deployment_id, error = %e, "could not store a gate decision; measuring again")
             }
         }
-    }
-
-    /// The earliest arrival number missing from the view for less than two seconds (a gap
-    /// older than that is a deployment that was never stored, and no longer holds anyone up).
-    fn earliest_gap(&mut self) -> Option<u64> {
-        let seqs: HashSet<u64> = {
-            let view = self.view.read().unwrap_or_else(|p| p.into_inner());
-            view.values().map(|d| d.seq).collect()
-        };
-        let max = seqs.iter().copied().max().unwrap_or(0);
-        let floor = max.saturating_sub(1000);
-        self.gaps.retain(|s, _| !seqs.contains(s) && *s > floor);
-        for s in floor.max(1)..max {
-            if !seqs.contains(&s) {
-                self.gaps.entry(s).or_insert_with(std::time::Instant::now);
-            }
-        }
-        self.gaps
-            .iter()
-            .filter(|(_, since)| since.elapsed() < Duration::from_secs(2))
-            .map(|(s, _)| *s)
-            .min()
     }
 
     async fn reconcile(&mut self) {

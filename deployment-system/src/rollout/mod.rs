@@ -21,6 +21,7 @@ mod operations;
 mod replica;
 pub mod traffic;
 pub mod transitions;
+mod upkeep;
 
 #[cfg(test)]
 mod tests;
