@@ -17,7 +17,12 @@ fn request(service: &str, version: &str, bake: f64) -> Value {
     json!({"service": service, "version": version, "stages": stages(bake), "analysis": {"interval_secs": 0.05}})
 }
 
-async fn post(http: &reqwest::Client, svc: &Proc, path: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn post(
+    http: &reqwest::Client,
+    svc: &Proc,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
     let r = http
         .post(svc.url(path))
         .json(body)
@@ -28,7 +33,7 @@ async fn post(http: &reqwest::Client, svc: &Proc, path: &str, body: &Value) -> (
     (status, r.json().await.expect("json"))
 }
 
-async fn get(http: &reqwest::Client, svc: &Proc, path: &str) -> Value {
+pub(crate) async fn get(http: &reqwest::Client, svc: &Proc, path: &str) -> Value {
     get_json(http, svc.url(path)).await
 }
 

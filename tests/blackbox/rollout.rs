@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
-use tai_blackbox::{Proc, backend, client, eventually, get_json, postgres_database, unique};
+
+use crate::deployment::{get, post};
+use tai_blackbox::{Proc, backend, client, eventually, postgres_database, unique};
 
 const TERMINAL: [&str; 6] = [
     "SUCCESS",
@@ -47,17 +49,6 @@ fn body(service: &str, version: &str, region: &str, stages: Value, analysis: Val
     json!({"service": service, "version": version, "target_region": region, "stages": stages, "analysis": analysis})
 }
 
-async fn post(http: &reqwest::Client, svc: &Proc, path: &str, body: &Value) -> (u16, Value) {
-    let r = http
-        .post(svc.url(path))
-        .json(body)
-        .send()
-        .await
-        .expect("post");
-    let status = r.status().as_u16();
-    (status, r.json().await.expect("json"))
-}
-
 async fn post_keyed(http: &reqwest::Client, svc: &Proc, key: &str, body: &Value) -> (u16, Value) {
     let r = http
         .post(svc.url("/deploy"))
@@ -68,10 +59,6 @@ async fn post_keyed(http: &reqwest::Client, svc: &Proc, key: &str, body: &Value)
         .expect("post");
     let status = r.status().as_u16();
     (status, r.json().await.expect("json"))
-}
-
-async fn get(http: &reqwest::Client, svc: &Proc, path: &str) -> Value {
-    get_json(http, svc.url(path)).await
 }
 
 /// Starts a deployment (202); its id and the answer.
@@ -149,6 +136,41 @@ async fn role(http: &reqwest::Client, svc: &Proc) -> String {
         .as_str()
         .unwrap_or("")
         .to_owned()
+}
+
+/// Two replicas sharing PostgreSQL and Redis (lease 1 s): the first leads, the second stands by.
+async fn two_replicas(http: &reqwest::Client, name: &str) -> (Proc, Proc) {
+    let redis = backend("TAI_TEST_REDIS_URL");
+    let db = postgres_database();
+    let prefix = format!("{}:", unique(name));
+    let env = [
+        ("DATABASE_URL", db.as_str()),
+        ("REDIS_URL", redis.as_str()),
+        ("REDIS_KEY_PREFIX", prefix.as_str()),
+        ("CONTROLLER_LEASE_MS", "1000"),
+    ];
+    let a = Proc::start("deployment-system", &env)
+        .await
+        .expect("first replica");
+    eventually(
+        Duration::from_secs(10),
+        "the first replica to lead",
+        || async { (role(http, &a).await == "leader").then_some(()) },
+    )
+    .await;
+    let b = Proc::start("deployment-system", &env)
+        .await
+        .expect("second replica");
+    eventually(
+        Duration::from_secs(10),
+        "the second replica to stand by, naming the holder",
+        || async {
+            let l = lease(http, &b).await;
+            (l["role"] == "standby" && l["holder"].is_string()).then_some(())
+        },
+    )
+    .await;
+    (a, b)
 }
 
 /// Sends a signal (`-STOP`, `-CONT`) to a running replica.
@@ -406,34 +428,8 @@ async fn a_controller_killed_mid_rollback_finishes_it_after_restart() {
 
 #[tokio::test]
 async fn a_deposed_leader_cannot_undo_the_new_leaders_abort() {
-    let redis = backend("TAI_TEST_REDIS_URL");
-    let db = postgres_database();
-    let prefix = format!("{}:", unique("dep-fence"));
-    let env = [
-        ("DATABASE_URL", db.as_str()),
-        ("REDIS_URL", redis.as_str()),
-        ("REDIS_KEY_PREFIX", prefix.as_str()),
-        ("CONTROLLER_LEASE_MS", "1000"),
-    ];
     let http = client();
-    let a = Proc::start("deployment-system", &env)
-        .await
-        .expect("first replica");
-    eventually(
-        Duration::from_secs(10),
-        "the first replica to lead",
-        || async { (role(&http, &a).await == "leader").then_some(()) },
-    )
-    .await;
-    let b = Proc::start("deployment-system", &env)
-        .await
-        .expect("second replica");
-    eventually(
-        Duration::from_secs(10),
-        "the second replica to stand by",
-        || async { (role(&http, &b).await == "standby").then_some(()) },
-    )
-    .await;
+    let (a, b) = two_replicas(&http, "dep-fence").await;
     let (old, new) = if role(&http, &a).await == "leader" {
         (&a, &b)
     } else {
@@ -962,34 +958,8 @@ async fn a_hanging_provider_delays_nothing_else() {
 
 #[tokio::test]
 async fn lanes_keep_one_order_across_replicas_and_step_aside_when_paused() {
-    let redis = backend("TAI_TEST_REDIS_URL");
-    let db = postgres_database();
-    let prefix = format!("{}:", unique("dep-lanes"));
-    let env = [
-        ("DATABASE_URL", db.as_str()),
-        ("REDIS_URL", redis.as_str()),
-        ("REDIS_KEY_PREFIX", prefix.as_str()),
-        ("CONTROLLER_LEASE_MS", "1000"),
-    ];
     let http = client();
-    let a = Proc::start("deployment-system", &env)
-        .await
-        .expect("first replica");
-    eventually(
-        Duration::from_secs(10),
-        "the first replica to lead",
-        || async { (role(&http, &a).await == "leader").then_some(()) },
-    )
-    .await;
-    let b = Proc::start("deployment-system", &env)
-        .await
-        .expect("second replica");
-    eventually(
-        Duration::from_secs(10),
-        "the second replica to stand by",
-        || async { (role(&http, &b).await == "standby").then_some(()) },
-    )
-    .await;
+    let (a, b) = two_replicas(&http, "dep-lanes").await;
     // requests alternate between the replicas; reads go to `a`
     let long = two_stages(30.0, 0.3);
     let short = two_stages(0.3, 0.3);
