@@ -27,7 +27,7 @@ use super::handle::{Command, ControllerHandle, Op, OpError, desired_of};
 use super::lanes;
 use super::measure::{Done, Job, Measurer};
 use super::model::{Deployment, RegionStatus, Status};
-use super::replica::{CHANGE_SEQ, ReplicaState, forward};
+use super::replica::{CHANGE_SEQ, ReplicaState, forward, read_record};
 use super::traffic::{self, Report, TrafficHandle};
 use super::transitions::Note;
 use crate::analysis::{Measurement, Target};
@@ -130,23 +130,16 @@ impl Controller {
         let mut view = BTreeMap::new();
         let mut published = HashMap::new();
         for k in store.keys("dep:dpl:").await? {
-            let Some(bytes) = store.get(&k).await? else {
+            let Some(d) = read_record(store.as_ref(), &k).await? else {
                 continue;
             };
-            match serde_json::from_slice::<Deployment>(&bytes) {
-                Ok(d) => {
-                    if d.status.is_terminal() {
-                        published.insert(d.deployment_id.clone(), d.events.len());
-                    } else {
-                        // republished from the start: the stream's duplicate window drops repeats
-                        tracing::info!(deployment_id = %d.deployment_id, status = ?d.status, "resuming deployment");
-                    }
-                    view.insert(d.deployment_id.clone(), d);
-                }
-                Err(e) => {
-                    tracing::error!(key = %k, error = %e, "unreadable deployment record; skipped")
-                }
+            if d.status.is_terminal() {
+                published.insert(d.deployment_id.clone(), d.events.len());
+            } else {
+                // republished from the start: the stream's duplicate window drops repeats
+                tracing::info!(deployment_id = %d.deployment_id, status = ?d.status, "resuming deployment");
             }
+            view.insert(d.deployment_id.clone(), d);
         }
         let (tx, rx) = mpsc::channel(1024);
         let view = Arc::new(RwLock::new(view));
@@ -247,15 +240,14 @@ impl Controller {
             .insert(d.deployment_id.clone(), d.clone());
     }
 
-    pub(super) fn active(&self) -> Vec<Deployment> {
+    /// Runs `f` over the deployments not yet ended, in arrival order, under the view's read
+    /// lock (no copies: this runs on every turn of the loop).
+    pub(super) fn with_active<R>(&self, f: impl FnOnce(Vec<&Deployment>) -> R) -> R {
         let view = self.view.read().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<Deployment> = view
-            .values()
-            .filter(|d| !d.status.is_terminal())
-            .cloned()
-            .collect();
-        v.sort_by_key(|d| d.seq);
-        v
+        let mut active: Vec<&Deployment> =
+            view.values().filter(|d| !d.status.is_terminal()).collect();
+        active.sort_by_key(|d| d.seq);
+        f(active)
     }
 
     /// Stores `d` fenced by the lease's token, then shows and publishes it.
@@ -357,9 +349,8 @@ impl Controller {
 
     /// Hands the traffic task what every owned lane should serve.
     fn push_desired(&self) {
-        let active = self.active();
-        self.traffic
-            .set(self.lease.token(), desired_of(active.iter()));
+        let desired = self.with_active(|active| desired_of(active.iter().copied()));
+        self.traffic.set(self.lease.token(), desired);
     }
 
     async fn on_report(&mut self, report: Report) {
@@ -386,7 +377,7 @@ impl Controller {
                 if self.traffic.generation(&lane) != Some(generation) {
                     return;
                 }
-                let owners = lanes::owners(self.active().iter());
+                let owners = self.with_active(|active| lanes::owners(active));
                 let Some(owner) = owners.get(&lane) else {
                     return;
                 };
@@ -453,8 +444,7 @@ impl Controller {
 
     async fn reconcile(&mut self) {
         let now = self.clock.wall();
-        let active = self.active();
-        let plan = lanes::plan(&active);
+        let plan = self.with_active(|active| lanes::plan(active));
         for (id, by) in &plan.supersede {
             let Some(mut d) = self.handle.get(id) else {
                 continue;
@@ -513,30 +503,37 @@ impl Controller {
                 }
             }
         }
-        for d in self.active() {
-            if !d.measurement_due(now) {
-                continue;
+        let term = self.lease.token().unwrap_or(0);
+        let due: Vec<Job> = self.with_active(|active| {
+            active
+                .into_iter()
+                .filter(|d| d.measurement_due(now))
+                .map(|d| {
+                    let ci = d.current_region;
+                    Job {
+                        term,
+                        deployment_id: d.deployment_id.clone(),
+                        region_idx: ci,
+                        stage_idx: d.regions[ci].stage_index,
+                        provider: d.analysis.provider,
+                        target: Target {
+                            service: d.service.clone(),
+                            version: d.version.clone(),
+                            region: d.regions[ci].region.clone(),
+                            queries: d.analysis.queries.clone(),
+                        },
+                    }
+                })
+                .collect()
+        });
+        for job in due {
+            // one measurement at a time per stage
+            if self
+                .in_flight
+                .insert((job.deployment_id.clone(), job.region_idx, job.stage_idx))
+            {
+                self.measurer.spawn(job);
             }
-            let ci = d.current_region;
-            let stage = d.regions[ci].stage_index;
-            let key = (d.deployment_id.clone(), ci, stage);
-            if self.in_flight.contains(&key) {
-                continue;
-            }
-            self.in_flight.insert(key);
-            self.measurer.spawn(Job {
-                term: self.lease.token().unwrap_or(0),
-                deployment_id: d.deployment_id.clone(),
-                region_idx: ci,
-                stage_idx: stage,
-                provider: d.analysis.provider,
-                target: Target {
-                    service: d.service.clone(),
-                    version: d.version.clone(),
-                    region: d.regions[ci].region.clone(),
-                    queries: d.analysis.queries.clone(),
-                },
-            });
         }
         self.push_desired();
     }

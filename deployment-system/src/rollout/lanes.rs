@@ -47,8 +47,11 @@ pub fn owners<'a>(active: impl IntoIterator<Item = &'a Deployment>) -> BTreeMap<
 }
 
 /// Plans grants, queue positions and supersessions over the deployments not yet ended.
-pub fn plan(active: &[Deployment]) -> Plan {
-    let mut by_seq: Vec<&Deployment> = active.iter().filter(|d| !d.status.is_terminal()).collect();
+pub fn plan<'a>(active: impl IntoIterator<Item = &'a Deployment>) -> Plan {
+    let mut by_seq: Vec<&Deployment> = active
+        .into_iter()
+        .filter(|d| !d.status.is_terminal())
+        .collect();
     by_seq.sort_by_key(|d| d.seq);
     let mut owners = owners(by_seq.iter().copied());
     let mut supersede = Vec::new();

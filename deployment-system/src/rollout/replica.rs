@@ -57,6 +57,24 @@ impl ReplicaState {
     }
 }
 
+/// Reads the deployment stored at `key`: `None` when it is gone, or unreadable (logged and
+/// skipped, so one bad record does not stop the others).
+pub(super) async fn read_record(
+    store: &dyn StateStore,
+    key: &str,
+) -> Result<Option<Deployment>, BackendError> {
+    let Some(bytes) = store.get(key).await? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<Deployment>(&bytes) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) => {
+            tracing::error!(key = %key, error = %e, "unreadable deployment record; skipped");
+            Ok(None)
+        }
+    }
+}
+
 /// Hands `op` on deployment `id` to the lease holder and waits (up to 5 s) for its answer.
 pub(super) async fn forward(
     store: Arc<dyn StateStore>,
@@ -157,14 +175,8 @@ impl Controller {
             if leader && known && !takeover {
                 continue;
             }
-            let d = match self.store.get(&k).await {
-                Ok(Some(bytes)) => match serde_json::from_slice::<Deployment>(&bytes) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        tracing::error!(key = %k, error = %e, "unreadable deployment record; skipped");
-                        continue;
-                    }
-                },
+            let d = match read_record(self.store.as_ref(), &k).await {
+                Ok(Some(d)) => d,
                 Ok(None) => continue,
                 Err(_) => {
                     complete = false;

@@ -43,7 +43,7 @@ impl Controller {
     /// Whether `region`'s lane of `d`'s service belongs to another deployment: one that owns it
     /// now, or a later one that has started there (ended or not), whose version it then runs.
     pub(super) fn taken_by_other(&self, d: &Deployment) -> impl Fn(&str) -> bool + use<> {
-        let owners = lanes::owners(self.active().iter());
+        let owners = self.with_active(|active| lanes::owners(active));
         let later: HashSet<String> = {
             let view = self.view.read().unwrap_or_else(|p| p.into_inner());
             view.values()

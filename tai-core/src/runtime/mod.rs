@@ -302,13 +302,7 @@ impl Runtime {
             &["lease"],
         )
         .ok()
-        .and_then(
-            |c| match self.kaizen.registry().register(Box::new(c.clone())) {
-                Ok(()) => Some(c),
-                Err(prometheus::Error::AlreadyReg) => None,
-                Err(_) => None,
-            },
-        );
+        .filter(|c| self.kaizen.registry().register(Box::new(c.clone())).is_ok());
         if let Some(c) = counter {
             lease = lease.with_takeover_counter(c.with_label_values(&[name]));
         }
