@@ -50,6 +50,8 @@ pub struct Target {
     pub region: String,
     /// Per-deployment PromQL, if any.
     pub queries: Option<Queries>,
+    /// The span a traffic-derived measurement covers: the analysis interval.
+    pub window: Duration,
 }
 
 /// A source of health figures.

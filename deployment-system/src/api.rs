@@ -12,11 +12,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tai_core::runtime::{ApiError, ApiJson, ErrorType};
 
-use crate::App;
 use crate::analysis::Target;
 use crate::rollout::Op;
 use crate::rollout::{Deployment, OpError, Status};
 use crate::signal::{self, DeployRequest};
+use crate::{App, Fleet};
 
 fn new_id() -> String {
     format!("dpl_{}", uuid::Uuid::new_v4().simple())
@@ -197,6 +197,7 @@ pub(crate) async fn create(
                 version: req.version.clone(),
                 region: region.clone(),
                 queries: req.analysis.queries.clone(),
+                window: Duration::from_secs_f64(req.analysis.interval_secs.max(0.1)),
             };
             if let Err((param, why)) = prom.validate(&target).await {
                 return Err(ApiError::new(
@@ -384,8 +385,37 @@ pub(crate) async fn list(State(app): State<Arc<App>>) -> Json<Value> {
 /// Per region and service: the traffic the controller asks for, and what the platform reports.
 #[utoipa::path(get, path = "/fleet", tag = "deployments", responses((status = 200, description = "Per region and service: stable, canary and canary_weight asked for, and `observed`")))]
 pub(crate) async fn fleet(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
-    let observed = app.fleet.snapshot().await.map_err(unavailable)?;
     let desired = app.handle.desired();
+    let sim = match &app.fleet {
+        Fleet::Sim(sim) => sim,
+        Fleet::Proc(p) => {
+            // the platform's own view (processes, HAProxy's weights), with what the controller asks
+            let mut view = p.view();
+            if let Some(regions) = view.get_mut("regions").and_then(Value::as_object_mut) {
+                for (region, r) in regions.iter_mut() {
+                    let Some(services) = r.get_mut("services").and_then(Value::as_object_mut)
+                    else {
+                        continue;
+                    };
+                    for (service, s) in services.iter_mut() {
+                        let Some(obj) = s.as_object_mut() else {
+                            continue;
+                        };
+                        let asked = desired
+                            .get(&(region.clone(), service.clone()))
+                            .map(|t| json!(t))
+                            .or_else(|| obj.get("asked").cloned())
+                            .unwrap_or(Value::Null);
+                        for k in ["stable", "canary", "canary_weight"] {
+                            obj.insert(k.into(), asked.get(k).cloned().unwrap_or(Value::Null));
+                        }
+                    }
+                }
+            }
+            return Ok(Json(view));
+        }
+    };
+    let observed = sim.snapshot().await.map_err(unavailable)?;
     let mut regions = serde_json::Map::new();
     for (region, services) in observed {
         let mut out = serde_json::Map::new();
@@ -401,7 +431,7 @@ pub(crate) async fn fleet(State(app): State<Arc<App>>) -> Result<Json<Value>, Ap
         }
         regions.insert(region, Value::Object(out));
     }
-    let faults = app.fleet.faults_until().await.map_err(unavailable)?;
+    let faults = sim.faults_until().await.map_err(unavailable)?;
     Ok(Json(
         json!({"platform": "sim", "fail_set_traffic_until": faults, "regions": regions}),
     ))
@@ -437,7 +467,15 @@ pub(crate) async fn faults(
                 "fail_set_traffic_secs is a number of seconds from 0 to 3600.",
             )
         })?;
-    let until = app.fleet.set_faults(secs).await.map_err(unavailable)?;
+    let Fleet::Sim(sim) = &app.fleet else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorType::InvalidRequestError,
+            "not_supported",
+            "The fault drill is the simulated fleet's; on proc, stop HAProxy or an instance instead.",
+        ));
+    };
+    let until = sim.set_faults(secs).await.map_err(unavailable)?;
     tracing::warn!(
         secs,
         "fault drill: the simulated fleet's traffic changes fail until it lapses"

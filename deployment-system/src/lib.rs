@@ -10,6 +10,7 @@
 //!   staging 25% -> prod 100%, with health analysis ([`analysis`]) at every step, automatic
 //!   rollback on a failed gate, and one rollout at a time per region (the Kanban queue);
 //! - [`fleet`]: the platform trait and the simulated fleet, the embedded default;
+//! - [`proc`]: the `proc` platform: real processes behind a real HAProxy per region;
 //! - [`metrics`]: docs/API.md's metric names and the figures Andon watches.
 
 #![warn(missing_docs)]
@@ -18,6 +19,7 @@ pub mod analysis;
 mod api;
 pub mod fleet;
 pub mod metrics;
+pub mod proc;
 pub mod registry;
 pub mod rollout;
 pub mod safety;
@@ -42,6 +44,7 @@ use utoipa::OpenApi;
 use crate::analysis::{AnalysisProvider, HttpProbe, PrometheusAnalysis, SimAnalysis};
 use crate::fleet::{FleetFixture, SimFleet};
 use crate::metrics::DeploymentMetrics;
+use crate::proc::{ProcAnalysis, ProcConfig, ProcPlatform, ProcRegistry};
 use crate::registry::{FixtureRegistry, OciRegistry};
 use crate::rollout::measure::Measurer;
 use crate::rollout::{Controller, ControllerHandle, Deployment, Parts};
@@ -94,6 +97,15 @@ impl Action<DeployRequest, SafetyFacts> for Admit {
     }
 }
 
+/// The platform behind `/fleet`: the simulated fleet or the `proc` platform.
+#[derive(Debug, Clone)]
+pub(crate) enum Fleet {
+    /// `PLATFORM=sim`.
+    Sim(SimFleet),
+    /// `PLATFORM=proc`.
+    Proc(ProcPlatform),
+}
+
 /// What the handlers share.
 #[derive(Debug)]
 pub(crate) struct App {
@@ -102,7 +114,7 @@ pub(crate) struct App {
     handle: ControllerHandle,
     providers: HashSet<Provider>,
     prometheus: Option<PrometheusAnalysis>,
-    fleet: SimFleet,
+    fleet: Fleet,
     store: Arc<dyn StateStore>,
     wait_limit: Duration,
 }
@@ -127,6 +139,9 @@ pub enum BuildError {
     /// An analysis provider could not be set up.
     #[error("analysis provider: {0}")]
     Provider(String),
+    /// The platform could not be set up.
+    #[error("platform: {0}")]
+    Platform(String),
 }
 
 #[derive(OpenApi)]
@@ -149,28 +164,80 @@ pub async fn build(
 ) -> Result<(Router, utoipa::openapi::OpenApi), BuildError> {
     let cfg = runtime.config().clone();
     let clock = runtime.clock();
-    let fixture_text = match cfg.setting("FLEET_FIXTURE_PATH") {
-        Some(path) => std::fs::read_to_string(&path).map_err(|e| BuildError::Fixture {
-            path: path.clone(),
-            message: e.to_string(),
-        })?,
-        None => fleet::DEFAULT_FLEET.to_owned(),
-    };
-    let fixture =
-        FleetFixture::from_toml(&fixture_text).map_err(|message| BuildError::Fixture {
-            path: "config/fleet.toml".into(),
-            message,
-        })?;
-
     let store: Arc<dyn StateStore> = runtime.state_store().await?;
-    runtime.set_backend("platform", "sim");
-
-    let sim = SimFleet::new(fixture.clone(), store.clone(), clock.clone());
-    let platform: Arc<dyn fleet::Platform> = Arc::new(sim.clone());
-
     let probe_timeout = Duration::from_millis(cfg.setting_or("ANALYSIS_TIMEOUT_MS", 2000u64)?);
     let mut providers: HashMap<Provider, Arc<dyn AnalysisProvider>> = HashMap::new();
-    providers.insert(Provider::Sim, Arc::new(SimAnalysis::new(sim.clone())));
+    let mut defaults = Defaults::default();
+    let (platform, fleet, platform_registry): (
+        Arc<dyn fleet::Platform>,
+        Fleet,
+        Arc<dyn registry::ImageRegistry>,
+    ) = match cfg.setting("PLATFORM").as_deref().unwrap_or("sim") {
+        "sim" => {
+            let fixture_text = match cfg.setting("FLEET_FIXTURE_PATH") {
+                Some(path) => std::fs::read_to_string(&path).map_err(|e| BuildError::Fixture {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?,
+                None => fleet::DEFAULT_FLEET.to_owned(),
+            };
+            let fixture =
+                FleetFixture::from_toml(&fixture_text).map_err(|message| BuildError::Fixture {
+                    path: "config/fleet.toml".into(),
+                    message,
+                })?;
+            let sim = SimFleet::new(fixture.clone(), store.clone(), clock.clone());
+            let health: Arc<dyn AnalysisProvider> = Arc::new(SimAnalysis::new(sim.clone()));
+            providers.insert(Provider::Sim, health.clone());
+            providers.insert(Provider::Platform, health);
+            (
+                Arc::new(sim.clone()),
+                Fleet::Sim(sim),
+                Arc::new(FixtureRegistry::new(&fixture)),
+            )
+        }
+        "proc" => {
+            let path = cfg.setting("PLATFORM_FILE").ok_or_else(|| {
+                BuildError::Platform(
+                    "PLATFORM=proc needs PLATFORM_FILE=<path of its TOML file>".into(),
+                )
+            })?;
+            let file =
+                ProcConfig::load(std::path::Path::new(&path)).map_err(BuildError::Platform)?;
+            let stop_on_exit = cfg.setting_or("PLATFORM_STOP_ON_EXIT", false)?;
+            let p = ProcPlatform::start(file, stop_on_exit)
+                .await
+                .map_err(BuildError::Platform)?;
+            if let Some(dir) = cfg.setting("PROMETHEUS_FILE_SD_DIR") {
+                p.write_file_sd(std::path::Path::new(&dir)).map_err(|e| {
+                    BuildError::Platform(format!("PROMETHEUS_FILE_SD_DIR {dir}: {e}"))
+                })?;
+            }
+            runtime.spawn_worker(p.clone().run(runtime.shutdown_signal()));
+            let ready = p.clone();
+            runtime.add_readiness("platform", move || {
+                let ready = ready.clone();
+                Box::pin(async move { ready.serving().await })
+            });
+            let shown = p.clone();
+            runtime.add_status_section("platform", move || shown.view());
+            providers.insert(Provider::Platform, Arc::new(ProcAnalysis::new(p.clone())));
+            defaults.analysis.provider = Provider::Platform;
+            defaults.regions = p.config().regions.keys().take(1).cloned().collect();
+            (
+                Arc::new(p.clone()),
+                Fleet::Proc(p.clone()),
+                Arc::new(ProcRegistry::new(p)),
+            )
+        }
+        other => {
+            return Err(BuildError::Platform(format!(
+                "PLATFORM={other}: sim (the default) or proc"
+            )));
+        }
+    };
+    runtime.set_backend("platform", platform.kind());
+
     if let Some(template) = cfg.setting("HEALTH_URL_TEMPLATE") {
         providers.insert(
             Provider::Http,
@@ -194,14 +261,13 @@ pub async fn build(
         providers.insert(Provider::Prometheus, Arc::new(p));
     }
 
-    let mut defaults = Defaults::default();
     let registry: Arc<dyn registry::ImageRegistry> = match cfg.setting("IMAGE_REGISTRY_URL") {
         Some(url) => {
             let oci = OciRegistry::new(&url, probe_timeout).map_err(BuildError::Provider)?;
             defaults.registry = oci.host();
             Arc::new(oci)
         }
-        None => Arc::new(FixtureRegistry::new(&fixture)),
+        None => platform_registry,
     };
     runtime.set_backend("registry", registry.kind());
     if let Some(regions) = cfg.setting("DEFAULT_REGIONS") {
@@ -296,7 +362,7 @@ pub async fn build(
         handle,
         providers: provider_kinds,
         prometheus,
-        fleet: sim,
+        fleet,
         store,
         wait_limit,
     });

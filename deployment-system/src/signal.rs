@@ -250,11 +250,12 @@ fn parse_analysis(v: &Value, defaults: &AnalysisSpec) -> Result<AnalysisSpec, Ap
                     Some("sim") => Provider::Sim,
                     Some("http") => Provider::Http,
                     Some("prometheus") => Provider::Prometheus,
+                    Some("platform") => Provider::Platform,
                     _ => {
                         return Err(invalid(
                             "parameter_invalid",
                             &param,
-                            "provider is sim, http or prometheus.",
+                            "provider is platform, sim, http or prometheus.",
                         ));
                     }
                 }

@@ -24,6 +24,9 @@ pub enum Provider {
     Http,
     /// PromQL queries against Prometheus.
     Prometheus,
+    /// The platform's own traffic figures: HAProxy's per-version counters on `proc`, the
+    /// simulated health on `sim`.
+    Platform,
 }
 
 /// What a gate does once measurements have been inconclusive more than `inconclusive_limit`.

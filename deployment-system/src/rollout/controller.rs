@@ -521,6 +521,9 @@ impl Controller {
                             version: d.version.clone(),
                             region: d.regions[ci].region.clone(),
                             queries: d.analysis.queries.clone(),
+                            window: std::time::Duration::from_secs_f64(
+                                d.analysis.interval_secs.max(0.1),
+                            ),
                         },
                     }
                 })

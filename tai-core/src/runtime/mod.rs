@@ -54,6 +54,7 @@ type Probe = Arc<dyn Fn() -> BoxFuture<'static, Result<(), BackendError>> + Send
 
 /// Adds service figures for Andon.
 type FigureSource = Arc<dyn Fn(&mut Figures) + Send + Sync>;
+type StatusSection = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 pub(crate) struct Readiness {
     name: String,
@@ -74,6 +75,7 @@ pub(crate) struct Common {
     readiness: Vec<Readiness>,
     backends: BTreeMap<String, String>,
     figure_sources: Vec<FigureSource>,
+    status_sections: BTreeMap<String, StatusSection>,
     leases: BTreeMap<String, Arc<std::sync::RwLock<crate::lease::LeaseStatus>>>,
     api_keys: Vec<ApiKey>,
     request_timeout: std::time::Duration,
@@ -146,6 +148,7 @@ pub struct Runtime {
     readiness: Vec<Readiness>,
     backends: BTreeMap<String, String>,
     figure_sources: Vec<FigureSource>,
+    status_sections: BTreeMap<String, StatusSection>,
     andon_rules: Vec<AndonRule>,
     shutdown_tx: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
@@ -254,6 +257,7 @@ impl Runtime {
             readiness: Vec::new(),
             backends: BTreeMap::new(),
             figure_sources: Vec::new(),
+            status_sections: BTreeMap::new(),
             andon_rules: default_andon_rules(),
             shutdown_tx,
             workers: Vec::new(),
@@ -334,6 +338,16 @@ impl Runtime {
     /// Adds service figures for Andon to judge.
     pub fn add_figures<F: Fn(&mut Figures) + Send + Sync + 'static>(&mut self, source: F) {
         self.figure_sources.push(Arc::new(source));
+    }
+
+    /// Adds a section `name` to `/status`, its content read from `source` on each request
+    /// (keep it cheap: a snapshot, not a backend call).
+    pub fn add_status_section<F>(&mut self, name: &str, source: F)
+    where
+        F: Fn() -> serde_json::Value + Send + Sync + 'static,
+    {
+        self.status_sections
+            .insert(name.to_owned(), Arc::new(source));
     }
 
     /// Adds an Andon rule.
@@ -518,6 +532,7 @@ impl Runtime {
             readiness: self.readiness,
             backends: self.backends,
             figure_sources: self.figure_sources,
+            status_sections: self.status_sections,
             leases: self.leases,
             api_keys: self.config.api_keys.clone(),
             request_timeout: self.config.request_timeout,

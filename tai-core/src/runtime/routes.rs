@@ -100,6 +100,8 @@ struct StatusView {
     queues: Vec<QueueView>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     leases: BTreeMap<String, crate::lease::LeaseStatus>,
+    #[serde(flatten)]
+    sections: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -147,6 +149,11 @@ pub(crate) async fn status(State(common): State<Arc<Common>>) -> Json<serde_json
                     s.read().unwrap_or_else(|p| p.into_inner()).clone(),
                 )
             })
+            .collect(),
+        sections: common
+            .status_sections
+            .iter()
+            .map(|(name, source)| (name.clone(), source()))
             .collect(),
     };
     Json(serde_json::to_value(view).unwrap_or_default())
