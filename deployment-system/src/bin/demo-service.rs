@@ -1,10 +1,10 @@
 //! A small HTTP service for the `proc` platform's demo and tests: one instance of one version.
 //!
 //! `GET /health` answers 200. Any other request answers `{"version", "region", "pid"}` with an
-//! `X-Version` header, so a client can count which version served it; with `ERROR_RATE` (0 to
-//! 1) that share of requests answers 500 instead, exactly (every n-th), in every region or
-//! only in `FAIL_REGIONS` (comma-separated); `LATENCY_MS` delays every answer. Stops on SIGINT
-//! or SIGTERM.
+//! `X-Version` header, so a client can count which version served it. With `ERROR_RATE` (0 to
+//! 1), that share of requests answers 500 instead, exactly (every n-th), in every region or
+//! only in `FAIL_REGIONS` (comma-separated). `LATENCY_MS` delays every answer. It stops on
+//! SIGINT or SIGTERM.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
