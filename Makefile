@@ -1,5 +1,5 @@
 # The operator's entry points. The two a newcomer needs: `make run` and `make test`.
-.PHONY: run test check lint fmt build clean stress-payment up down bench
+.PHONY: run test check lint fmt build clean stress-payment up down bench demo-deploy
 
 ## Build and start both services on their embedded defaults (nothing to install). Ctrl-C stops both.
 run:
@@ -27,6 +27,12 @@ clean:
 ## Load a running payment service (start it with `make run`): STRESS_ARGS="--duration 30 --concurrency 64".
 stress-payment:
 	cargo run --release --bin stress-payment -- $(STRESS_ARGS)
+
+## The deployment service on the proc platform: two regions behind real HAProxy (Debian's
+## haproxy must be installed), steady traffic, a rollout to a healthy and to a failing version.
+demo-deploy:
+	cargo build -p deployment-system --bins
+	./target/debug/demo-deploy
 
 ## The full stack in containers (needs a Docker engine): both services, NATS, Redis, Vault,
 ## Prometheus, Grafana, Jaeger, Loki.
