@@ -29,6 +29,7 @@ struct Spec<'a> {
     stop_on_exit: bool,
     v3_error_rate: f64,
     v3_fail_regions: &'a str,
+    env: &'a [(&'a str, &'a str)],
 }
 
 impl Default for Spec<'_> {
@@ -39,6 +40,7 @@ impl Default for Spec<'_> {
             stop_on_exit: true,
             v3_error_rate: 0.0,
             v3_fail_regions: "",
+            env: &[],
         }
     }
 }
@@ -86,16 +88,15 @@ impl Rig {
         std::fs::write(&file, text).expect("platform file");
         let file_s = file.display().to_string();
         let stop = spec.stop_on_exit.to_string();
-        let svc = Proc::start(
-            "deployment-system",
-            &[
-                ("PLATFORM", "proc"),
-                ("PLATFORM_FILE", &file_s),
-                ("PLATFORM_STOP_ON_EXIT", &stop),
-            ],
-        )
-        .await
-        .expect("deployment-system on proc starts");
+        let mut env: Vec<(&str, &str)> = vec![
+            ("PLATFORM", "proc"),
+            ("PLATFORM_FILE", &file_s),
+            ("PLATFORM_STOP_ON_EXIT", &stop),
+        ];
+        env.extend_from_slice(spec.env);
+        let svc = Proc::start("deployment-system", &env)
+            .await
+            .expect("deployment-system on proc starts");
         let rig = Self { dir, svc, listen };
         rig.wait_ready().await;
         rig
@@ -636,5 +637,70 @@ async fn workloads_outlive_the_service_unless_asked_to_stop_with_it() {
     assert!(
         reqwest::get(&url).await.is_err(),
         "nothing listens at the region's address"
+    );
+}
+
+#[tokio::test]
+async fn prometheus_scraping_haproxy_judges_the_same_figures() {
+    let prom = tai_blackbox::backend("TAI_TEST_PROMETHEUS_URL");
+    let targets = tai_blackbox::backend("TAI_TEST_PROMETHEUS_TARGETS");
+    let rig = Rig::start(Spec {
+        v3_error_rate: 0.3,
+        env: &[
+            ("PROMETHEUS_URL", prom.as_str()),
+            ("PROMETHEUS_FILE_SD_DIR", targets.as_str()),
+        ],
+        ..Spec::default()
+    })
+    .await;
+    let status = get_json(&client(), rig.svc.url("/status")).await;
+    let metrics = status["platform"]["regions"]["us-west-2"]["haproxy"]["metrics"]
+        .as_str()
+        .expect("the exporter's address")
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    // the platform registered its exporter with Prometheus
+    let http = client();
+    eventually(
+        Duration::from_secs(20),
+        "Prometheus scraping HAProxy",
+        || async {
+            let r = get_json(
+                &http,
+                format!("{prom}/api/v1/query?query=up{{instance=\"{metrics}\"}}"),
+            )
+            .await;
+            (r["data"]["result"][0]["value"][1] == "1").then_some(())
+        },
+    )
+    .await;
+    let sel = format!("instance=\"{metrics}\",proxy=\"{{service}}\",server=~\"{{version}}-i.*\"");
+    let load = Load::start(rig.url("us-west-2"));
+    let mut body = analysis(
+        json!([{"name": "canary", "weight": 25, "bake_secs": 20},
+               {"name": "prod", "weight": 100, "bake_secs": 1}]),
+        2.0,
+    );
+    body["version"] = json!("v3");
+    body["analysis"]["provider"] = json!("prometheus");
+    body["analysis"]["queries"] = json!({
+        "error_rate": format!("sum(rate(haproxy_server_http_responses_total{{{sel},code=\"5xx\"}}[10s])) / sum(rate(haproxy_server_http_responses_total{{{sel}}}[10s]))"),
+        "requests": format!("sum(increase(haproxy_server_http_responses_total{{{sel}}}[10s]))"),
+        "p99_ms": format!("max(haproxy_server_response_time_average_seconds{{{sel}}}) * 1000"),
+    });
+    let id = deploy(&rig, body).await;
+    let d = wait_end(&rig, &id, Duration::from_secs(45)).await;
+    load.finish().await;
+    assert_eq!(d["status"], "ROLLED_BACK", "{d}");
+    let failed = d["regions"][0]["analysis"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["result"] == "fail").cloned())
+        .expect("a failed measurement");
+    assert_eq!(failed["provider"], "prometheus");
+    let rate = failed["error_rate"].as_f64().expect("measured");
+    assert!(
+        (0.15..=0.5).contains(&rate),
+        "v3's 30% seen through Prometheus: {rate}"
     );
 }

@@ -120,6 +120,8 @@ struct Inner {
     samples: Mutex<BTreeMap<String, stats::Samples>>,
     http: reqwest::Client,
     stop_on_exit: bool,
+    /// Prometheus `file_sd` files this platform wrote, removed when it stops everything.
+    sd_files: Mutex<Vec<PathBuf>>,
     _lock: FileLock,
 }
 
@@ -211,6 +213,7 @@ impl ProcPlatform {
                 samples: Mutex::new(BTreeMap::new()),
                 http,
                 stop_on_exit,
+                sd_files: Mutex::new(Vec::new()),
                 _lock: lock,
             }),
         };
@@ -695,6 +698,15 @@ impl ProcPlatform {
         for router in self.inner.routers.values() {
             router.stop(Duration::from_secs(2)).await;
         }
+        for path in self
+            .inner
+            .sd_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!("the platform stopped every process it started");
     }
 
@@ -766,15 +778,20 @@ impl ProcPlatform {
         json!({"platform": "proc", "state_dir": inner.dir.display().to_string(), "regions": regions})
     }
 
-    /// Writes a Prometheus `file_sd` target per region (HAProxy's exporter) into `dir`.
+    /// Writes a Prometheus `file_sd` target per region (HAProxy's exporter, labelled with the
+    /// region) into `dir`, named after the exporter's port so platforms sharing a Prometheus
+    /// do not overwrite each other's.
     pub fn write_file_sd(&self, dir: &std::path::Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         for (region, router) in &self.inner.routers {
-            let body = json!([{"targets": [router.metrics.to_string()], "labels": {"region": region, "job": "haproxy"}}]);
-            process::write_atomic(
-                &dir.join(format!("haproxy-{region}.json")),
-                body.to_string().as_bytes(),
-            )?;
+            let body = json!([{"targets": [router.metrics.to_string()], "labels": {"region": region, "platform": "proc"}}]);
+            let path = dir.join(format!("haproxy-{region}-{}.json", router.metrics.port()));
+            process::write_atomic(&path, body.to_string().as_bytes())?;
+            self.inner
+                .sd_files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(path);
         }
         Ok(())
     }
