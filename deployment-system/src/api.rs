@@ -385,7 +385,17 @@ pub(crate) async fn list(State(app): State<Arc<App>>) -> Json<Value> {
 /// Per region and service: the traffic the controller asks for, and what the platform reports.
 #[utoipa::path(get, path = "/fleet", tag = "deployments", responses((status = 200, description = "Per region and service: stable, canary and canary_weight asked for, and `observed`")))]
 pub(crate) async fn fleet(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
-    let desired = app.handle.desired();
+    // what is asked is the leader's to say: a standby's copy of the records may lag
+    let leading = app
+        .lease
+        .read()
+        .map(|l| l.role == tai_core::lease::Role::Leader)
+        .unwrap_or(false);
+    let desired = if leading {
+        app.handle.desired()
+    } else {
+        Default::default()
+    };
     let sim = match &app.fleet {
         Fleet::Sim(sim) => sim,
         Fleet::Proc(p) => {

@@ -117,6 +117,8 @@ pub(crate) struct App {
     fleet: Fleet,
     store: Arc<dyn StateStore>,
     wait_limit: Duration,
+    /// This replica's controller lease, as `/status` shows it.
+    lease: Arc<std::sync::RwLock<tai_core::lease::LeaseStatus>>,
 }
 
 /// The service could not be built from its configuration.
@@ -294,6 +296,7 @@ pub async fn build(
         .await?;
     let lease_ttl = Duration::from_millis(cfg.setting_or("CONTROLLER_LEASE_MS", 3000u64)?);
     let lease = runtime.lease("controller", store.clone(), "dep:controller:", lease_ttl);
+    let lease_status = lease.status();
     // the providers' own clients give up after ANALYSIS_TIMEOUT_MS; this bounds anything else
     let (measurer, measured) = Measurer::new(
         providers,
@@ -365,6 +368,7 @@ pub async fn build(
         fleet,
         store,
         wait_limit,
+        lease: lease_status,
     });
     let router = Router::new()
         .route("/deploy", post(api::create))

@@ -295,6 +295,23 @@ fn pids_of(lane: &Value, version: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Asserts `d` was rolled back by a measurement of `provider` that saw v3's 30% error rate;
+/// that measurement.
+fn rolled_back_on_v3s_error_rate(d: &Value, provider: &str) -> Value {
+    assert_eq!(d["status"], "ROLLED_BACK", "{d}");
+    let failed = d["regions"][0]["analysis"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["result"] == "fail").cloned())
+        .expect("a failed measurement");
+    assert_eq!(failed["provider"], provider, "{failed}");
+    let rate = failed["error_rate"].as_f64().expect("measured");
+    assert!(
+        (0.15..=0.5).contains(&rate),
+        "the measured error rate {rate} is v3's (0.3)"
+    );
+    failed
+}
+
 fn analysis(stages: Value, interval: f64) -> Value {
     json!({"service": "api-service", "stages": stages,
            "analysis": {"interval_secs": interval, "min_samples": 5, "max_error_rate": 0.05}})
@@ -375,17 +392,7 @@ async fn a_failing_version_is_rolled_back_on_haproxys_figures() {
     assert_eq!(v3_pids.len(), 2);
     let d = wait_end(&rig, &id, Duration::from_secs(30)).await;
     load.finish().await;
-    assert_eq!(d["status"], "ROLLED_BACK", "{d}");
-    let failed = d["regions"][0]["analysis"]
-        .as_array()
-        .and_then(|a| a.iter().find(|m| m["result"] == "fail").cloned())
-        .expect("a failed measurement");
-    assert_eq!(failed["provider"], "platform");
-    let rate = failed["error_rate"].as_f64().expect("measured");
-    assert!(
-        (0.15..=0.5).contains(&rate),
-        "the measured error rate {rate} is v3's (0.3)"
-    );
+    let failed = rolled_back_on_v3s_error_rate(&d, "platform");
     assert!(failed["samples"].as_u64().unwrap_or(0) >= 5, "{failed}");
     // HAProxy sends nothing to v3 any more, and its processes exit
     let (by, errors) = shares(&url, 200).await;
@@ -692,15 +699,5 @@ async fn prometheus_scraping_haproxy_judges_the_same_figures() {
     let id = deploy(&rig, body).await;
     let d = wait_end(&rig, &id, Duration::from_secs(45)).await;
     load.finish().await;
-    assert_eq!(d["status"], "ROLLED_BACK", "{d}");
-    let failed = d["regions"][0]["analysis"]
-        .as_array()
-        .and_then(|a| a.iter().find(|m| m["result"] == "fail").cloned())
-        .expect("a failed measurement");
-    assert_eq!(failed["provider"], "prometheus");
-    let rate = failed["error_rate"].as_f64().expect("measured");
-    assert!(
-        (0.15..=0.5).contains(&rate),
-        "v3's 30% seen through Prometheus: {rate}"
-    );
+    rolled_back_on_v3s_error_rate(&d, "prometheus");
 }

@@ -94,12 +94,26 @@ fn default_scale_down() -> f64 {
     30.0
 }
 
+/// Files the platform keeps beside regions, services and versions in its state folder.
+const RESERVED: [&str; 9] = [
+    "haproxy.cfg",
+    "haproxy.pid",
+    "haproxy.log",
+    "admin.sock",
+    "router.json",
+    "platform.lock",
+    "lane.json",
+    "lane.tmp",
+    "router.tmp",
+];
+
 /// A name HAProxy and file paths both take.
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name != "."
         && name != ".."
+        && !RESERVED.contains(&name)
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -154,7 +168,12 @@ impl ProcConfig {
             if !(1..=32).contains(&s.instances) {
                 return Err(format!("services.{name}.instances: 1 to 32"));
             }
-            if !s.health_path.starts_with('/') || s.health_path.contains(char::is_whitespace) {
+            // it goes into HAProxy's config as is: no spaces, quotes, '#' or backslashes
+            let path_ok = s.health_path.starts_with('/')
+                && s.health_path
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/-._~%?=&+:@!$,;*()".contains(c));
+            if !path_ok {
                 return Err(format!(
                     "services.{name}.health_path: a path such as /health"
                 ));
@@ -264,5 +283,13 @@ env = { VERSION = "{version}" }
         let bad_name = FILE.replace("[regions.us-west-2]", "[regions.\"us west\"]");
         let e = ProcConfig::parse(&bad_name, Path::new("/")).expect_err("space");
         assert!(e.contains("region name"), "{e}");
+        let clash = FILE.replace("[regions.us-west-2]", "[regions.\"haproxy.cfg\"]");
+        assert!(
+            ProcConfig::parse(&clash, Path::new("/")).is_err(),
+            "a file's name"
+        );
+        let comment = FILE.replace("instances = 2", "instances = 2\nhealth_path = \"/h#x\"");
+        let e = ProcConfig::parse(&comment, Path::new("/")).expect_err("#");
+        assert!(e.contains("health_path"), "{e}");
     }
 }

@@ -44,7 +44,9 @@ pub struct ServerState {
 pub struct ServerStat {
     /// Responses of any class.
     pub responses: u64,
-    /// 5xx responses (the server's own and HAProxy's on its behalf).
+    /// 5xx responses (the server's own and HAProxy's on its behalf). Connections that failed
+    /// and were retried on another server are not counted: the client never saw them, and a
+    /// crashed instance is restarted rather than held against its version.
     pub errors: u64,
     /// Average response time over the last 1024 requests, in ms.
     pub rtime_ms: f64,
@@ -125,7 +127,7 @@ impl Router {
              defaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  \
              timeout http-request 10s\n  retries 3\n  option redispatch 1\n  \
              retry-on conn-failure empty-response response-timeout\n\n\
-             frontend {region}\n  bind {listen}\n",
+             frontend traffic\n  bind {listen}\n",
             region = self.region,
             pid = self.pid_path().display(),
             sock = self.socket().display(),
@@ -140,7 +142,7 @@ impl Router {
             c.push_str(&format!("  default_backend {first}\n"));
         }
         c.push_str(&format!(
-            "\nfrontend metrics\n  bind {}\n  http-request use-service prometheus-exporter if {{ path /metrics }}\n",
+            "\nfrontend exporter\n  bind {}\n  http-request use-service prometheus-exporter if {{ path /metrics }}\n",
             self.metrics
         ));
         for (name, health) in services {

@@ -102,7 +102,6 @@ impl Instance {
 
 #[derive(Debug, Default)]
 struct World {
-    lanes: BTreeMap<Lane, LaneFile>,
     groups: BTreeMap<GroupKey, Vec<Instance>>,
     /// The servers HAProxy reported at the last look, per lane.
     servers: BTreeMap<Lane, Vec<ServerState>>,
@@ -115,6 +114,9 @@ struct Inner {
     routers: BTreeMap<String, Router>,
     services: Vec<(String, String)>,
     world: tokio::sync::Mutex<World>,
+    /// The lane files, apart from the world: reads and fenced writes never wait for a tick
+    /// that is talking to a slow HAProxy.
+    lanes: Mutex<BTreeMap<Lane, LaneFile>>,
     view: RwLock<Value>,
     counts: RwLock<BTreeMap<String, u32>>,
     samples: Mutex<BTreeMap<String, stats::Samples>>,
@@ -173,19 +175,29 @@ impl ProcPlatform {
             routers.insert(region.clone(), router);
         }
         let mut world = World::default();
+        let mut lanes = BTreeMap::new();
         for region in cfg.regions.keys() {
             for (service, s) in &cfg.services {
                 let lane_dir = dir.join(region).join(service);
                 std::fs::create_dir_all(&lane_dir)
                     .map_err(|e| format!("{}: {e}", lane_dir.display()))?;
-                let mut lane = std::fs::read(lane_dir.join("lane.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<LaneFile>(&b).ok())
-                    .unwrap_or_else(|| LaneFile {
+                let lane_path = lane_dir.join("lane.json");
+                // a missing lane starts on the stable version; an unreadable one stops the
+                // start (starting over would reset the fence a deposed writer must not pass)
+                let mut lane = match std::fs::read(&lane_path) {
+                    Ok(b) => serde_json::from_slice::<LaneFile>(&b).map_err(|e| {
+                        format!(
+                            "{}: {e} (remove it to start the lane over)",
+                            lane_path.display()
+                        )
+                    })?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => LaneFile {
                         desired: TrafficState::only(&s.stable),
                         token: 0,
                         retiring: BTreeMap::new(),
-                    });
+                    },
+                    Err(e) => return Err(format!("{}: {e}", lane_path.display())),
+                };
                 let listed = |v: &String| s.versions.contains_key(v);
                 if !listed(&lane.desired.stable)
                     || lane.desired.canary.as_ref().is_some_and(|c| !listed(c))
@@ -193,7 +205,7 @@ impl ProcPlatform {
                     tracing::warn!(%region, %service, asked = ?lane.desired, "the platform file no longer lists a version this lane ran; back to its stable version");
                     lane.desired = TrafficState::only(&s.stable);
                 }
-                world.lanes.insert((region.clone(), service.clone()), lane);
+                lanes.insert((region.clone(), service.clone()), lane);
                 adopt(&mut world, &lane_dir, region, service);
             }
         }
@@ -208,6 +220,7 @@ impl ProcPlatform {
                 routers,
                 services,
                 world: tokio::sync::Mutex::new(world),
+                lanes: Mutex::new(lanes),
                 view: RwLock::new(Value::Null),
                 counts: RwLock::new(BTreeMap::new()),
                 samples: Mutex::new(BTreeMap::new()),
@@ -286,10 +299,16 @@ impl ProcPlatform {
         window: Duration,
     ) -> Measurement {
         let samples = self.inner.samples.lock().unwrap_or_else(|p| p.into_inner());
-        match samples
-            .get(region)
-            .and_then(|s| s.window(service, version, window))
+        let region_samples = samples.get(region);
+        if let Some(age) = region_samples.and_then(stats::Samples::age)
+            && age > TICK * 6
         {
+            return Measurement::Error(format!(
+                "HAProxy's statistics for region {region} are {:.1} s old",
+                age.as_secs_f64()
+            ));
+        }
+        match region_samples.and_then(|s| s.window(service, version, window)) {
             Some(w) => Measurement::Figures(Figures {
                 error_rate: (w.responses > 0).then(|| w.errors as f64 / w.responses as f64),
                 p99_ms: w.rtime_ms,
@@ -398,7 +417,7 @@ impl ProcPlatform {
         else {
             return;
         };
-        let Some(mut file) = w.lanes.get(lane).cloned() else {
+        let Some(mut file) = self.lane(lane) else {
             return;
         };
         let wanted: Vec<String> = std::iter::once(file.desired.stable.clone())
@@ -416,9 +435,17 @@ impl ProcPlatform {
         }
         file.retiring
             .retain(|v, _| !wanted.contains(v) && present.contains(v));
-        if w.lanes.get(lane) != Some(&file) {
-            self.save_lane(lane, &file);
-            w.lanes.insert(lane.clone(), file.clone());
+        {
+            // only the retiring marks are this function's to change: a fenced write may have
+            // changed the rest since it was read
+            let mut lanes = inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(current) = lanes.get_mut(lane)
+                && current.desired == file.desired
+                && current.retiring != file.retiring
+            {
+                current.retiring = file.retiring.clone();
+                self.save_lane(lane, current);
+            }
         }
         let delay = chrono::Duration::milliseconds((svc.scale_down_delay_secs * 1000.0) as i64);
         for v in &wanted {
@@ -461,6 +488,16 @@ impl ProcPlatform {
             ),
             None => (100, 0),
         };
+        // until every side the split gives traffic to has a serving instance, weights stay
+        // as they are: a new canary gets nothing before it is healthy, and a rollback to a
+        // version still starting leaves the traffic where it was rather than nowhere
+        let possible = serving(&file.desired.stable) > 0
+            && file
+                .desired
+                .canary
+                .as_deref()
+                .filter(|_| file.desired.canary_weight > 0)
+                .is_none_or(|c| serving(c) > 0);
         let mut commands = Vec::new();
         let mut known = BTreeSet::new();
         for ((r, s, v), insts) in &w.groups {
@@ -499,7 +536,7 @@ impl ProcPlatform {
                 let (cur_weight, cur_ready) =
                     current.map(|c| (c.weight, c.ready)).unwrap_or((0, false));
                 if serves(inst) {
-                    if cur_weight != weight {
+                    if possible && cur_weight != weight {
                         commands.push(format!("set server {srv} weight {weight}"));
                     }
                     if !cur_ready {
@@ -549,15 +586,20 @@ impl ProcPlatform {
         insts.sort_by_key(|i| i.idx);
         let now = Instant::now();
         for inst in insts.iter_mut() {
-            if inst.idx >= n {
+            let exit = exited(inst);
+            if inst.idx >= n || (inst.stopping.is_some() && exit.is_none()) {
+                // beyond the configured count, or still being stopped (a retiring version
+                // asked for again): finish the stop, SIGKILL after the grace; the slot starts
+                // again once the process is gone
                 stop(inst, now);
                 continue;
             }
-            if let Some(status) = exited(inst) {
+            if let Some(status) = exit {
                 let was_healthy = inst.healthy;
+                let was_stopped = inst.stopping.is_some();
                 inst.healthy = false;
                 inst.failed_probes = 0;
-                if !was_healthy {
+                if !was_healthy && !was_stopped {
                     inst.crashes += 1;
                 }
                 let backoff = (Duration::from_millis(200)
@@ -577,7 +619,14 @@ impl ProcPlatform {
                 self.spawn(&key, inst);
             }
         }
-        insts.retain(|i| i.idx < n || i.running.is_some());
+        let dir = self.group_dir(&key);
+        insts.retain(|i| {
+            let keep = i.idx < n || i.running.is_some();
+            if !keep {
+                let _ = std::fs::remove_file(dir.join(format!("{}.pid", i.idx)));
+            }
+            keep
+        });
     }
 
     fn spawn(&self, key: &GroupKey, inst: &mut Instance) {
@@ -595,7 +644,7 @@ impl ProcPlatform {
         }
         let log = dir.join(format!("{}.log", inst.idx));
         match process::spawn(&argv, &env, &inner.cfg.base_dir, &log) {
-            Ok(child) => {
+            Ok(mut child) => {
                 let pid = child.id();
                 let rec = PidRecord {
                     pid,
@@ -606,7 +655,13 @@ impl ProcPlatform {
                 if let Err(e) =
                     process::write_atomic(&path, &serde_json::to_vec(&rec).unwrap_or_default())
                 {
-                    tracing::error!(path = %path.display(), error = %e, "cannot write a pid file; a restarted service will not adopt this instance");
+                    // a process no pid file names would outlive a restart unseen: not started
+                    tracing::error!(path = %path.display(), error = %e, "cannot write the pid file; stopping the instance again");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    inst.crashes += 1;
+                    inst.next_start = Instant::now() + MAX_BACKOFF;
+                    return;
                 }
                 if inst.started_once {
                     inst.restarts += 1;
@@ -646,6 +701,15 @@ impl ProcPlatform {
 
     fn group_dir(&self, (region, service, version): &GroupKey) -> PathBuf {
         self.inner.dir.join(region).join(service).join(version)
+    }
+
+    fn lane(&self, lane: &Lane) -> Option<LaneFile> {
+        self.inner
+            .lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(lane)
+            .cloned()
     }
 
     fn save_lane(&self, (region, service): &Lane, file: &LaneFile) {
@@ -722,9 +786,10 @@ impl ProcPlatform {
             let mut services = serde_json::Map::new();
             for service in inner.cfg.services.keys() {
                 let lane = (region.clone(), service.clone());
-                let Some(file) = w.lanes.get(&lane) else {
+                let Some(file) = self.lane(&lane) else {
                     continue;
                 };
+                let file = &file;
                 let servers = w.servers.get(&lane).cloned().unwrap_or_default();
                 let mut versions = serde_json::Map::new();
                 for ((r, s, v), insts) in &w.groups {
@@ -805,6 +870,10 @@ fn serves(i: &Instance) -> bool {
 /// Sends SIGTERM once, and SIGKILL once the grace has passed.
 fn stop(inst: &mut Instance, now: Instant) {
     let Some(rec) = inst.running else { return };
+    // never signal a pid that no longer names this process (it may be someone else's now)
+    if !process::alive(&rec) {
+        return;
+    }
     match inst.stopping {
         None => {
             process::signal_group(rec.pid, libc::SIGTERM);
@@ -867,6 +936,8 @@ fn adopt(world: &mut World, lane_dir: &std::path::Path, region: &str, service: &
             inst.started_once = true;
             if process::alive(&rec) {
                 inst.running = Some(rec);
+                // it was serving: two failed probes take it out, as for any healthy instance
+                inst.healthy = true;
                 tracing::info!(%region, %service, %version, instance = idx, pid = rec.pid, port = rec.port, "adopted a running instance");
             }
             insts.push(inst);
@@ -947,12 +1018,9 @@ impl Platform for ProcPlatform {
                 return Ok(None);
             };
             let servers = router.servers(service).await.map_err(unavailable)?;
-            let asked = {
-                let w = self.inner.world.lock().await;
-                w.lanes
-                    .get(&(region.to_owned(), service.to_owned()))
-                    .map(|l| l.desired.clone())
-            };
+            let asked = self
+                .lane(&(region.to_owned(), service.to_owned()))
+                .map(|l| l.desired);
             Ok(asked.and_then(|a| observe(&servers, &a)))
         })
     }
@@ -978,32 +1046,41 @@ impl Platform for ProcPlatform {
                 }
             }
             let lane = (region.to_owned(), service.to_owned());
-            let mut w = inner.world.lock().await;
-            let Some(current) = w.lanes.get(&lane).cloned() else {
-                return Err(unavailable(format!("{region} is not in the platform file")));
-            };
-            if current.token > token {
-                return Ok(Applied::Refused {
-                    newer: current.token,
-                });
-            }
-            if current.desired != *desired || current.token != token {
-                let next = LaneFile {
-                    desired: desired.clone(),
-                    token,
-                    retiring: current.retiring.clone(),
+            {
+                let mut lanes = inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(current) = lanes.get_mut(&lane) else {
+                    return Err(unavailable(format!("{region} is not in the platform file")));
                 };
-                let path = inner.dir.join(region).join(service).join("lane.json");
-                process::write_atomic(&path, &serde_json::to_vec_pretty(&next).unwrap_or_default())
-                    .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
-                if current.desired != *desired {
-                    tracing::info!(%region, %service, stable = %desired.stable, canary = ?desired.canary, weight = desired.canary_weight, token, "traffic asked");
+                if current.token > token {
+                    return Ok(Applied::Refused {
+                        newer: current.token,
+                    });
                 }
-                w.lanes.insert(lane.clone(), next);
+                if current.desired != *desired || current.token != token {
+                    let next = LaneFile {
+                        desired: desired.clone(),
+                        token,
+                        retiring: current.retiring.clone(),
+                    };
+                    let path = inner.dir.join(region).join(service).join("lane.json");
+                    // on disk first: a fenced write the platform forgot would undo the fence
+                    process::write_atomic(
+                        &path,
+                        &serde_json::to_vec_pretty(&next).unwrap_or_default(),
+                    )
+                    .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+                    if current.desired != *desired {
+                        tracing::info!(%region, %service, stable = %desired.stable, canary = ?desired.canary, weight = desired.canary_weight, token, "traffic asked");
+                    }
+                    *current = next;
+                }
             }
-            self.reconcile(&mut w, &lane).await;
-            let view = self.describe(&w);
-            *inner.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+            // apply it now if no tick is under way; otherwise the tick (or the next) does
+            if let Ok(mut w) = inner.world.try_lock() {
+                self.reconcile(&mut w, &lane).await;
+                let view = self.describe(&w);
+                *inner.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+            }
             Ok(Applied::Done)
         })
     }
@@ -1012,13 +1089,11 @@ impl Platform for ProcPlatform {
         region: &'a str,
         service: &'a str,
     ) -> BoxFuture<'a, Result<u64, BackendError>> {
-        Box::pin(async move {
-            let w = self.inner.world.lock().await;
-            Ok(w.lanes
-                .get(&(region.to_owned(), service.to_owned()))
-                .map(|l| l.token)
-                .unwrap_or(0))
-        })
+        let token = self
+            .lane(&(region.to_owned(), service.to_owned()))
+            .map(|l| l.token)
+            .unwrap_or(0);
+        Box::pin(std::future::ready(Ok(token)))
     }
     fn capacity(&self, region: &str, service: &str) -> Option<Capacity> {
         let r = self.inner.cfg.regions.get(region)?;

@@ -47,6 +47,10 @@ pub fn observed(weights: &BTreeMap<String, u64>, asked: &TrafficState) -> Option
     if let [(only, _)] = weighted.as_slice() {
         return Some(TrafficState::only(only));
     }
+    if weighted.len() > 2 {
+        // no split of two versions describes it, so none is reported as in place
+        return None;
+    }
     // the stable side is the asked stable version if it is weighted, else the heaviest
     let stable = weighted
         .iter()
@@ -88,6 +92,11 @@ mod tests {
             Some(TrafficState::only("v1"))
         );
         assert_eq!(observed(&w(&[("v1", 0)]), &asked), None);
+        // three versions weighted is no two-way split at all
+        assert_eq!(
+            observed(&w(&[("v1", 50), ("v2", 25), ("v3", 25)]), &asked),
+            None
+        );
         // a version other than the asked canary is reported as it is
         assert_eq!(
             observed(&w(&[("v1", 50), ("v3", 50)]), &asked),

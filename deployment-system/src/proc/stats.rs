@@ -35,6 +35,11 @@ impl Samples {
         self.ring.push_back((at, stats));
     }
 
+    /// How long ago the latest sample was taken.
+    pub fn age(&self) -> Option<Duration> {
+        self.ring.back().map(|(at, _)| at.elapsed())
+    }
+
     /// What `version` of `service` did in the `window` before the latest sample (or since the
     /// oldest sample kept, if the window reaches further back). `None` before two samples.
     pub fn window(&self, service: &str, version: &str, window: Duration) -> Option<Window> {

@@ -231,6 +231,7 @@ impl Controller {
         self.lease.lost();
         self.traffic.set(None, BTreeMap::new());
         self.in_flight.clear();
+        self.replica.resync_now();
     }
 
     pub(super) fn update_view(&self, d: &Deployment) {

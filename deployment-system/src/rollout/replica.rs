@@ -55,6 +55,14 @@ impl ReplicaState {
             synced: std::collections::HashMap::new(),
         }
     }
+
+    /// Makes the next turn reload every record (a deposed leader's view is stale).
+    pub(super) fn resync_now(&mut self) {
+        *self = Self {
+            last_commands: self.last_commands,
+            ..Self::new()
+        };
+    }
 }
 
 /// Reads the deployment stored at `key`: `None` when it is gone, or unreadable (logged and
