@@ -30,6 +30,7 @@ struct Spec<'a> {
     v3_error_rate: f64,
     v3_fail_regions: &'a str,
     env: &'a [(&'a str, &'a str)],
+    max_instances: Option<u32>,
 }
 
 impl Default for Spec<'_> {
@@ -41,6 +42,7 @@ impl Default for Spec<'_> {
             v3_error_rate: 0.0,
             v3_fail_regions: "",
             env: &[],
+            max_instances: None,
         }
     }
 }
@@ -57,6 +59,9 @@ fn platform_file(dir: &Path, spec: &Spec) -> (String, BTreeMap<String, String>) 
     for r in spec.regions {
         let addr = format!("127.0.0.1:{}", free_port());
         text.push_str(&format!("[regions.{r}]\nlisten = \"{addr}\"\n"));
+        if let Some(m) = spec.max_instances {
+            text.push_str(&format!("max_instances = {m}\n"));
+        }
         listen.insert((*r).to_owned(), addr);
     }
     text.push_str(&format!(
@@ -700,4 +705,42 @@ async fn prometheus_scraping_haproxy_judges_the_same_figures() {
     let d = wait_end(&rig, &id, Duration::from_secs(45)).await;
     load.finish().await;
     rolled_back_on_v3s_error_rate(&d, "prometheus");
+}
+
+#[tokio::test]
+async fn the_platform_file_decides_what_may_be_deployed() {
+    let rig = Rig::start(Spec {
+        max_instances: Some(3),
+        ..Spec::default()
+    })
+    .await;
+    let http = client();
+    let body = |version: &str| {
+        let mut b = analysis(
+            json!([{"name": "prod", "weight": 100, "bake_secs": 1}]),
+            1.0,
+        );
+        b["version"] = json!(version);
+        b
+    };
+    // a version the file does not list
+    let (status, d) = post(&http, &rig.svc, "/deploy", &body("v9")).await;
+    assert_eq!(status, 422, "{d}");
+    let codes: Vec<&str> = d["reasons"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|r| r["code"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(codes.contains(&"image_not_found"), "{d}");
+    // two processes run, two more would pass the region's three
+    let (status, d) = post(&http, &rig.svc, "/deploy", &body("v2")).await;
+    assert_eq!(status, 422, "{d}");
+    assert!(d.to_string().contains("insufficient_capacity"), "{d}");
+    // nothing was started for either
+    let lane = rig.lane("us-west-2").await;
+    assert_eq!(
+        lane["versions"].as_object().map(|v| v.len()),
+        Some(1),
+        "{lane}"
+    );
+    assert_eq!(rig.processes().len(), 3, "HAProxy and v1's two instances");
 }
