@@ -208,6 +208,33 @@ async fn shares(url: &str, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
     (by, failed)
 }
 
+/// Sends `n` requests and asserts every one was answered 200 by `version`.
+async fn all_served_by(url: &str, n: usize, version: &str) {
+    let (by, failed) = shares(url, n).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(by, BTreeMap::from([(version.to_owned(), n)]));
+}
+
+/// Waits until none of `pids` (of `version`) runs.
+async fn processes_exit(pids: &[u32], version: &str) {
+    eventually(
+        Duration::from_secs(15),
+        &format!("{version}'s processes to exit"),
+        || async { pids.iter().all(|p| !alive(*p)).then_some(()) },
+    )
+    .await;
+}
+
+/// The answers of a load that were not a 200.
+fn failures(
+    answers: &[(Instant, Result<Answer, String>)],
+) -> Vec<&(Instant, Result<Answer, String>)> {
+    answers
+        .iter()
+        .filter(|(_, a)| !matches!(a, Ok(a) if a.status == 200))
+        .collect()
+}
+
 /// Steady traffic into a region until dropped, every answer kept.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -326,9 +353,7 @@ fn analysis(stages: Value, interval: f64) -> Value {
 async fn a_rollout_moves_real_requests_stage_by_stage() {
     let rig = Rig::start(Spec::default()).await;
     let url = rig.url("us-west-2");
-    let (before, failed) = shares(&url, 100).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(before, BTreeMap::from([("v1".to_owned(), 100)]));
+    all_served_by(&url, 100, "v1").await;
     let v1_pids = pids_of(&rig.lane("us-west-2").await, "v1");
     assert_eq!(v1_pids.len(), 2);
 
@@ -355,21 +380,11 @@ async fn a_rollout_moves_real_requests_stage_by_stage() {
     }
     let d = wait_end(&rig, &id, Duration::from_secs(40)).await;
     assert_eq!(d["status"], "SUCCESS", "{d}");
-    let (after, failed) = shares(&url, 100).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(after, BTreeMap::from([("v2".to_owned(), 100)]));
+    all_served_by(&url, 100, "v2").await;
     // the old version's processes exit once the scale-down delay has passed
-    eventually(
-        Duration::from_secs(15),
-        "v1's processes to exit",
-        || async { v1_pids.iter().all(|p| !alive(*p)).then_some(()) },
-    )
-    .await;
+    processes_exit(&v1_pids, "v1").await;
     let answers = load.finish().await;
-    let errors: Vec<_> = answers
-        .iter()
-        .filter(|(_, a)| !matches!(a, Ok(a) if a.status == 200))
-        .collect();
+    let errors = failures(&answers);
     assert!(
         errors.is_empty(),
         "requests failed during the rollout: {errors:?}"
@@ -400,15 +415,8 @@ async fn a_failing_version_is_rolled_back_on_haproxys_figures() {
     let failed = rolled_back_on_v3s_error_rate(&d, "platform");
     assert!(failed["samples"].as_u64().unwrap_or(0) >= 5, "{failed}");
     // HAProxy sends nothing to v3 any more, and its processes exit
-    let (by, errors) = shares(&url, 200).await;
-    assert!(errors.is_empty(), "{errors:?}");
-    assert_eq!(by, BTreeMap::from([("v1".to_owned(), 200)]));
-    eventually(
-        Duration::from_secs(15),
-        "v3's processes to exit",
-        || async { v3_pids.iter().all(|p| !alive(*p)).then_some(()) },
-    )
-    .await;
+    all_served_by(&url, 200, "v1").await;
+    processes_exit(&v3_pids, "v3").await;
 }
 
 #[tokio::test]
@@ -458,10 +466,7 @@ async fn a_killed_instance_is_restarted_and_no_request_fails() {
     )
     .await;
     let answers = load.finish().await;
-    let errors: Vec<_> = answers
-        .iter()
-        .filter(|(_, a)| !matches!(a, Ok(a) if a.status == 200))
-        .collect();
+    let errors = failures(&answers);
     assert!(answers.len() > 50, "load ran: {} answers", answers.len());
     assert!(
         errors.is_empty(),
@@ -596,9 +601,7 @@ async fn regions_go_one_after_the_other_and_rollback_all_restores_the_first() {
     assert_eq!(second["status"], "ROLLED_BACK", "{d}");
     assert_eq!(first["status"], "ROLLED_BACK", "rollback_all: {d}");
     // the first region's router serves the stable version again
-    let (by, failed) = shares(&rig.url("eu-west-1"), 100).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(by, BTreeMap::from([("v1".to_owned(), 100)]));
+    all_served_by(&rig.url("eu-west-1"), 100, "v1").await;
 }
 
 #[tokio::test]
@@ -614,9 +617,7 @@ async fn workloads_outlive_the_service_unless_asked_to_stop_with_it() {
     rig.svc.terminate();
     assert_eq!(rig.svc.wait_exit(Duration::from_secs(20)).await, Some(0));
     // still serving with the service down
-    let (by, failed) = shares(&url, 50).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(by, BTreeMap::from([("v1".to_owned(), 50)]));
+    all_served_by(&url, 50, "v1").await;
     assert_eq!(rig.processes(), started);
 
     // a service with PLATFORM_STOP_ON_EXIT adopts them, and takes them down with it
