@@ -88,6 +88,12 @@ impl Charged {
                 gateway_id: Some(gateway_id),
                 error: None,
             },
+            ChargeOutcome::Authorized { gateway_id } => Self {
+                status: PaymentStatus::Authorized,
+                http_status: 200,
+                gateway_id: Some(gateway_id),
+                error: None,
+            },
             ChargeOutcome::Declined => Self {
                 status: PaymentStatus::Failed,
                 http_status: 402,
@@ -120,7 +126,7 @@ impl Charged {
 
     /// Sent, and the outcome is not known (a timeout, a 5xx, an unreadable answer): the gateway
     /// may have charged. `PROCESSING` (202) until a lookup settles it; never "nothing charged".
-    fn unknown(attempt: &PaymentAttempt, e: &GatewayError) -> Self {
+    fn unknown(transaction_id: &str, e: &GatewayError) -> Self {
         Self {
             status: PaymentStatus::Processing,
             http_status: 202,
@@ -129,8 +135,7 @@ impl Charged {
                 "api_error",
                 "gateway_outcome_unknown",
                 format!(
-                    "The payment gateway did not give a clear answer ({e}); whether it charged is not known yet. The payment is being reconciled with the gateway: read it at GET /payment/{} or retry with the same Idempotency-Key.",
-                    attempt.transaction_id
+                    "The payment gateway did not give a clear answer ({e}); whether it charged is not known yet. The payment is being reconciled with the gateway: read it at GET /payment/{transaction_id} or retry with the same Idempotency-Key."
                 ),
             ),
         }
@@ -164,14 +169,26 @@ impl PaymentAction {
             card: req.card.clone(),
             reference: attempt.transaction_id.clone(),
             idempotency_key: gateway_key(attempt),
+            capture: req.capture,
+            card_token: None,
         };
+        self.send(&charge, permit).await
+    }
+
+    /// Sends `charge` to the gateway under a breaker permit and classifies the answer.
+    pub(crate) async fn send(
+        &self,
+        charge: &ChargeRequest,
+        permit: tai_core::jidoka::Permit,
+    ) -> Charged {
+        let transaction_id = &charge.reference;
         let span = tracing::info_span!(
             "gateway_called",
             gateway = self.gateway.kind(),
             outcome = tracing::field::Empty
         );
         let timeout_ms = u64::try_from(self.gateway_timeout.as_millis()).unwrap_or(u64::MAX);
-        let result = match tokio::time::timeout(self.gateway_timeout, self.gateway.charge(&charge))
+        let result = match tokio::time::timeout(self.gateway_timeout, self.gateway.charge(charge))
             .instrument(span.clone())
             .await
         {
@@ -191,6 +208,7 @@ impl PaymentAction {
                     "outcome",
                     match outcome {
                         ChargeOutcome::Approved { .. } => "approved",
+                        ChargeOutcome::Authorized { .. } => "authorized",
                         ChargeOutcome::Declined => "declined",
                         ChargeOutcome::NotCharged => "failed",
                         ChargeOutcome::Reversed { .. } => "reversed",
@@ -201,7 +219,7 @@ impl PaymentAction {
             // never sent, or refused unprocessed: nothing was charged, and that is known
             Err(e @ (GatewayError::Unreachable(_) | GatewayError::Rejected { .. })) => {
                 span.record("outcome", "not_sent");
-                tracing::warn!(transaction_id = %attempt.transaction_id, error = %e, "gateway call failed before processing");
+                tracing::warn!(transaction_id = %transaction_id, error = %e, "gateway call failed before processing");
                 Charged {
                     status: PaymentStatus::Failed,
                     http_status: 502,
@@ -217,8 +235,8 @@ impl PaymentAction {
             }
             Err(e) => {
                 span.record("outcome", "unknown");
-                tracing::warn!(transaction_id = %attempt.transaction_id, error = %e, "gateway outcome unknown; left for the reconciler");
-                Charged::unknown(attempt, &e)
+                tracing::warn!(transaction_id = %transaction_id, error = %e, "gateway outcome unknown; left for the reconciler");
+                Charged::unknown(transaction_id, &e)
             }
         }
     }
@@ -230,7 +248,7 @@ impl PaymentAction {
         charged: &Charged,
     ) -> PaymentRecord {
         let req = &attempt.request;
-        PaymentRecord {
+        let mut record = PaymentRecord {
             transaction_id: attempt.transaction_id.clone(),
             status: charged.status,
             amount: req.amount,
@@ -254,7 +272,16 @@ impl PaymentAction {
             idempotency_key: attempt.idempotency_key.clone(),
             fingerprint: attempt.fingerprint.clone(),
             claim_token: attempt.claim_token.clone(),
-        }
+            capture: req.capture,
+            amount_captured: None,
+            expires_at: None,
+            void_reason: None,
+            review: None,
+            pending: None,
+            card_token: None,
+        };
+        self.ledger.stamp(&mut record);
+        record
     }
 }
 
@@ -270,6 +297,7 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
     ) -> Result<Answer, BackendError> {
         let req = &attempt.request;
         let mut retry_after = None;
+        let mut card_token = None;
         let decided_here = |charged: Charged| (charged, None::<i64>);
         let (charged, intent_version) = if verdict.decision == Decision::Deny {
             let rules: Vec<&str> = verdict.reasons.iter().map(|r| r.rule.as_str()).collect();
@@ -287,6 +315,48 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                     ),
                 ),
             })
+        } else if verdict.decision == Decision::Review {
+            // Held for a person: nothing is charged now. The card is exchanged for the
+            // gateway's token, so approval can charge it without this service keeping it.
+            let token = match &req.card {
+                None => Ok(None),
+                Some(card) => {
+                    match tokio::time::timeout(self.gateway_timeout, self.gateway.tokenize(card))
+                        .instrument(tracing::info_span!("card_tokenized"))
+                        .await
+                    {
+                        Ok(Ok(t)) => Ok(Some(t)),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("the gateway did not answer in time".to_owned()),
+                    }
+                }
+            };
+            match token {
+                Ok(t) => {
+                    card_token = t;
+                    decided_here(Charged {
+                        status: PaymentStatus::RequiresReview,
+                        http_status: 202,
+                        gateway_id: None,
+                        error: None,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(transaction_id = %attempt.transaction_id, error = %e, "could not hold the card for review");
+                    decided_here(Charged {
+                        status: PaymentStatus::Failed,
+                        http_status: 502,
+                        gateway_id: None,
+                        error: failure(
+                            "api_error",
+                            "gateway_error",
+                            format!(
+                                "The payment needs a review, and the payment gateway could not hold the card for it ({e}). Nothing was charged."
+                            ),
+                        ),
+                    })
+                }
+            }
         } else {
             match tracing::info_span!("breaker_checked", breaker = self.breaker.name())
                 .in_scope(|| self.breaker.try_acquire())
@@ -324,7 +394,8 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
                 }
             }
         };
-        let record = self.record(attempt, verdict, &charged);
+        let mut record = self.record(attempt, verdict, &charged);
+        record.card_token = card_token;
         match (intent_version, record.status) {
             // not known yet: the record stays PROCESSING for the reconciler
             (Some(_), PaymentStatus::Processing) => {}

@@ -275,30 +275,19 @@ async fn read_record(app: &App, id: &str) -> Result<Option<PaymentRecord>, ApiEr
 /// Read a payment.
 #[utoipa::path(get, path = "/payment/{transaction_id}", tag = "payments",
     params(("transaction_id" = String, Path, description = "txn_…")),
-    responses((status = 200, description = "The stored record", body = PaymentRecord), (status = 401, description = "Keys are configured and none valid was sent"), (status = 404, description = "Unknown id, or another merchant's payment")))]
+    responses((status = 200, description = "The stored record, with amount_refunded and its refunds", body = PaymentRecord), (status = 401, description = "Keys are configured and none valid was sent"), (status = 404, description = "Unknown id, or another merchant's payment")))]
 pub(crate) async fn get_payment(
     State(app): State<Arc<App>>,
     principal: Option<axum::Extension<Principal>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let well_formed =
-        id.len() == 36 && id.starts_with("txn_") && id[4..].bytes().all(|b| b.is_ascii_hexdigit());
-    let unknown = || {
-        ApiError::not_found(format!(
-            "No such payment: {}",
-            id.chars().take(64).collect::<String>()
-        ))
-        .with_param("transaction_id")
-    };
-    if !well_formed {
-        return Err(unknown());
-    }
-    let record = read_record(&app, &id)
+    // another merchant's payment is "no such payment" (not 403), so ids do not leak
+    let record = app
+        .lifecycle
+        .find(&id, |m| may_act_for(principal.as_deref(), m))
         .await?
-        // another merchant's payment is "no such payment" (not 403), so ids do not leak
-        .filter(|r| may_act_for(principal.as_deref(), &r.merchant_id))
-        .ok_or_else(unknown)?;
-    let mut body = record.public();
+        .record;
+    let mut body = crate::routes::with_refunds(&app, &record).await?;
     if let Value::Object(m) = &mut body {
         m.insert("confirmed".into(), json!(record.confirmed_at.is_some()));
     }
@@ -340,7 +329,7 @@ fn blocklist_entry(app: &App, merchant: Option<&str>, customer: &str) -> (String
     }
 }
 
-fn merchant_param(v: Option<&str>) -> Result<Option<String>, ApiError> {
+pub(crate) fn merchant_param(v: Option<&str>) -> Result<Option<String>, ApiError> {
     match v {
         None => Ok(None),
         Some(m) => {
@@ -366,7 +355,7 @@ pub(crate) struct MerchantQuery {
     merchant_id: Option<String>,
 }
 
-fn customer_param(id: &str) -> Result<String, ApiError> {
+pub(crate) fn customer_param(id: &str) -> Result<String, ApiError> {
     let ok = (1..=64).contains(&id.len())
         && id
             .bytes()

@@ -50,7 +50,55 @@ pub const SCHEMA: &[SchemaChange] = &[
         sqlite: "ALTER TABLE payments ADD COLUMN next_check_at BIGINT;",
         postgres: "ALTER TABLE payments ADD COLUMN next_check_at BIGINT;",
     },
+    SchemaChange {
+        version: 1005,
+        description: "payment events, webhook deliveries",
+        sqlite: crate::events::SQLITE,
+        postgres: crate::events::POSTGRES,
+    },
+    SchemaChange {
+        version: 1006,
+        description: "event and webhook indexes, webhook endpoints and attempts",
+        sqlite: crate::events::COMMON,
+        postgres: crate::events::COMMON,
+    },
+    SchemaChange {
+        version: 1007,
+        description: "the payment lifecycle: expiring holds, captures and voids under way, refunds, listing",
+        sqlite: SCHEMA_LIFECYCLE,
+        postgres: SCHEMA_LIFECYCLE,
+    },
 ];
+
+const SCHEMA_LIFECYCLE: &str = "
+    ALTER TABLE payments ADD COLUMN expires_at BIGINT;
+    ALTER TABLE payments ADD COLUMN op TEXT;
+    CREATE INDEX IF NOT EXISTS payments_expiring ON payments (expires_at) WHERE expires_at IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS payments_op ON payments (updated_at) WHERE op IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS payments_review ON payments (created_at, transaction_id)
+        WHERE status = 'REQUIRES_REVIEW';
+    CREATE INDEX IF NOT EXISTS payments_merchant_list ON payments (merchant_id, created_at, transaction_id);
+    CREATE INDEX IF NOT EXISTS payments_merchant_customer ON payments (merchant_id, customer_id, created_at);
+    CREATE TABLE IF NOT EXISTS refunds (
+        refund_id TEXT PRIMARY KEY,
+        transaction_id TEXT NOT NULL,
+        merchant_id TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        idempotency_key TEXT,
+        fingerprint TEXT,
+        gateway_refund_id TEXT,
+        failure TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS refunds_payment ON refunds (transaction_id, created_at);
+    CREATE UNIQUE INDEX IF NOT EXISTS refunds_key ON refunds (merchant_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS refunds_pending ON refunds (updated_at) WHERE status = 'PENDING';
+";
 
 const SCHEMA_V2: &str = "
     ALTER TABLE payments ADD COLUMN recheck_until BIGINT;
@@ -102,8 +150,37 @@ pub fn event_type(status: PaymentStatus) -> Option<&'static str> {
         PaymentStatus::Failed => Some("payment.failed"),
         PaymentStatus::FraudBlocked => Some("payment.fraud_blocked"),
         PaymentStatus::Reversed => Some("payment.reversed"),
+        PaymentStatus::Authorized => Some("payment.authorized"),
+        PaymentStatus::Voided => Some("payment.voided"),
+        PaymentStatus::RequiresReview => Some("payment.requires_review"),
         PaymentStatus::Processing => None,
     }
+}
+
+/// What a transition announces.
+#[derive(Debug, Clone, Copy)]
+enum Announce<'a> {
+    /// The outcome of a payment request: its idempotent answer and its status's event.
+    Outcome,
+    /// A later change (capture, void, review): this event, if any; the key's answer stays.
+    Event(Option<&'a str>),
+}
+
+/// What `GET /payments` asks for.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// Whose payments.
+    pub merchant_id: String,
+    /// Only this status.
+    pub status: Option<PaymentStatus>,
+    /// Only this customer's.
+    pub customer_id: Option<String>,
+    /// Created at or after (unix ms).
+    pub created_gte: Option<i64>,
+    /// Created before (unix ms).
+    pub created_lt: Option<i64>,
+    /// At most this many.
+    pub limit: i64,
 }
 
 /// Payments in the system of record.
@@ -113,6 +190,8 @@ pub struct Ledger {
     clock: SharedClock,
     idempotency: Idempotency,
     subject_prefix: String,
+    authorization_ttl: chrono::Duration,
+    review_ttl: chrono::Duration,
 }
 
 fn corrupt(id: &str, e: impl std::fmt::Display) -> BackendError {
@@ -152,7 +231,49 @@ impl Ledger {
             clock,
             idempotency,
             subject_prefix: subject_prefix.to_owned(),
+            authorization_ttl: chrono::Duration::days(7),
+            review_ttl: chrono::Duration::days(3),
         })
+    }
+
+    /// How long an authorization and a review hold last (`AUTHORIZATION_TTL_SECS`,
+    /// `REVIEW_TTL_SECS`).
+    pub fn with_holds(mut self, authorization: Duration, review: Duration) -> Self {
+        self.authorization_ttl =
+            chrono::Duration::from_std(authorization).unwrap_or(chrono::Duration::days(7));
+        self.review_ttl = chrono::Duration::from_std(review).unwrap_or(chrono::Duration::days(3));
+        self
+    }
+
+    /// Fills what a status implies: when an authorization or a review hold lapses, and what a
+    /// success captured.
+    pub fn stamp(&self, record: &mut PaymentRecord) {
+        let now = self.clock.wall();
+        match record.status {
+            PaymentStatus::Authorized => {
+                record
+                    .expires_at
+                    .get_or_insert(now + self.authorization_ttl);
+            }
+            PaymentStatus::RequiresReview => {
+                record.expires_at.get_or_insert(now + self.review_ttl);
+            }
+            PaymentStatus::Success => {
+                record.expires_at = None;
+                record.amount_captured.get_or_insert(record.amount);
+            }
+            _ => record.expires_at = None,
+        }
+    }
+
+    /// The stream subject prefix events go out under.
+    pub fn subject_prefix(&self) -> &str {
+        &self.subject_prefix
+    }
+
+    /// The clock's now, unix ms.
+    pub fn now_ms(&self) -> i64 {
+        self.now()
     }
 
     /// The idempotency keys kept with the payments.
@@ -177,8 +298,8 @@ impl Ledger {
         let now = self.now();
         sqlx::query(
             "INSERT INTO payments (transaction_id, merchant_id, customer_id, status, amount, currency, \
-             created_at, updated_at, version, confirmed_at, record) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, NULL, $9)",
+             created_at, updated_at, version, confirmed_at, record, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, NULL, $9, $10)",
         )
         .bind(&record.transaction_id)
         .bind(&record.merchant_id)
@@ -189,6 +310,7 @@ impl Ledger {
         .bind(record.timestamp.timestamp_millis())
         .bind(now)
         .bind(serde_json::to_string(record).map_err(|e| corrupt(&record.transaction_id, e))?)
+        .bind(record.expires_at.map(|t| t.timestamp_millis()))
         .execute(&mut *conn)
         .await
         .map(|_| ())
@@ -236,26 +358,32 @@ impl Ledger {
             }
         }
         if let Some(kind) = event_type(record.status) {
-            let now = self.now();
-            // one outcome per payment, so its id is derived, not random: a second attempt to
-            // announce it is refused by the unique index instead of doubling the event
-            let event_id = format!("evt_{}_{}", record.transaction_id, kind.replace('.', "_"));
-            let event = serde_json::json!({
-                "id": event_id,
-                "type": kind,
-                "created": now,
-                "data": record.public(),
-            });
-            tai_core::outbox::enqueue(
-                conn,
-                &event_id,
-                &format!("{}.{kind}", self.subject_prefix),
-                event.to_string().as_bytes(),
-                now,
-            )
-            .await?;
+            self.emit(conn, record, kind).await?;
         }
         Ok(())
+    }
+
+    /// Writes the `kind` event of a payment in the caller's transaction.
+    async fn emit(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        record: &PaymentRecord,
+        kind: &str,
+    ) -> Result<(), BackendError> {
+        // one event of each kind per payment, so its id is derived, not random: a second
+        // attempt to announce it is refused by the unique index instead of doubling the event
+        crate::events::emit(
+            conn,
+            crate::events::NewEvent {
+                kind,
+                object_id: &record.transaction_id,
+                merchant_id: &record.merchant_id,
+                subject_prefix: &self.subject_prefix,
+                now: self.now(),
+            },
+            record.public(),
+        )
+        .await
     }
 
     /// Stores an outcome decided without calling the gateway, with its answer and event.
@@ -296,7 +424,27 @@ impl Ledger {
     /// Moves a payment from `PROCESSING` at `version` to `record`'s final state, with its
     /// answer and event; answers false (and changes nothing) when someone else settled it first.
     pub async fn settle(&self, record: &PaymentRecord, version: i64) -> Result<bool, BackendError> {
-        self.transition(record, version, PaymentStatus::Processing, None)
+        self.transition(
+            record,
+            version,
+            PaymentStatus::Processing,
+            None,
+            Announce::Outcome,
+        )
+        .await
+    }
+
+    /// Moves a payment from `from` at `version` to `record` (a capture, a void, a review's
+    /// decision, or an intent to do one of those), announcing `event`; answers false (and
+    /// changes nothing) when the payment changed meanwhile.
+    pub async fn change(
+        &self,
+        record: &PaymentRecord,
+        version: i64,
+        from: PaymentStatus,
+        event: Option<&str>,
+    ) -> Result<bool, BackendError> {
+        self.transition(record, version, from, None, Announce::Event(event))
             .await
     }
 
@@ -313,6 +461,7 @@ impl Ledger {
             version,
             PaymentStatus::Processing,
             Some(recheck_until),
+            Announce::Outcome,
         )
         .await
     }
@@ -324,8 +473,14 @@ impl Ledger {
         record: &PaymentRecord,
         version: i64,
     ) -> Result<bool, BackendError> {
-        self.transition(record, version, PaymentStatus::Failed, None)
-            .await
+        self.transition(
+            record,
+            version,
+            PaymentStatus::Failed,
+            None,
+            Announce::Outcome,
+        )
+        .await
     }
 
     /// Payments failed as not found whose recheck is due (last looked at `every` ago or more).
@@ -360,11 +515,13 @@ impl Ledger {
         version: i64,
         from: PaymentStatus,
         recheck_until: Option<i64>,
+        announce: Announce<'_>,
     ) -> Result<bool, BackendError> {
         let mut tx = self.db.pool().begin().await.map_err(db_error)?;
         let moved = sqlx::query(
             "UPDATE payments SET status = $1, record = $2, updated_at = $3, version = version + 1, \
-             recheck_until = $4 WHERE transaction_id = $5 AND version = $6 AND status = $7",
+             recheck_until = $4, expires_at = $8, op = $9, next_check_at = NULL \
+             WHERE transaction_id = $5 AND version = $6 AND status = $7",
         )
         .bind(record.status.as_str())
         .bind(serde_json::to_string(record).map_err(|e| corrupt(&record.transaction_id, e))?)
@@ -373,6 +530,14 @@ impl Ledger {
         .bind(&record.transaction_id)
         .bind(version)
         .bind(from.as_str())
+        // a capture or void under way has its own expiry: the reconciler finishes it first
+        .bind(
+            record
+                .expires_at
+                .filter(|_| record.pending.is_none())
+                .map(|t| t.timestamp_millis()),
+        )
+        .bind(record.pending.as_ref().map(|p| p.op.clone()))
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -380,7 +545,11 @@ impl Ledger {
             tx.rollback().await.map_err(db_error)?;
             return Ok(false);
         }
-        self.announce(&mut tx, record, true).await?;
+        match announce {
+            Announce::Outcome => self.announce(&mut tx, record, true).await?,
+            Announce::Event(Some(kind)) => self.emit(&mut tx, record, kind).await?,
+            Announce::Event(None) => {}
+        }
         tx.commit().await.map_err(db_error)?;
         Ok(true)
     }
@@ -446,7 +615,7 @@ impl Ledger {
     /// failed, or found nothing yet), so the payments behind it get their turn.
     pub async fn postpone(&self, id: &str, wait: Duration) -> Result<(), BackendError> {
         sqlx::query(
-            "UPDATE payments SET next_check_at = $1 WHERE transaction_id = $2 AND status = 'PROCESSING'",
+            "UPDATE payments SET next_check_at = $1 WHERE transaction_id = $2 AND (status = 'PROCESSING' OR op IS NOT NULL)",
         )
         .bind(self.now() + i64::try_from(wait.as_millis()).unwrap_or(0))
         .bind(id)
@@ -478,6 +647,146 @@ impl Ledger {
             .into_iter()
             .map(|v| v.record.transaction_id)
             .collect())
+    }
+
+    /// `AUTHORIZED` and `REQUIRES_REVIEW` payments whose hold has lapsed (no capture or void
+    /// under way), soonest first.
+    pub async fn lapsed_holds(&self, limit: i64) -> Result<Vec<Versioned>, BackendError> {
+        let rows = sqlx::query(
+            "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
+             WHERE expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+        )
+        .bind(self.now())
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        rows.iter().map(Self::versioned).collect()
+    }
+
+    /// Payments with a capture or void under way that has not changed for `age`.
+    pub async fn ops_older_than(
+        &self,
+        age: Duration,
+        limit: i64,
+    ) -> Result<Vec<Versioned>, BackendError> {
+        self.idle("op IS NOT NULL", age, limit).await
+    }
+
+    /// One page of a merchant's payments in creation order (ties by id), after `after`
+    /// (`(created_at ms, transaction_id)` of the last one seen); answers the page and whether
+    /// more follow.
+    pub async fn list(
+        &self,
+        q: &ListQuery,
+        after: Option<(i64, String)>,
+    ) -> Result<(Vec<PaymentRecord>, bool), BackendError> {
+        let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
+        let mut sql = String::from(
+            "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
+             WHERE merchant_id = $1 AND (created_at > $2 OR (created_at = $2 AND transaction_id > $3))",
+        );
+        let mut n = 3;
+        for (wanted, cond) in [
+            (q.status.is_some(), "status ="),
+            (q.customer_id.is_some(), "customer_id ="),
+            (q.created_gte.is_some(), "created_at >="),
+            (q.created_lt.is_some(), "created_at <"),
+        ] {
+            if wanted {
+                n += 1;
+                sql.push_str(&format!(" AND {cond} ${n}"));
+            }
+        }
+        sql.push_str(&format!(
+            " ORDER BY created_at, transaction_id LIMIT ${}",
+            n + 1
+        ));
+        let mut query = sqlx::query(&sql)
+            .bind(&q.merchant_id)
+            .bind(after_at)
+            .bind(after_id);
+        if let Some(st) = q.status {
+            query = query.bind(st.as_str());
+        }
+        if let Some(c) = &q.customer_id {
+            query = query.bind(c.clone());
+        }
+        if let Some(t) = q.created_gte {
+            query = query.bind(t);
+        }
+        if let Some(t) = q.created_lt {
+            query = query.bind(t);
+        }
+        let rows = query
+            .bind(q.limit + 1)
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(db_error)?;
+        let mut page: Vec<PaymentRecord> = rows
+            .iter()
+            .map(|r| Self::versioned(r).map(|v| v.record))
+            .collect::<Result<_, _>>()?;
+        let more = page.len() as i64 > q.limit;
+        page.truncate(usize::try_from(q.limit).unwrap_or(0));
+        Ok((page, more))
+    }
+
+    /// Payments held for review, oldest first (a merchant's only, when named), after the
+    /// payment `after` (`(created_at ms, transaction_id)`).
+    pub async fn reviews(
+        &self,
+        merchant: Option<&str>,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<(Vec<PaymentRecord>, bool), BackendError> {
+        let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
+        let sql = format!(
+            "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
+             WHERE status = 'REQUIRES_REVIEW' AND (created_at > $1 OR (created_at = $1 AND transaction_id > $2)) {} \
+             ORDER BY created_at, transaction_id LIMIT $3",
+            if merchant.is_some() {
+                "AND merchant_id = $4"
+            } else {
+                ""
+            }
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(after_at)
+            .bind(after_id)
+            .bind(limit + 1);
+        if let Some(m) = merchant {
+            query = query.bind(m);
+        }
+        let rows = query.fetch_all(self.db.pool()).await.map_err(db_error)?;
+        let mut page: Vec<PaymentRecord> = rows
+            .iter()
+            .map(|r| Self::versioned(r).map(|v| v.record))
+            .collect::<Result<_, _>>()?;
+        let more = page.len() as i64 > limit;
+        page.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok((page, more))
+    }
+
+    /// Where a listing resumes after payment `id` (its creation time and id), if it is the
+    /// merchant's.
+    pub async fn cursor(
+        &self,
+        merchant: Option<&str>,
+        id: &str,
+    ) -> Result<Option<(i64, String)>, BackendError> {
+        let row =
+            sqlx::query("SELECT created_at, merchant_id FROM payments WHERE transaction_id = $1")
+                .bind(id)
+                .fetch_optional(self.db.pool())
+                .await
+                .map_err(db_error)?;
+        let Some(row) = row else { return Ok(None) };
+        let at: i64 = row.try_get(0).map_err(db_error)?;
+        let owner: String = row.try_get(1).map_err(db_error)?;
+        Ok(merchant
+            .is_none_or(|m| m == owner)
+            .then(|| (at, id.to_owned())))
     }
 
     /// Marks a successful payment confirmed; answers false for an unknown id, a payment that is

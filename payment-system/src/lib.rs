@@ -12,6 +12,9 @@
 //! - [`ledger`]: the system of record (SQLite by default, PostgreSQL for replicas): payments,
 //!   idempotency keys and events written together, relayed to the event stream by the outbox;
 //! - [`reconcile`]: finishes payments left `PROCESSING` by a crash or a gateway timeout;
+//! - [`lifecycle`]: capture and void of authorizations, [`refunds`], and the review of held
+//!   payments; [`events`] of every change, readable at `GET /events` and delivered to merchants'
+//!   [`webhooks`];
 //! - [`metrics`]: docs/API.md's metric names, and the fraud-rate figure Andon watches.
 //!
 //! `main.rs` only reads the configuration and serves; `bin/sandbox-gateway.rs` is the
@@ -23,15 +26,20 @@ pub mod action;
 mod api;
 pub mod card;
 mod docs;
+pub mod events;
 pub mod fraud;
 pub mod gateway;
 pub mod idempotency;
 pub mod ledger;
+pub mod lifecycle;
 pub mod metrics;
 pub mod money;
 pub mod reconcile;
 pub mod record;
+pub mod refunds;
+mod routes;
 pub mod signal;
+pub mod webhooks;
 
 #[cfg(test)]
 mod props;
@@ -134,6 +142,8 @@ type PaymentPipeline = Pipeline<FraudFactSource, FraudPolicy, PaymentAction>;
 pub(crate) struct App {
     pipeline: PaymentPipeline,
     ledger: Ledger,
+    lifecycle: lifecycle::Lifecycle,
+    webhooks: webhooks::Webhooks,
     fingerprints: idempotency::Fingerprinter,
     limiter: Arc<dyn RateLimiter>,
     store: Arc<dyn StateStore>,
@@ -180,12 +190,30 @@ pub enum BuildError {
         api::get_payment,
         api::add_blocklist,
         api::remove_blocklist,
-        api::list_blocklist
+        api::list_blocklist,
+        routes::capture,
+        routes::void,
+        routes::refund,
+        routes::approve,
+        routes::reject,
+        routes::list_payments,
+        routes::list_reviews,
+        routes::list_events,
+        routes::create_endpoint,
+        routes::list_endpoints,
+        routes::get_endpoint,
+        routes::delete_endpoint,
+        routes::enable_endpoint,
+        routes::list_deliveries
     ),
     components(schemas(
         record::PaymentRecord,
         record::PaymentStatus,
         record::FailureInfo,
+        record::ReviewInfo,
+        refunds::Refund,
+        refunds::RefundStatus,
+        webhooks::Endpoint,
         docs::PaymentRequestDoc,
         docs::CardDoc
     ))
@@ -328,7 +356,53 @@ pub async fn build(
     let subject_prefix = cfg
         .setting("EVENTS_SUBJECT_PREFIX")
         .unwrap_or_else(|| ledger::EVENT_SUBJECT_PREFIX.into());
-    let ledger = Ledger::open(db, clock.clone(), idempotency, &subject_prefix).await?;
+    let ledger = Ledger::open(db.clone(), clock.clone(), idempotency, &subject_prefix)
+        .await?
+        .with_holds(
+            Duration::from_secs(cfg.setting_or("AUTHORIZATION_TTL_SECS", 604_800u64)?),
+            Duration::from_secs(cfg.setting_or("REVIEW_TTL_SECS", 259_200u64)?),
+        );
+    let webhooks = webhooks::Webhooks::new(
+        db,
+        clock.clone(),
+        webhooks::WebhookConfig {
+            retry_base: Duration::from_millis(cfg.setting_or("WEBHOOK_RETRY_BASE_MS", 60_000u64)?),
+            retry_max: Duration::from_millis(cfg.setting_or("WEBHOOK_RETRY_MAX_MS", 3_600_000u64)?),
+            retry_for: Duration::from_secs(cfg.setting_or("WEBHOOK_RETRY_FOR_SECS", 259_200u64)?),
+            disable_after: Duration::from_secs(
+                cfg.setting_or("WEBHOOK_DISABLE_AFTER_SECS", 259_200u64)?,
+            ),
+            timeout: Duration::from_millis(cfg.setting_or("WEBHOOK_TIMEOUT_MS", 10_000u64)?),
+            poll: Duration::from_millis(cfg.setting_or("WEBHOOK_POLL_MS", 250u64)?.max(10)),
+        },
+    )?;
+    runtime.spawn_worker(webhooks.clone().run(runtime.shutdown_signal()));
+    {
+        let backlog = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let figure = backlog.clone();
+        let counter = webhooks.clone();
+        let mut shutdown = runtime.shutdown_signal();
+        runtime.spawn_worker(async move {
+            loop {
+                if let Ok(n) = counter.backlog().await {
+                    figure.store(
+                        u64::try_from(n).unwrap_or(0),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+        runtime.add_figures(move |f| {
+            f.insert(
+                "webhook_deliveries_pending".into(),
+                backlog.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
+        });
+    }
     let stream = cfg
         .setting("EVENTS_STREAM")
         .unwrap_or_else(|| "PAYMENTS_EVENTS".into());
@@ -404,7 +478,21 @@ pub async fn build(
         u64::try_from(gateway_timeout.as_millis()).unwrap_or(5000) + 5000,
     )?);
     let reconcile_every = Duration::from_millis(cfg.setting_or("RECONCILE_EVERY_MS", 1000u64)?);
+    let action = PaymentAction {
+        gateway: gateway.clone(),
+        breaker,
+        ledger: ledger.clone(),
+        confirmations: confirmations.clone(),
+        metrics: metrics.clone(),
+        facts: facts.clone(),
+        clock: clock.clone(),
+        gateway_timeout,
+    };
+    let lifecycle = lifecycle::Lifecycle {
+        action: action.clone(),
+    };
     let reconciler = reconcile::Reconciler {
+        lifecycle: Some(lifecycle.clone()),
         ledger: ledger.clone(),
         gateway: gateway.clone(),
         confirmations: confirmations.clone(),
@@ -425,16 +513,6 @@ pub async fn build(
         ),
     };
     runtime.spawn_worker(reconciler.run(reconcile_every, runtime.shutdown_signal()));
-    let action = PaymentAction {
-        gateway,
-        breaker,
-        ledger: ledger.clone(),
-        confirmations,
-        metrics: metrics.clone(),
-        facts: facts.clone(),
-        clock: clock.clone(),
-        gateway_timeout,
-    };
     let pipeline = Pipeline::new(
         "payment",
         facts,
@@ -472,6 +550,8 @@ pub async fn build(
     let app = Arc::new(App {
         pipeline,
         ledger,
+        lifecycle,
+        webhooks,
         fingerprints,
         limiter,
         store,
@@ -532,6 +612,30 @@ pub async fn build(
     let router = Router::new()
         .route("/payment", post(api::create_payment).layer(shed))
         .route("/payment/{transaction_id}", get(api::get_payment))
+        .route("/payment/{transaction_id}/capture", post(routes::capture))
+        .route("/payment/{transaction_id}/void", post(routes::void))
+        .route("/payment/{transaction_id}/refunds", post(routes::refund))
+        .route("/payment/{transaction_id}/approve", post(routes::approve))
+        .route("/payment/{transaction_id}/reject", post(routes::reject))
+        .route("/payments", get(routes::list_payments))
+        .route("/reviews", get(routes::list_reviews))
+        .route("/events", get(routes::list_events))
+        .route(
+            "/webhook_endpoints",
+            post(routes::create_endpoint).get(routes::list_endpoints),
+        )
+        .route(
+            "/webhook_endpoints/{endpoint_id}",
+            get(routes::get_endpoint).delete(routes::delete_endpoint),
+        )
+        .route(
+            "/webhook_endpoints/{endpoint_id}/enable",
+            post(routes::enable_endpoint),
+        )
+        .route(
+            "/webhook_endpoints/{endpoint_id}/deliveries",
+            get(routes::list_deliveries),
+        )
         .route(
             "/admin/blocklist",
             post(api::add_blocklist).get(api::list_blocklist),

@@ -51,6 +51,9 @@ pub struct Pass {
 /// Finishes payments left `PROCESSING`.
 #[derive(Debug, Clone)]
 pub struct Reconciler {
+    /// The lifecycle's share of the work (lapsed holds, lost captures and voids, pending
+    /// refunds), when the service has one.
+    pub lifecycle: Option<crate::lifecycle::Lifecycle>,
     /// The system of record.
     pub ledger: Ledger,
     /// The gateway asked how charges ended.
@@ -140,6 +143,9 @@ impl Reconciler {
             if self.recheck(payment).await? {
                 pass.reversed += 1;
             }
+        }
+        if let Some(lifecycle) = &self.lifecycle {
+            pass.finished += lifecycle.pass(self.after, self.batch).await?;
         }
         Ok(pass)
     }
@@ -303,6 +309,7 @@ pub(crate) mod tests {
     ) -> Reconciler {
         let kaizen = tai_core::kaizen::Kaizen::new("t", clock.shared());
         Reconciler {
+            lifecycle: None,
             ledger: ledger.clone(),
             gateway: sandbox,
             confirmations: Arc::new(queue.clone()),
@@ -342,6 +349,13 @@ pub(crate) mod tests {
             idempotency_key: Some("client-key".into()),
             fingerprint: Some("fp".into()),
             claim_token: None,
+            capture: true,
+            amount_captured: None,
+            expires_at: None,
+            void_reason: None,
+            review: None,
+            pending: None,
+            card_token: None,
         }
     }
 
@@ -449,6 +463,7 @@ pub(crate) mod tests {
         let sandbox = Arc::new(Sandbox::new(Duration::ZERO, 0.0));
         let queue = MemoryQueue::<String>::new(QueueConfig::new("c", 10), clock.shared());
         let r = Reconciler {
+            lifecycle: None,
             after: Duration::from_secs(1),
             not_found_grace: Duration::from_secs(5),
             ..reconciler(&ledger, sandbox.clone(), &queue, &clock)
@@ -506,6 +521,7 @@ pub(crate) mod tests {
         let sandbox = Arc::new(Sandbox::new(Duration::ZERO, 0.0));
         let queue = MemoryQueue::<String>::new(QueueConfig::new("c", 10), clock.shared());
         let r = Reconciler {
+            lifecycle: None,
             after: Duration::from_secs(1),
             not_found_grace: Duration::from_secs(600),
             look_again: Duration::from_secs(5),

@@ -25,6 +25,14 @@ pub enum PaymentStatus {
     /// Sent to the gateway, outcome not known yet (it timed out, or the service stopped
     /// mid-charge); the reconciler finishes it.
     Processing,
+    /// Authorized only (`"capture": false`): the funds are held until captured, voided, or the
+    /// authorization expires.
+    Authorized,
+    /// An authorization cancelled (by the merchant, or because it expired): nothing was charged.
+    Voided,
+    /// Held for a person to look at (a fraud score at or above the review threshold): nothing
+    /// was charged; approval charges it, rejection blocks it.
+    RequiresReview,
 }
 
 impl PaymentStatus {
@@ -36,8 +44,59 @@ impl PaymentStatus {
             PaymentStatus::Failed => "FAILED",
             PaymentStatus::Processing => "PROCESSING",
             PaymentStatus::Reversed => "REVERSED",
+            PaymentStatus::Authorized => "AUTHORIZED",
+            PaymentStatus::Voided => "VOIDED",
+            PaymentStatus::RequiresReview => "REQUIRES_REVIEW",
         }
     }
+
+    /// Every status, for labels exported at zero and for parsing query parameters.
+    pub const ALL: [PaymentStatus; 8] = [
+        PaymentStatus::Success,
+        PaymentStatus::FraudBlocked,
+        PaymentStatus::Failed,
+        PaymentStatus::Reversed,
+        PaymentStatus::Processing,
+        PaymentStatus::Authorized,
+        PaymentStatus::Voided,
+        PaymentStatus::RequiresReview,
+    ];
+
+    /// The status named `s` (`SUCCESS`, `AUTHORIZED`, ...).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// A capture or void sent to the gateway and not settled yet (internal): the reconciler
+/// finishes it if the request that started it did not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingOp {
+    /// `capture` or `void`.
+    pub op: String,
+    /// The amount to capture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<Decimal>,
+    /// Why it is voided: `requested` or `expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What a person decided about a payment held for review.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReviewInfo {
+    /// `approved`, `rejected` or `expired`.
+    pub outcome: String,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// Why a payment failed, in Stripe's error shape.
@@ -115,6 +174,35 @@ pub struct PaymentRecord {
     /// The token of the idempotency claim this payment's request held (internal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_token: Option<String>,
+    /// Whether the charge is captured at once (`true`, the default) or only authorized.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub capture: bool,
+    /// What was captured: the amount, or less for a partial capture (the rest released).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rust_decimal::serde::arbitrary_precision_option"
+    )]
+    #[schema(value_type = Option<f64>)]
+    pub amount_captured: Option<Decimal>,
+    /// When an `AUTHORIZED` payment's authorization, or a `REQUIRES_REVIEW` payment's hold,
+    /// lapses (voided, or rejected, then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Why a `VOIDED` payment was voided: `requested` or `expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub void_reason: Option<String>,
+    /// The review's outcome, for a payment that was held for review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewInfo>,
+    /// A capture or void under way (internal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub pending: Option<PendingOp>,
+    /// The gateway's token for the card of a payment held for review, so approval can charge
+    /// it without this service keeping the card (internal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_token: Option<String>,
 }
 
 impl PaymentRecord {
@@ -139,6 +227,8 @@ impl PaymentRecord {
                 "idempotency_key",
                 "fingerprint",
                 "claim_token",
+                "pending",
+                "card_token",
             ] {
                 map.remove(internal);
             }

@@ -36,6 +36,8 @@ pub struct PaymentRequest {
     pub description: Option<String>,
     /// Flat string map.
     pub metadata: BTreeMap<String, String>,
+    /// Capture at once (`true`, the default) or authorize only.
+    pub capture: bool,
 }
 
 /// Limits on what a request may carry.
@@ -72,6 +74,7 @@ impl Limits {
 }
 
 const KNOWN: &[&str] = &[
+    "capture",
     "amount",
     "currency",
     "customer_id",
@@ -393,7 +396,19 @@ pub fn parse(
         ));
     }
     let metadata = metadata_field(obj)?;
+    let capture = match obj.get("capture") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(invalid(
+                "parameter_invalid",
+                "capture",
+                format!("capture must be true or false, got {}.", describe(other)),
+            ));
+        }
+    };
     Ok(PaymentRequest {
+        capture,
         amount,
         currency,
         customer_id,

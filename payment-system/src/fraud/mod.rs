@@ -28,6 +28,10 @@ pub const DEFAULT_RULES: &str = include_str!("../../../config/fraud_rules.toml")
 pub struct FraudRules {
     /// Score at or above which a payment is blocked.
     pub block_threshold: Decimal,
+    /// Score at or above which (and below the block threshold) a payment is held for review
+    /// (`REQUIRES_REVIEW`); the block threshold when not set, so nothing is held.
+    #[serde(default)]
+    pub review_threshold: Option<Decimal>,
     /// The highest score.
     pub score_cap: Decimal,
     /// Customers blocked outright for every merchant (seeded into the store at start).
@@ -140,7 +144,16 @@ pub struct GeoAnomaly {
 impl FraudRules {
     /// Parses a rules file.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let rules: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(review) = rules.review_threshold
+            && (review > rules.block_threshold || review <= Decimal::ZERO)
+        {
+            return Err(format!(
+                "review_threshold {review} must be above 0 and at most block_threshold {}",
+                rules.block_threshold
+            ));
+        }
+        Ok(rules)
     }
 
     /// The velocity window.
@@ -235,7 +248,9 @@ impl Policy<PaymentAttempt, FraudFacts> for FraudPolicy {
         let mut verdict = Verdict::scored(
             reasons,
             self.rules.score_cap,
-            self.rules.block_threshold,
+            self.rules
+                .review_threshold
+                .unwrap_or(self.rules.block_threshold),
             self.rules.block_threshold,
         );
         // show at least one decimal (0.0, 1.0) as docs/API.md's examples do

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tai_core::backend::BoxFuture;
 
@@ -45,6 +46,52 @@ impl HttpGateway {
                 status: r.status().as_u16(),
                 message: "health check failed".into(),
             })
+        }
+    }
+
+    /// `{base}/v1/charges/{key}/{action}`, the key as one path segment.
+    fn charge_url(&self, key: &str, action: Option<&str>) -> Result<reqwest::Url, GatewayError> {
+        let mut url = reqwest::Url::parse(&format!("{}/v1/charges", self.base))
+            .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+        {
+            let mut segments = url
+                .path_segments_mut()
+                .map_err(|_| GatewayError::Protocol("gateway URL cannot take a path".into()))?;
+            segments.push(key);
+            if let Some(a) = action {
+                segments.push(a);
+            }
+        }
+        Ok(url)
+    }
+
+    /// POSTs `body` and reads the answer: 2xx is the body; a 4xx the gateway refused (nothing
+    /// moved); anything else is an unknown outcome.
+    async fn money_call(
+        &self,
+        url: reqwest::Url,
+        key: Option<&str>,
+        body: Value,
+    ) -> Result<Value, GatewayError> {
+        let mut req = self.client.post(url).json(&body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        let response = req.send().await.map_err(|e| self.map_err(e))?;
+        let status = response.status().as_u16();
+        let answer: Value = response.json().await.map_err(|e| self.map_err(e))?;
+        let said = || answer["error"].as_str().unwrap_or("refused").to_owned();
+        match status {
+            200..=299 => Ok(answer),
+            400..=499 => Err(GatewayError::Rejected {
+                status,
+                message: said(),
+            }),
+            s if s >= 500 => Err(GatewayError::Server {
+                status: s,
+                message: said(),
+            }),
+            s => Err(GatewayError::Protocol(format!("unexpected status {s}"))),
         }
     }
 
@@ -93,6 +140,16 @@ impl Gateway for HttpGateway {
                         })
                     })
                     .ok_or_else(|| GatewayError::Protocol("approved charge without an id".into())),
+                (200, Some("authorized")) => answer["id"]
+                    .as_str()
+                    .map(|id| {
+                        Some(ChargeOutcome::Authorized {
+                            gateway_id: id.to_owned(),
+                        })
+                    })
+                    .ok_or_else(|| {
+                        GatewayError::Protocol("authorized charge without an id".into())
+                    }),
                 (200, Some("declined")) => Ok(Some(ChargeOutcome::Declined)),
                 (200, Some("failed")) => Ok(Some(ChargeOutcome::NotCharged)),
                 (200, Some("reversed")) => Ok(Some(ChargeOutcome::Reversed {
@@ -106,6 +163,61 @@ impl Gateway for HttpGateway {
                     "unexpected lookup answer {s}"
                 ))),
             }
+        })
+    }
+    fn tokenize<'a>(
+        &'a self,
+        card: &'a crate::card::Card,
+    ) -> BoxFuture<'a, Result<String, GatewayError>> {
+        Box::pin(async move {
+            let url = reqwest::Url::parse(&format!("{}/v1/tokens", self.base))
+                .map_err(|e| GatewayError::Protocol(e.to_string()))?;
+            let answer = self
+                .money_call(
+                    url,
+                    None,
+                    json!({"card": {"number": card.number.expose(), "exp_month": card.exp_month, "exp_year": card.exp_year}}),
+                )
+                .await?;
+            answer["id"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| GatewayError::Protocol("token without an id".into()))
+        })
+    }
+    fn capture<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        amount: Decimal,
+    ) -> BoxFuture<'a, Result<(), GatewayError>> {
+        Box::pin(async move {
+            let url = self.charge_url(idempotency_key, Some("capture"))?;
+            self.money_call(url, None, json!({"amount": amount.to_string()}))
+                .await
+                .map(|_| ())
+        })
+    }
+    fn void<'a>(&'a self, idempotency_key: &'a str) -> BoxFuture<'a, Result<(), GatewayError>> {
+        Box::pin(async move {
+            let url = self.charge_url(idempotency_key, Some("void"))?;
+            self.money_call(url, None, json!({})).await.map(|_| ())
+        })
+    }
+    fn refund<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        refund_key: &'a str,
+        amount: Decimal,
+    ) -> BoxFuture<'a, Result<String, GatewayError>> {
+        Box::pin(async move {
+            let url = self.charge_url(idempotency_key, Some("refunds"))?;
+            let answer = self
+                .money_call(url, Some(refund_key), json!({"amount": amount.to_string()}))
+                .await?;
+            answer["id"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| GatewayError::Protocol("refund without an id".into()))
         })
     }
     fn reverse<'a>(
@@ -148,8 +260,11 @@ impl Gateway for HttpGateway {
                 "amount": request.amount.to_string(),
                 "currency": request.currency,
                 "reference": request.reference,
+                "capture": request.capture,
             });
-            if let Some(card) = &request.card {
+            if let Some(token) = &request.card_token {
+                body["card"] = json!({"token": token});
+            } else if let Some(card) = &request.card {
                 let mut c = json!({"number": card.number.expose(), "exp_month": card.exp_month, "exp_year": card.exp_year});
                 if let Some(cvc) = &card.cvc {
                     c["cvc"] = json!(cvc.expose());
@@ -167,12 +282,17 @@ impl Gateway for HttpGateway {
             let status = response.status().as_u16();
             let answer: Value = response.json().await.map_err(|e| self.map_err(e))?;
             match status {
-                200 => answer["id"]
-                    .as_str()
-                    .map(|id| ChargeOutcome::Approved {
+                200 => match (answer["id"].as_str(), answer["status"].as_str()) {
+                    (Some(id), Some("authorized")) => Ok(ChargeOutcome::Authorized {
                         gateway_id: id.to_owned(),
-                    })
-                    .ok_or_else(|| GatewayError::Protocol("approved charge without an id".into())),
+                    }),
+                    (Some(id), _) => Ok(ChargeOutcome::Approved {
+                        gateway_id: id.to_owned(),
+                    }),
+                    (None, _) => Err(GatewayError::Protocol(
+                        "approved charge without an id".into(),
+                    )),
+                },
                 402 => Ok(ChargeOutcome::Declined),
                 s @ (400 | 401 | 403 | 404 | 422) => Err(GatewayError::Rejected {
                     status: s,

@@ -27,6 +27,10 @@ pub struct ChargeRequest {
     pub reference: String,
     /// Sent as `Idempotency-Key`: the same key never charges twice.
     pub idempotency_key: String,
+    /// Capture at once (`true`) or authorize only.
+    pub capture: bool,
+    /// A card token from [`Gateway::tokenize`], in place of the card.
+    pub card_token: Option<String>,
 }
 
 /// What the gateway decided.
@@ -34,6 +38,11 @@ pub struct ChargeRequest {
 pub enum ChargeOutcome {
     /// Charged; the gateway's id.
     Approved {
+        /// e.g. `gw_…`.
+        gateway_id: String,
+    },
+    /// Authorized only (the funds are held until captured or voided).
+    Authorized {
         /// e.g. `gw_…`.
         gateway_id: String,
     },
@@ -109,4 +118,26 @@ pub trait Gateway: Send + Sync + std::fmt::Debug {
         &'a self,
         idempotency_key: &'a str,
     ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, GatewayError>>;
+    /// Exchanges a card for the gateway's token, so a payment held for review can be charged
+    /// later without this service keeping the card.
+    fn tokenize<'a>(&'a self, card: &'a Card) -> BoxFuture<'a, Result<String, GatewayError>>;
+    /// Captures `amount` (at most what was authorized; the rest is released) of the
+    /// authorization made with `idempotency_key`. Idempotent: capturing again the same amount
+    /// answers success and moves nothing more.
+    fn capture<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        amount: Decimal,
+    ) -> BoxFuture<'a, Result<(), GatewayError>>;
+    /// Cancels the authorization made with `idempotency_key`. Idempotent.
+    fn void<'a>(&'a self, idempotency_key: &'a str) -> BoxFuture<'a, Result<(), GatewayError>>;
+    /// Refunds `amount` of the captured charge made with `idempotency_key`, once per
+    /// `refund_key`; answers the gateway's refund id. A refund the gateway refuses (more than
+    /// is left, nothing captured) is [`GatewayError::Rejected`].
+    fn refund<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        refund_key: &'a str,
+        amount: Decimal,
+    ) -> BoxFuture<'a, Result<String, GatewayError>>;
 }

@@ -14,12 +14,18 @@
 //! `lookup_lag` hides a decision from lookups until it is that old. A charge can be reversed
 //! (voided or refunded) by its key, idempotently.
 //!
+//! It keeps the money of each charge as a card network would: a charge with `"capture": false`
+//! is only authorized, then captured (all or part; the rest released) or voided, by its key;
+//! a captured charge is refunded in parts, once per refund key, never beyond what was captured.
+//! Cards can be exchanged for tokens (`POST /v1/tokens`) and charged by token later. `/v1/stats`
+//! sums what was captured, voided and refunded, per currency.
+//!
 //! Decisions are remembered for the last `remember` keys only (`SANDBOX_REMEMBER`; 100,000 for
 //! the standalone server, 20,000 in process): the sandbox lives in process memory, and memory
 //! must not grow with every payment ever made. The reconciler asks within seconds of a charge;
 //! the in-process sandbox's decisions die with the process anyway.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,6 +35,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tai_core::backend::BoxFuture;
@@ -50,6 +57,8 @@ pub const REMEMBERED: usize = 100_000;
 pub enum SandboxAnswer {
     /// Charged with this id.
     Approved(String),
+    /// Authorized with this id (not captured yet).
+    Authorized(String),
     /// Declined.
     Declined,
     /// Processing error: nothing charged.
@@ -159,6 +168,22 @@ pub fn config_from(
     })
 }
 
+/// The money of one charge.
+#[derive(Debug, Clone, Default)]
+struct Funds {
+    amount: Decimal,
+    currency: String,
+    captured: Decimal,
+    /// Refunds by refund key: the refund's id and amount.
+    refunds: HashMap<String, (String, Decimal)>,
+}
+
+impl Funds {
+    fn refunded(&self) -> Decimal {
+        self.refunds.values().map(|(_, a)| *a).sum()
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Slot {
     Pending,
@@ -166,14 +191,60 @@ enum Slot {
         answer: SandboxAnswer,
         at: Instant,
         reference: String,
+        funds: Funds,
     },
 }
 
-/// Decisions by key, and the keys in the order they were first seen.
+/// What a charge is asked for.
+#[derive(Debug, Clone, Default)]
+pub struct ChargeAsk<'a> {
+    /// The card number, if any (a token is resolved to its number first).
+    pub card_number: Option<&'a str>,
+    /// The caller's reference.
+    pub reference: &'a str,
+    /// The amount.
+    pub amount: Decimal,
+    /// The currency.
+    pub currency: &'a str,
+    /// Capture at once, or authorize only.
+    pub capture: bool,
+}
+
+/// Why a capture, void or refund was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoneyError {
+    /// No charge with that key.
+    Unknown,
+    /// The charge is in a state that does not allow it (HTTP 409), with why.
+    Conflict(&'static str),
+    /// The amount is more than allowed (HTTP 422), with why.
+    TooMuch(&'static str),
+}
+
+/// Decisions by key, and the keys in the order they were first seen; tokens likewise; and
+/// the money moved, per currency.
 #[derive(Debug, Default)]
 struct Book {
     by_key: HashMap<String, Slot>,
     order: VecDeque<String>,
+    tokens: HashMap<String, String>,
+    token_order: VecDeque<String>,
+    captured: BTreeMap<String, Decimal>,
+    voided: BTreeMap<String, Decimal>,
+    refunded: BTreeMap<String, Decimal>,
+}
+
+fn add(totals: &mut BTreeMap<String, Decimal>, currency: &str, amount: Decimal) {
+    *totals.entry(currency.to_owned()).or_default() += amount;
+}
+
+fn totals_json(totals: &BTreeMap<String, Decimal>) -> Value {
+    Value::Object(
+        totals
+            .iter()
+            .map(|(c, a)| (c.clone(), Value::String(a.to_string())))
+            .collect(),
+    )
 }
 
 impl Book {
@@ -200,13 +271,15 @@ pub struct Sandbox {
 }
 
 /// A charge decided for the first time: by card, then the random failure share.
-fn fresh(config: &SandboxConfig, card_number: Option<&str>) -> SandboxAnswer {
+fn fresh(config: &SandboxConfig, card_number: Option<&str>, capture: bool) -> SandboxAnswer {
     let random_failure = config.failure_rate > 0.0 && rand::random::<f64>() < config.failure_rate;
+    let id = || format!("gw_{}", uuid::Uuid::new_v4().simple());
     match card_number {
         Some(CARD_PROCESSING_ERROR) => SandboxAnswer::Error,
         _ if random_failure => SandboxAnswer::Error,
         Some(CARD_DECLINED) => SandboxAnswer::Declined,
-        _ => SandboxAnswer::Approved(format!("gw_{}", uuid::Uuid::new_v4().simple())),
+        _ if capture => SandboxAnswer::Approved(id()),
+        _ => SandboxAnswer::Authorized(id()),
     }
 }
 
@@ -244,8 +317,7 @@ impl Sandbox {
         charges: &AtomicU64,
         config: &SandboxConfig,
         key: &str,
-        card_number: Option<&str>,
-        reference: &str,
+        ask: &ChargeAsk<'_>,
     ) -> SandboxAnswer {
         let mut book = Self::lock(book);
         if let Some(Slot::Decided { answer, .. }) = book.by_key.get(key)
@@ -253,29 +325,58 @@ impl Sandbox {
         {
             return answer.clone();
         }
-        let answer = fresh(config, card_number);
-        if matches!(answer, SandboxAnswer::Approved(_)) {
-            charges.fetch_add(1, Ordering::SeqCst);
+        let answer = fresh(config, ask.card_number, ask.capture);
+        let mut funds = Funds {
+            amount: ask.amount,
+            currency: ask.currency.to_owned(),
+            ..Funds::default()
+        };
+        match answer {
+            SandboxAnswer::Approved(_) => {
+                charges.fetch_add(1, Ordering::SeqCst);
+                funds.captured = ask.amount;
+                add(&mut book.captured, ask.currency, ask.amount);
+            }
+            SandboxAnswer::Authorized(_) => {
+                charges.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
         }
         book.put(
             key,
             Slot::Decided {
                 answer: answer.clone(),
                 at: Instant::now(),
-                reference: reference.to_owned(),
+                reference: ask.reference.to_owned(),
+                funds,
             },
             config.remember,
         );
         answer
     }
 
-    /// Decides a charge for `key` and `card_number`, once per key, as configured.
+    /// Decides a charge for `key` and `card_number`, once per key, as configured (captured at
+    /// once, no amount: the form older callers and tests use).
     pub async fn charge_key(
         &self,
         key: &str,
         card_number: Option<&str>,
         reference: &str,
     ) -> ChargeReply {
+        self.charge_with(
+            key,
+            &ChargeAsk {
+                card_number,
+                reference,
+                capture: true,
+                ..ChargeAsk::default()
+            },
+        )
+        .await
+    }
+
+    /// Decides a charge for `key`, once per key, as configured.
+    pub async fn charge_with(&self, key: &str, ask: &ChargeAsk<'_>) -> ChargeReply {
         self.requests.fetch_add(1, Ordering::SeqCst);
         let answer = if self.config.decide_late {
             // look and mark under the lock; wait only after letting it go
@@ -303,35 +404,39 @@ impl Sandbox {
             // its own task: the charge happens even if the caller hangs up meanwhile
             let (book, charges, config) =
                 (self.book.clone(), self.charges.clone(), self.config.clone());
-            let (key, card, reference) = (
+            let (key, card, reference, currency) = (
                 key.to_owned(),
-                card_number.map(str::to_owned),
-                reference.to_owned(),
+                ask.card_number.map(str::to_owned),
+                ask.reference.to_owned(),
+                ask.currency.to_owned(),
             );
+            let (amount, capture) = (ask.amount, ask.capture);
             let decided = tokio::spawn(async move {
                 tokio::time::sleep(config.latency).await;
-                Self::settle(&book, &charges, &config, &key, card.as_deref(), &reference)
+                let ask = ChargeAsk {
+                    card_number: card.as_deref(),
+                    reference: &reference,
+                    amount,
+                    currency: &currency,
+                    capture,
+                };
+                Self::settle(&book, &charges, &config, &key, &ask)
             });
             match decided.await {
                 Ok(a) => a,
                 Err(_) => SandboxAnswer::Error,
             }
         } else {
-            let answer = Self::settle(
-                &self.book,
-                &self.charges,
-                &self.config,
-                key,
-                card_number,
-                reference,
-            );
+            let answer = Self::settle(&self.book, &self.charges, &self.config, key, ask);
             if !self.config.latency.is_zero() {
                 tokio::time::sleep(self.config.latency).await;
             }
             answer
         };
-        if matches!(answer, SandboxAnswer::Approved(_))
-            && self.config.charge_then_fail_rate > 0.0
+        if matches!(
+            answer,
+            SandboxAnswer::Approved(_) | SandboxAnswer::Authorized(_)
+        ) && self.config.charge_then_fail_rate > 0.0
             && rand::random::<f64>() < self.config.charge_then_fail_rate
         {
             return ChargeReply::ChargedThenFailed;
@@ -367,7 +472,7 @@ impl Sandbox {
             None => Err(404),
             Some(Slot::Pending) => Err(409),
             Some(Slot::Decided { answer, .. }) => match answer.clone() {
-                SandboxAnswer::Approved(id) => {
+                SandboxAnswer::Approved(id) | SandboxAnswer::Authorized(id) => {
                     *answer = SandboxAnswer::Reversed(id);
                     self.reversed.fetch_add(1, Ordering::SeqCst);
                     Ok(true)
@@ -376,6 +481,113 @@ impl Sandbox {
                 SandboxAnswer::Declined | SandboxAnswer::Error => Ok(false),
             },
         }
+    }
+
+    /// Exchanges a card number for a token (`tok_…`), remembered like decisions.
+    pub fn tokenize_number(&self, number: &str) -> String {
+        let token = format!("tok_{}", uuid::Uuid::new_v4().simple());
+        let mut book = Self::lock(&self.book);
+        book.tokens.insert(token.clone(), number.to_owned());
+        book.token_order.push_back(token.clone());
+        if book.token_order.len() > self.config.remember
+            && let Some(oldest) = book.token_order.pop_front()
+        {
+            book.tokens.remove(&oldest);
+        }
+        token
+    }
+
+    /// The card number a token stands for.
+    pub fn detokenize(&self, token: &str) -> Option<String> {
+        Self::lock(&self.book).tokens.get(token).cloned()
+    }
+
+    /// Captures `amount` of the authorization with `key` (the rest is released). Capturing
+    /// again the amount captured answers `Ok` and moves nothing.
+    pub fn capture_key(&self, key: &str, amount: Decimal) -> Result<(), MoneyError> {
+        let mut guard = Self::lock(&self.book);
+        let book = &mut *guard;
+        let Some(Slot::Decided { answer, funds, .. }) = book.by_key.get_mut(key) else {
+            return Err(MoneyError::Unknown);
+        };
+        match answer.clone() {
+            SandboxAnswer::Authorized(id) => {
+                if amount <= Decimal::ZERO || amount > funds.amount {
+                    return Err(MoneyError::TooMuch("more than was authorized"));
+                }
+                funds.captured = amount;
+                *answer = SandboxAnswer::Approved(id);
+                add(&mut book.captured, &funds.currency, amount);
+                Ok(())
+            }
+            SandboxAnswer::Approved(_) if funds.captured == amount => Ok(()),
+            SandboxAnswer::Approved(_) => Err(MoneyError::Conflict("captured already")),
+            SandboxAnswer::Reversed(_) => Err(MoneyError::Conflict("voided")),
+            SandboxAnswer::Declined | SandboxAnswer::Error => {
+                Err(MoneyError::Conflict("nothing was authorized"))
+            }
+        }
+    }
+
+    /// Voids the authorization with `key`; voiding again answers `Ok`.
+    pub fn void_key(&self, key: &str) -> Result<(), MoneyError> {
+        let mut guard = Self::lock(&self.book);
+        let book = &mut *guard;
+        let Some(Slot::Decided { answer, funds, .. }) = book.by_key.get_mut(key) else {
+            return Err(MoneyError::Unknown);
+        };
+        match answer.clone() {
+            SandboxAnswer::Authorized(id) => {
+                *answer = SandboxAnswer::Reversed(id);
+                add(&mut book.voided, &funds.currency, funds.amount);
+                Ok(())
+            }
+            SandboxAnswer::Reversed(_) => Ok(()),
+            SandboxAnswer::Approved(_) => Err(MoneyError::Conflict("captured already")),
+            SandboxAnswer::Declined | SandboxAnswer::Error => {
+                Err(MoneyError::Conflict("nothing was authorized"))
+            }
+        }
+    }
+
+    /// Refunds `amount` of the captured charge with `key`, once per `refund_key`: answers the
+    /// refund's id (the first one's, for a repeated refund key).
+    pub fn refund_key(
+        &self,
+        key: &str,
+        refund_key: &str,
+        amount: Decimal,
+    ) -> Result<String, MoneyError> {
+        let mut guard = Self::lock(&self.book);
+        let book = &mut *guard;
+        let Some(Slot::Decided { answer, funds, .. }) = book.by_key.get_mut(key) else {
+            return Err(MoneyError::Unknown);
+        };
+        if let Some((id, _)) = funds.refunds.get(refund_key) {
+            return Ok(id.clone());
+        }
+        if !matches!(answer, SandboxAnswer::Approved(_)) {
+            return Err(MoneyError::Conflict("nothing was captured"));
+        }
+        if amount <= Decimal::ZERO || funds.refunded() + amount > funds.captured {
+            return Err(MoneyError::TooMuch("more than is left of the capture"));
+        }
+        let id = format!("gre_{}", uuid::Uuid::new_v4().simple());
+        funds
+            .refunds
+            .insert(refund_key.to_owned(), (id.clone(), amount));
+        add(&mut book.refunded, &funds.currency, amount);
+        Ok(id)
+    }
+
+    /// What was captured, voided and refunded, per currency.
+    pub fn money(&self) -> (Value, Value, Value) {
+        let book = Self::lock(&self.book);
+        (
+            totals_json(&book.captured),
+            totals_json(&book.voided),
+            totals_json(&book.refunded),
+        )
     }
 
     /// Every decision remembered: key, the caller's reference, status.
@@ -411,6 +623,7 @@ impl Sandbox {
 fn status_word(answer: &SandboxAnswer) -> &'static str {
     match answer {
         SandboxAnswer::Approved(_) => "approved",
+        SandboxAnswer::Authorized(_) => "authorized",
         SandboxAnswer::Declined => "declined",
         SandboxAnswer::Error => "failed",
         SandboxAnswer::Reversed(_) => "reversed",
@@ -420,6 +633,7 @@ fn status_word(answer: &SandboxAnswer) -> &'static str {
 fn outcome(answer: SandboxAnswer) -> ChargeOutcome {
     match answer {
         SandboxAnswer::Approved(id) => ChargeOutcome::Approved { gateway_id: id },
+        SandboxAnswer::Authorized(id) => ChargeOutcome::Authorized { gateway_id: id },
         SandboxAnswer::Declined => ChargeOutcome::Declined,
         SandboxAnswer::Error => ChargeOutcome::NotCharged,
         SandboxAnswer::Reversed(id) => ChargeOutcome::Reversed { gateway_id: id },
@@ -436,6 +650,40 @@ impl Gateway for Sandbox {
     ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, GatewayError>> {
         let found = self.decision(idempotency_key).map(outcome);
         Box::pin(std::future::ready(Ok(found)))
+    }
+    fn tokenize<'a>(
+        &'a self,
+        card: &'a crate::card::Card,
+    ) -> BoxFuture<'a, Result<String, GatewayError>> {
+        Box::pin(std::future::ready(Ok(
+            self.tokenize_number(card.number.expose())
+        )))
+    }
+    fn capture<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        amount: Decimal,
+    ) -> BoxFuture<'a, Result<(), GatewayError>> {
+        let r = self
+            .capture_key(idempotency_key, amount)
+            .map_err(money_error);
+        Box::pin(std::future::ready(r))
+    }
+    fn void<'a>(&'a self, idempotency_key: &'a str) -> BoxFuture<'a, Result<(), GatewayError>> {
+        Box::pin(std::future::ready(
+            self.void_key(idempotency_key).map_err(money_error),
+        ))
+    }
+    fn refund<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        refund_key: &'a str,
+        amount: Decimal,
+    ) -> BoxFuture<'a, Result<String, GatewayError>> {
+        let r = self
+            .refund_key(idempotency_key, refund_key, amount)
+            .map_err(money_error);
+        Box::pin(std::future::ready(r))
     }
     fn reverse<'a>(
         &'a self,
@@ -457,11 +705,27 @@ impl Gateway for Sandbox {
         request: &'a ChargeRequest,
     ) -> BoxFuture<'a, Result<ChargeOutcome, GatewayError>> {
         Box::pin(async move {
-            let card = request.card.as_ref().map(|c| c.number.expose());
-            match self
-                .charge_key(&request.idempotency_key, card, &request.reference)
-                .await
-            {
+            let from_token = request
+                .card_token
+                .as_deref()
+                .and_then(|t| self.detokenize(t));
+            if request.card_token.is_some() && from_token.is_none() {
+                return Err(GatewayError::Rejected {
+                    status: 400,
+                    message: "unknown card token".into(),
+                });
+            }
+            let card = from_token
+                .as_deref()
+                .or_else(|| request.card.as_ref().map(|c| c.number.expose()));
+            let ask = ChargeAsk {
+                card_number: card,
+                reference: &request.reference,
+                amount: request.amount,
+                currency: request.currency,
+                capture: request.capture,
+            };
+            match self.charge_with(&request.idempotency_key, &ask).await {
                 ChargeReply::Decided(SandboxAnswer::Error)
                 | ChargeReply::ChargedThenFailed
                 | ChargeReply::InProgress => Err(GatewayError::Server {
@@ -474,14 +738,54 @@ impl Gateway for Sandbox {
     }
 }
 
-/// The sandbox's HTTP form: `POST /v1/charges`, `GET /v1/charges` (every decision, for tests
-/// and drills), `GET /v1/charges/{idempotency_key}`, `POST /v1/charges/{idempotency_key}/reverse`,
-/// `GET /v1/stats`, `GET /health`.
+fn money_error(e: MoneyError) -> GatewayError {
+    match e {
+        MoneyError::Unknown => GatewayError::Rejected {
+            status: 404,
+            message: "no charge with this idempotency key".into(),
+        },
+        MoneyError::Conflict(why) => GatewayError::Rejected {
+            status: 409,
+            message: why.into(),
+        },
+        MoneyError::TooMuch(why) => GatewayError::Rejected {
+            status: 422,
+            message: why.into(),
+        },
+    }
+}
+
+fn money_reply(e: MoneyError) -> Response {
+    let (status, why) = match e {
+        MoneyError::Unknown => (StatusCode::NOT_FOUND, "no charge with this idempotency key"),
+        MoneyError::Conflict(why) => (StatusCode::CONFLICT, why),
+        MoneyError::TooMuch(why) => (StatusCode::UNPROCESSABLE_ENTITY, why),
+    };
+    (status, Json(json!({"error": why}))).into_response()
+}
+
+/// An amount sent as a JSON string or number, exactly.
+fn amount_of(v: &Value) -> Option<Decimal> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.to_string().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The sandbox's HTTP form: `POST /v1/charges` (`"capture": false` authorizes only),
+/// `GET /v1/charges` (every decision, for tests and drills), `GET /v1/charges/{idempotency_key}`,
+/// `POST /v1/charges/{idempotency_key}/reverse`, `/capture`, `/void`, `/refunds`,
+/// `POST /v1/tokens`, `GET /v1/stats`, `GET /health`.
 pub fn router(sandbox: Arc<Sandbox>) -> Router {
     Router::new()
         .route("/v1/charges", post(charge).get(list))
         .route("/v1/charges/{key}", get(lookup))
         .route("/v1/charges/{key}/reverse", post(reverse))
+        .route("/v1/charges/{key}/capture", post(capture))
+        .route("/v1/charges/{key}/void", post(void))
+        .route("/v1/charges/{key}/refunds", post(refund))
+        .route("/v1/tokens", post(tokenize))
         .route("/v1/stats", get(stats))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(sandbox)
@@ -511,19 +815,46 @@ async fn charge(
         )
             .into_response();
     };
-    if body["amount"].is_null() || body["currency"].as_str().is_none() {
+    let (Some(amount), Some(currency)) = (amount_of(&body["amount"]), body["currency"].as_str())
+    else {
         return (
             StatusCode::BAD_REQUEST,
             Json(json!({"error": "amount and currency are required"})),
         )
             .into_response();
-    }
-    let card = body["card"]["number"].as_str();
-    let reference = body["reference"].as_str().unwrap_or("");
-    match sandbox.charge_key(&key, card, reference).await {
+    };
+    let from_token = match body["card"]["token"].as_str() {
+        Some(t) => match sandbox.detokenize(t) {
+            Some(number) => Some(number),
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": "unknown card token"})),
+                )
+                    .into_response();
+            }
+        },
+        None => None,
+    };
+    let card = from_token
+        .as_deref()
+        .or_else(|| body["card"]["number"].as_str());
+    let ask = ChargeAsk {
+        card_number: card,
+        reference: body["reference"].as_str().unwrap_or(""),
+        amount,
+        currency,
+        capture: body["capture"].as_bool().unwrap_or(true),
+    };
+    match sandbox.charge_with(&key, &ask).await {
         ChargeReply::Decided(SandboxAnswer::Approved(id) | SandboxAnswer::Reversed(id)) => (
             StatusCode::OK,
             Json(json!({"id": id, "status": "approved"})),
+        )
+            .into_response(),
+        ChargeReply::Decided(SandboxAnswer::Authorized(id)) => (
+            StatusCode::OK,
+            Json(json!({"id": id, "status": "authorized"})),
         )
             .into_response(),
         ChargeReply::Decided(SandboxAnswer::Declined) => (
@@ -557,6 +888,11 @@ async fn lookup(
         Some(SandboxAnswer::Reversed(id)) => (
             StatusCode::OK,
             Json(json!({"id": id, "status": "reversed"})),
+        )
+            .into_response(),
+        Some(SandboxAnswer::Authorized(id)) => (
+            StatusCode::OK,
+            Json(json!({"id": id, "status": "authorized"})),
         )
             .into_response(),
         Some(SandboxAnswer::Declined) => {
@@ -593,6 +929,82 @@ async fn reverse(
     }
 }
 
+async fn capture(
+    State(sandbox): State<Arc<Sandbox>>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let Some(amount) = amount_of(&body["amount"]) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "amount is required"})),
+        )
+            .into_response();
+    };
+    match sandbox.capture_key(&key, amount) {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(json!({"status": "captured", "amount_captured": amount.to_string()})),
+        )
+            .into_response(),
+        Err(e) => money_reply(e),
+    }
+}
+
+async fn void(
+    State(sandbox): State<Arc<Sandbox>>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+) -> Response {
+    match sandbox.void_key(&key) {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "voided"}))).into_response(),
+        Err(e) => money_reply(e),
+    }
+}
+
+async fn refund(
+    State(sandbox): State<Arc<Sandbox>>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let (Some(refund_key), Some(amount)) = (
+        headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
+        amount_of(&body["amount"]),
+    ) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "Idempotency-Key and amount are required"})),
+        )
+            .into_response();
+    };
+    match sandbox.refund_key(&key, refund_key, amount) {
+        Ok(id) => (
+            StatusCode::OK,
+            Json(json!({"id": id, "status": "succeeded"})),
+        )
+            .into_response(),
+        Err(e) => money_reply(e),
+    }
+}
+
+async fn tokenize(State(sandbox): State<Arc<Sandbox>>, body: axum::body::Bytes) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    match body["card"]["number"].as_str() {
+        Some(number) => (
+            StatusCode::OK,
+            Json(json!({"id": sandbox.tokenize_number(number)})),
+        )
+            .into_response(),
+        None => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "card.number is required"})),
+        )
+            .into_response(),
+    }
+}
+
 async fn list(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
     let charges: Vec<Value> = sandbox
         .book()
@@ -603,10 +1015,14 @@ async fn list(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
 }
 
 async fn stats(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
+    let (captured, voided, refunded) = sandbox.money();
     Json(json!({
         "charges": sandbox.charges(),
         "reversed": sandbox.reversed(),
         "requests": sandbox.requests(),
+        "captured": captured,
+        "voided": voided,
+        "refunded": refunded,
     }))
 }
 
