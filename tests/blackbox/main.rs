@@ -4,6 +4,7 @@ mod backends;
 mod chaos;
 mod deployment;
 mod foundation;
+mod lifecycle;
 mod operator;
 mod payment;
 mod platform;
