@@ -818,3 +818,173 @@ async fn webhooks_on_the_embedded_default() {
 async fn webhooks_on_postgres_redis_jetstream_and_the_standalone_sandbox() {
     webhooks(Stack::Postgres).await;
 }
+
+#[tokio::test]
+async fn merchants_act_on_their_own_payments_only_and_a_failing_endpoint_is_disabled() {
+    let rules = rules_file();
+    let rules_path = rules.display().to_string();
+    let svc = Proc::start(
+        "payment-system",
+        &[
+            ("TAI_API_KEYS", "sk_a:merc_a,sk_b:merc_b,sk_admin"),
+            ("FRAUD_RULES_PATH", rules_path.as_str()),
+            ("WEBHOOK_RETRY_BASE_MS", "100"),
+            ("WEBHOOK_RETRY_MAX_MS", "200"),
+            ("WEBHOOK_DISABLE_AFTER_SECS", "1"),
+            ("WEBHOOK_POLL_MS", "50"),
+        ],
+    )
+    .await
+    .expect("start");
+    let http = client();
+    let call = |method: reqwest::Method, path: &str, key: &str, body: Option<Value>| {
+        let mut req = http
+            .request(method, svc.url(path))
+            .header("Authorization", format!("Bearer {key}"));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.expect("request");
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let pay = |amount: &str, capture: bool| json!({"amount": amount, "currency": "USD", "merchant_id": "merc_a", "customer_id": unique("cust"), "capture": capture});
+    let (s, auth) = call(
+        reqwest::Method::POST,
+        "/payment",
+        "sk_a",
+        Some(pay("10.00", false)),
+    )
+    .await;
+    assert_eq!(
+        (s, auth["status"].as_str()),
+        (200, Some("AUTHORIZED")),
+        "{auth}"
+    );
+    let a = id(&auth);
+    let (s, held) = call(
+        reqwest::Method::POST,
+        "/payment",
+        "sk_a",
+        Some(pay("6000.00", true)),
+    )
+    .await;
+    assert_eq!(s, 202, "{held}");
+    let h = id(&held);
+    // merchant b sees none of it and changes nothing
+    for (path, body) in [
+        (format!("/payment/{a}/capture"), json!({})),
+        (format!("/payment/{a}/void"), json!({})),
+        (format!("/payment/{a}/refunds"), json!({})),
+        (format!("/payment/{h}/approve"), json!({})),
+        (format!("/payment/{h}/reject"), json!({})),
+    ] {
+        let (s, e) = call(reqwest::Method::POST, &path, "sk_b", Some(body)).await;
+        assert_eq!(s, 404, "{path}: {e}");
+    }
+    let (s, _) = call(
+        reqwest::Method::GET,
+        "/payments?merchant_id=merc_a",
+        "sk_b",
+        None,
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, own) = call(reqwest::Method::GET, "/payments", "sk_b", None).await;
+    assert_eq!(
+        (s, own["data"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{own}"
+    );
+    let (_, reviews) = call(reqwest::Method::GET, "/reviews", "sk_b", None).await;
+    assert_eq!(
+        reviews["data"].as_array().map(Vec::len),
+        Some(0),
+        "{reviews}"
+    );
+    let (_, p) = call(reqwest::Method::GET, &format!("/payment/{a}"), "sk_a", None).await;
+    assert_eq!(p["status"], "AUTHORIZED");
+    // the merchant's own key and an admin key may act
+    let (s, _) = call(
+        reqwest::Method::POST,
+        &format!("/payment/{h}/approve"),
+        "sk_admin",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = call(
+        reqwest::Method::POST,
+        &format!("/payment/{a}/capture"),
+        "sk_a",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // an endpoint nobody answers at is disabled, and says why
+    let dead = format!("http://127.0.0.1:{}/hook", tai_blackbox::free_port());
+    let (s, ep) = call(
+        reqwest::Method::POST,
+        "/webhook_endpoints",
+        "sk_a",
+        Some(json!({"url": dead, "enabled_events": ["payment.succeeded"]})),
+    )
+    .await;
+    assert_eq!(
+        (s, ep["merchant_id"].as_str()),
+        (201, Some("merc_a")),
+        "{ep}"
+    );
+    let ep_id = ep["id"].as_str().expect("id").to_owned();
+    let (s, _) = call(
+        reqwest::Method::POST,
+        "/payment",
+        "sk_a",
+        Some(pay("3.00", true)),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let disabled = eventually(
+        Duration::from_secs(20),
+        "the endpoint to be disabled",
+        || {
+            let call = &call;
+            let path = format!("/webhook_endpoints/{ep_id}");
+            async move {
+                let (_, e) = call(reqwest::Method::GET, &path, "sk_a", None).await;
+                (e["status"] == "disabled").then_some(e)
+            }
+        },
+    )
+    .await;
+    assert!(
+        disabled["disabled_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("could not connect")),
+        "{disabled}"
+    );
+    let (_, deliveries) = call(
+        reqwest::Method::GET,
+        &format!("/webhook_endpoints/{ep_id}/deliveries"),
+        "sk_a",
+        None,
+    )
+    .await;
+    assert!(
+        deliveries["data"][0]["attempts"].as_i64() >= Some(2),
+        "{deliveries}"
+    );
+    let (s, _) = call(
+        reqwest::Method::GET,
+        &format!("/webhook_endpoints/{ep_id}"),
+        "sk_b",
+        None,
+    )
+    .await;
+    assert_eq!(s, 404, "another merchant's endpoint is not found");
+}
