@@ -145,7 +145,8 @@ pub fn event_id(object: &str, kind: &str) -> String {
 }
 
 /// Writes an event inside the caller's transaction: the merchant's log, the outbox, and one
-/// webhook delivery per enabled endpoint that asked for it.
+/// webhook delivery per endpoint that asked for it (a disabled endpoint's wait until it is
+/// enabled again).
 pub(crate) async fn emit(
     conn: &mut sqlx::AnyConnection,
     e: NewEvent<'_>,
@@ -183,7 +184,7 @@ pub(crate) async fn emit(
     sqlx::query(
         "INSERT INTO webhook_deliveries (endpoint_id, event_id, event_type, status, attempts, next_attempt_at, created_at) \
          SELECT w.endpoint_id, $1, $2, 'pending', 0, $3, $3 FROM webhook_endpoints w \
-         WHERE w.merchant_id = $4 AND w.status = 'enabled' AND (w.all_events = 1 OR EXISTS \
+         WHERE w.merchant_id = $4 AND (w.all_events = 1 OR EXISTS \
          (SELECT 1 FROM webhook_endpoint_events t WHERE t.endpoint_id = w.endpoint_id AND t.event_type = $2))",
     )
     .bind(&id)

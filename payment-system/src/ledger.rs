@@ -614,15 +614,13 @@ impl Ledger {
     /// Leaves a `PROCESSING` payment out of the reconciler's batches for `wait` (its lookup
     /// failed, or found nothing yet), so the payments behind it get their turn.
     pub async fn postpone(&self, id: &str, wait: Duration) -> Result<(), BackendError> {
-        sqlx::query(
-            "UPDATE payments SET next_check_at = $1 WHERE transaction_id = $2 AND (status = 'PROCESSING' OR op IS NOT NULL)",
-        )
-        .bind(self.now() + i64::try_from(wait.as_millis()).unwrap_or(0))
-        .bind(id)
-        .execute(self.db.pool())
-        .await
-        .map(|_| ())
-        .map_err(db_error)
+        sqlx::query("UPDATE payments SET next_check_at = $1 WHERE transaction_id = $2")
+            .bind(self.now() + i64::try_from(wait.as_millis()).unwrap_or(0))
+            .bind(id)
+            .execute(self.db.pool())
+            .await
+            .map(|_| ())
+            .map_err(db_error)
     }
 
     /// Payments still `PROCESSING` whose intent was written at least `age` ago, oldest first.
@@ -654,7 +652,8 @@ impl Ledger {
     pub async fn lapsed_holds(&self, limit: i64) -> Result<Vec<Versioned>, BackendError> {
         let rows = sqlx::query(
             "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments \
-             WHERE expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+             WHERE expires_at IS NOT NULL AND expires_at <= $1 \
+             AND (next_check_at IS NULL OR next_check_at <= $1) ORDER BY expires_at LIMIT $2",
         )
         .bind(self.now())
         .bind(limit)

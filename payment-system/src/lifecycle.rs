@@ -48,6 +48,17 @@ fn conflict(code: &str, message: impl Into<String>) -> ApiError {
     )
 }
 
+/// A payment whose change was sent and whose outcome is not recorded yet (202).
+fn unknown_outcome(record: &PaymentRecord, op: &str, why: &str) -> Value {
+    let mut body = shown(record);
+    body["error"] = json!({
+        "type": "api_error",
+        "code": format!("{op}_outcome_unknown"),
+        "message": format!("The {op} was sent to the payment gateway and its outcome is not recorded yet ({why}); it is being finished: read the payment at GET /payment/{}.", record.transaction_id),
+    });
+    body
+}
+
 /// The body of a payment as answered by the lifecycle routes.
 pub fn shown(record: &PaymentRecord) -> Value {
     let mut body = record.public();
@@ -235,11 +246,19 @@ impl Lifecycle {
                     "payment.voided"
                 };
                 self.ledger().stamp(&mut done);
-                let moved = self
+                let moved = match self
                     .ledger()
                     .change(&done, version, PaymentStatus::Authorized, Some(event))
                     .await
-                    .map_err(store_error)?;
+                {
+                    Ok(moved) => moved,
+                    Err(e) => {
+                        // the gateway did it; the intent stays and the reconciler records it
+                        // (asking again is harmless): never "retry, nothing happened"
+                        tracing::error!(transaction_id = %id, op = %op.op, error = %e, "could not record the gateway's answer; left for the reconciler");
+                        return Ok((202, unknown_outcome(&record, &op.op, &e.to_string())));
+                    }
+                };
                 if !moved {
                     // the reconciler recorded it first
                     let now = self.find(&id, |_| true).await?;
@@ -257,10 +276,16 @@ impl Lifecycle {
                 // the gateway refused: nothing moved; the payment is as it was
                 let mut back = record.clone();
                 back.pending = None;
-                self.ledger()
+                let moved = self
+                    .ledger()
                     .change(&back, version, PaymentStatus::Authorized, None)
                     .await
                     .map_err(store_error)?;
+                if !moved {
+                    // recorded meanwhile (another try got the gateway's yes): that stands
+                    let now = self.find(&id, |_| true).await?;
+                    return Ok((200, shown(&now.record)));
+                }
                 tracing::warn!(transaction_id = %id, op = %op.op, status, message = %message, "the gateway refused");
                 Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
@@ -274,13 +299,7 @@ impl Lifecycle {
             }
             Err(e) => {
                 tracing::warn!(transaction_id = %id, op = %op.op, error = %e, "outcome unknown; left for the reconciler");
-                let mut body = shown(&record);
-                body["error"] = json!({
-                    "type": "api_error",
-                    "code": format!("{}_outcome_unknown", op.op),
-                    "message": format!("The payment gateway did not give a clear answer ({e}); the {} is being finished: read the payment at GET /payment/{id}.", op.op),
-                });
-                Ok((202, body))
+                Ok((202, unknown_outcome(&record, &op.op, &e.to_string())))
             }
         }
     }
@@ -344,11 +363,15 @@ impl Lifecycle {
             // the reconciler asks the gateway how it ended
             return Ok((202, shown(&done)));
         }
-        let settled = self
-            .ledger()
-            .settle(&done, payment.version + 1)
-            .await
-            .map_err(store_error)?;
+        let settled = match self.ledger().settle(&done, payment.version + 1).await {
+            Ok(settled) => settled,
+            Err(e) => {
+                // charged (or declined) and not recorded: PROCESSING stays, and the reconciler
+                // settles it from the gateway's books
+                tracing::error!(transaction_id = %done.transaction_id, error = %e, "could not record the approval's charge; left for the reconciler");
+                return Ok((202, unknown_outcome(&intent, "charge", &e.to_string())));
+            }
+        };
         if !settled {
             let now = self.find(&done.transaction_id, |_| true).await?;
             return Ok((now.record.http_status.max(200), shown(&now.record)));
@@ -453,9 +476,20 @@ impl Lifecycle {
         {
             return replay(refund, fp);
         }
-        let created = refunds::create(self.ledger(), &merchant, &new)
-            .await
-            .map_err(store_error)?;
+        let created = match refunds::create(self.ledger(), &merchant, &new).await {
+            Ok(c) => c,
+            Err(e) => {
+                // the same key racing on another payment loses to the unique index: its refund
+                // is the answer
+                if let Some(key) = new.idempotency_key
+                    && let Ok(Some((refund, fp))) =
+                        refunds::by_key(self.ledger(), &merchant, key).await
+                {
+                    return replay(refund, fp);
+                }
+                return Err(store_error(e));
+            }
+        };
         let refund = match created {
             Created::Made(r) => r,
             Created::Existing(r, fp) => return replay(r, fp),
@@ -487,11 +521,18 @@ impl Lifecycle {
                 .with_param("amount"));
             }
         };
-        let refund = self
+        // the refund is written: from here on the answer is never "nothing happened, retry"
+        let pending = refund.clone();
+        match self
             .finish_refund(refund, payment.record.gateway_key.as_deref())
             .await
-            .map_err(store_error)?;
-        Ok((refund.status.http_status(), refund, false))
+        {
+            Ok(refund) => Ok((refund.status.http_status(), refund, false)),
+            Err(e) => {
+                tracing::error!(refund_id = %pending.id, error = %e, "could not record the refund's outcome; the reconciler asks the gateway again");
+                Ok((202, pending, false))
+            }
+        }
     }
 
     /// Asks the gateway for a `PENDING` refund (again, harmlessly: once per refund id) and
@@ -550,7 +591,11 @@ impl Lifecycle {
             match result {
                 Ok(_) => done += 1,
                 Err(e) => {
-                    tracing::warn!(transaction_id = %id, error = %e.body(), "could not end a lapsed hold; will try again")
+                    // looked at again later, so one that cannot be ended does not hold up the rest
+                    tracing::error!(transaction_id = %id, error = %e.body(), "could not end a lapsed hold; will try again in 5 minutes");
+                    self.ledger()
+                        .postpone(&id, Duration::from_secs(300))
+                        .await?;
                 }
             }
         }

@@ -165,6 +165,7 @@ impl Reconciler {
         // keeps failing must not hold the others up), except once it is reversed.
         let gateway_id = match self.gateway.lookup(&key).await {
             Ok(Some(ChargeOutcome::Approved { gateway_id }))
+            | Ok(Some(ChargeOutcome::Authorized { gateway_id }))
             | Ok(Some(ChargeOutcome::Reversed { gateway_id })) => gateway_id,
             Ok(_) => {
                 self.ledger.rechecked(&id, version).await?;
@@ -273,6 +274,8 @@ impl Reconciler {
         record.http_status = charged.http_status;
         record.gateway_response = charged.gateway_id;
         record.error = charged.error;
+        // an authorization settled here expires like any other; a success shows its capture
+        self.ledger.stamp(&mut record);
         if !self.ledger.settle(&record, version).await? {
             // settled meanwhile by the live request or another replica
             return Ok(false);
@@ -357,6 +360,40 @@ pub(crate) mod tests {
             pending: None,
             card_token: None,
         }
+    }
+
+    #[tokio::test]
+    async fn an_authorization_the_reconciler_settles_still_expires() {
+        let clock = ManualClock::new();
+        let ledger = crate::ledger::tests::ledger(&clock).await;
+        let sandbox = Arc::new(Sandbox::new(Duration::ZERO, 0.0));
+        let ask = crate::gateway::sandbox::ChargeAsk {
+            reference: "txn_auth",
+            amount: Decimal::new(1250, 2),
+            currency: "USD",
+            capture: false,
+            ..Default::default()
+        };
+        sandbox.charge_with("m:auth", &ask).await;
+        let queue = MemoryQueue::<String>::new(QueueConfig::new("c", 10), clock.shared());
+        let r = reconciler(&ledger, sandbox, &queue, &clock);
+        let mut rec = processing("txn_auth", "m:auth", &clock);
+        rec.capture = false;
+        rec.idempotency_key = None;
+        rec.fingerprint = None;
+        ledger.begin_charge(&rec).await.expect("intent");
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(r.pass().await.expect("pass").finished, 1);
+        let settled = ledger.get("txn_auth").await.expect("db").expect("stored");
+        assert_eq!(settled.record.status, PaymentStatus::Authorized);
+        assert!(
+            settled.record.expires_at.is_some(),
+            "an authorization settled by lookup lapses like any other"
+        );
+        // a week later it is among the lapsed holds
+        clock.advance(Duration::from_secs(7 * 86_400 + 1));
+        let lapsed = ledger.lapsed_holds(10).await.expect("db");
+        assert_eq!(lapsed.len(), 1);
     }
 
     #[tokio::test]

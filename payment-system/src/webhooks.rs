@@ -402,16 +402,18 @@ impl Webhooks {
             .collect()
     }
 
-    /// Claims a delivery for one attempt; answers false when another worker has it.
-    async fn claim(&self, seq: i64) -> Result<bool, BackendError> {
+    /// Claims a delivery for one attempt; answers false when another worker has it, or
+    /// tried it since it was read (its attempt count moved on, its next try is later).
+    async fn claim(&self, due: &Due) -> Result<bool, BackendError> {
         let now = self.now();
         let r = sqlx::query(
             "UPDATE webhook_deliveries SET locked_until = $1 WHERE seq = $2 AND status = 'pending' \
-             AND (locked_until IS NULL OR locked_until <= $3)",
+             AND (locked_until IS NULL OR locked_until <= $3) AND next_attempt_at <= $3 AND attempts = $4",
         )
         .bind(now + millis(self.config.timeout) + 5000)
-        .bind(seq)
+        .bind(due.seq)
         .bind(now)
+        .bind(due.attempts)
         .execute(self.db.pool())
         .await
         .map_err(db_error)?;
@@ -447,6 +449,45 @@ impl Webhooks {
         let now = self.now();
         let attempt = due.attempts + 1;
         let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        // recorded only if no other worker recorded an attempt meanwhile (this one's claim
+        // lapsed and it was tried again): theirs stands, so a success is never undone
+        let recorded = if ok {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET status = 'succeeded', attempts = $1, delivered_at = $2, locked_until = NULL, \
+                 last_status = $3, last_error = NULL WHERE seq = $4 AND status = 'pending' AND attempts = $5",
+            )
+            .bind(attempt)
+            .bind(now)
+            .bind(status)
+            .bind(due.seq)
+            .bind(due.attempts)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?
+        } else {
+            let give_up = now - due.created_at >= millis(self.config.retry_for);
+            let wait = self
+                .config
+                .backoff(u32::try_from(attempt).unwrap_or(u32::MAX));
+            sqlx::query(
+                "UPDATE webhook_deliveries SET status = $1, attempts = $2, next_attempt_at = $3, locked_until = NULL, \
+                 last_status = $4, last_error = $5 WHERE seq = $6 AND status = 'pending' AND attempts = $7",
+            )
+            .bind(if give_up { "failed" } else { "pending" })
+            .bind(attempt)
+            .bind(now + millis(wait))
+            .bind(status)
+            .bind(error.as_deref())
+            .bind(due.seq)
+            .bind(due.attempts)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?
+        };
+        if recorded.rows_affected() != 1 {
+            tx.rollback().await.map_err(db_error)?;
+            return Ok(ok);
+        }
         sqlx::query(
             "INSERT INTO webhook_attempts (delivery_seq, attempt, at, http_status, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT DO NOTHING",
@@ -462,17 +503,6 @@ impl Webhooks {
         .map_err(db_error)?;
         if ok {
             sqlx::query(
-                "UPDATE webhook_deliveries SET status = 'succeeded', attempts = $1, delivered_at = $2, locked_until = NULL, \
-                 last_status = $3, last_error = NULL WHERE seq = $4",
-            )
-            .bind(attempt)
-            .bind(now)
-            .bind(status)
-            .bind(due.seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            sqlx::query(
                 "UPDATE webhook_endpoints SET failing_since = NULL WHERE endpoint_id = $1 AND failing_since IS NOT NULL",
             )
             .bind(&due.endpoint_id)
@@ -481,22 +511,6 @@ impl Webhooks {
             .map_err(db_error)?;
         } else {
             let give_up = now - due.created_at >= millis(self.config.retry_for);
-            let wait = self
-                .config
-                .backoff(u32::try_from(attempt).unwrap_or(u32::MAX));
-            sqlx::query(
-                "UPDATE webhook_deliveries SET status = $1, attempts = $2, next_attempt_at = $3, locked_until = NULL, \
-                 last_status = $4, last_error = $5 WHERE seq = $6",
-            )
-            .bind(if give_up { "failed" } else { "pending" })
-            .bind(attempt)
-            .bind(now + millis(wait))
-            .bind(status)
-            .bind(error.as_deref())
-            .bind(due.seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
             sqlx::query(
                 "UPDATE webhook_endpoints SET failing_since = $1 WHERE endpoint_id = $2 AND failing_since IS NULL",
             )
@@ -536,7 +550,7 @@ impl Webhooks {
         let due = self.due(64).await?;
         let mut claimed = Vec::with_capacity(due.len());
         for d in due {
-            if self.claim(d.seq).await? {
+            if self.claim(&d).await? {
                 claimed.push(d);
             }
         }

@@ -83,11 +83,13 @@ impl HttpGateway {
         let said = || answer["error"].as_str().unwrap_or("refused").to_owned();
         match status {
             200..=299 => Ok(answer),
-            400..=499 => Err(GatewayError::Rejected {
+            // refusals that say the request was not carried out; a 408, 425 or 429 says
+            // nothing of the kind, so it is an unknown outcome like a 5xx
+            400 | 401 | 403 | 404 | 409 | 422 => Err(GatewayError::Rejected {
                 status,
                 message: said(),
             }),
-            s if s >= 500 => Err(GatewayError::Server {
+            s if s >= 400 => Err(GatewayError::Server {
                 status: s,
                 message: said(),
             }),
