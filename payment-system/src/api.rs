@@ -13,7 +13,7 @@ use tai_core::runtime::auth::may_act_for;
 use tai_core::runtime::{ApiError, ApiJson, ErrorType, Principal, TraceContext};
 use tracing::Instrument;
 
-use crate::idempotency::{Claim, validate_key};
+use crate::idempotency::{Claim, key_header};
 use crate::record::{PaymentRecord, PaymentStatus};
 use crate::{App, PaymentAttempt, keys, signal};
 
@@ -83,20 +83,7 @@ pub(crate) async fn create_payment(
         )
         .with_param("merchant_id"));
     }
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => {
-            let k = v.to_str().map_err(|_| {
-                ApiError::invalid(
-                    "idempotency_key_invalid",
-                    "Idempotency-Key",
-                    "Idempotency-Key must be visible ASCII.",
-                )
-            })?;
-            validate_key(k)?;
-            Some(k.to_owned())
-        }
-    };
+    let key = key_header(&headers)?;
     let decision = app.limiter.check(&request.merchant_id).await.map_err(|e| {
         ApiError::unavailable(
             "rate_limiter_unavailable",

@@ -131,6 +131,22 @@ impl Fingerprinter {
     }
 }
 
+/// The request's `Idempotency-Key` header, checked, if it sent one.
+pub fn key_header(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let k = v.to_str().map_err(|_| {
+        ApiError::invalid(
+            "idempotency_key_invalid",
+            "Idempotency-Key",
+            "Idempotency-Key must be visible ASCII.",
+        )
+    })?;
+    validate_key(k)?;
+    Ok(Some(k.to_owned()))
+}
+
 /// Checks a key's shape: 1 to 255 visible ASCII characters.
 pub fn validate_key(key: &str) -> Result<(), ApiError> {
     if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {

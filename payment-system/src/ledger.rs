@@ -372,16 +372,36 @@ impl Ledger {
     ) -> Result<(), BackendError> {
         // one event of each kind per payment, so its id is derived, not random: a second
         // attempt to announce it is refused by the unique index instead of doubling the event
+        self.event(
+            conn,
+            kind,
+            &record.transaction_id,
+            &record.merchant_id,
+            record.public(),
+        )
+        .await
+    }
+
+    /// Writes the `kind` event of `object_id` (a payment or a refund) in the caller's
+    /// transaction, under this ledger's subject prefix and clock.
+    pub(crate) async fn event(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        kind: &str,
+        object_id: &str,
+        merchant_id: &str,
+        data: serde_json::Value,
+    ) -> Result<(), BackendError> {
         crate::events::emit(
             conn,
             crate::events::NewEvent {
                 kind,
-                object_id: &record.transaction_id,
-                merchant_id: &record.merchant_id,
+                object_id,
+                merchant_id,
                 subject_prefix: &self.subject_prefix,
                 now: self.now(),
             },
-            record.public(),
+            data,
         )
         .await
     }

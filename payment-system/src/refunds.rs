@@ -151,18 +151,10 @@ async fn emit(
     refund: &Refund,
     kind: &str,
 ) -> Result<(), BackendError> {
-    crate::events::emit(
-        conn,
-        crate::events::NewEvent {
-            kind,
-            object_id: &refund.id,
-            merchant_id: &refund.merchant_id,
-            subject_prefix: ledger.subject_prefix(),
-            now: ledger.now_ms(),
-        },
-        serde_json::to_value(refund).map_err(corrupt)?,
-    )
-    .await
+    let data = serde_json::to_value(refund).map_err(corrupt)?;
+    ledger
+        .event(conn, kind, &refund.id, &refund.merchant_id, data)
+        .await
 }
 
 /// The refund a merchant made with `key`, and its fingerprint.

@@ -233,20 +233,7 @@ pub(crate) async fn refund(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let fields = optional_body(&body, &["amount", "reason"])?;
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => {
-            let k = v.to_str().map_err(|_| {
-                ApiError::invalid(
-                    "idempotency_key_invalid",
-                    "Idempotency-Key",
-                    "Idempotency-Key must be visible ASCII.",
-                )
-            })?;
-            crate::idempotency::validate_key(k)?;
-            Some(k.to_owned())
-        }
-    };
+    let key = crate::idempotency::key_header(&headers)?;
     let reason = match fields.get("reason") {
         None | Some(Value::Null) => None,
         Some(Value::String(r)) if (1..=200).contains(&r.chars().count()) => Some(r.clone()),
