@@ -481,6 +481,65 @@ async fn the_andon_page_shows_the_level_and_its_reasons_in_a_browser() {
 }
 
 #[tokio::test]
+async fn the_contract_document_and_the_openapi_documents_name_the_same_routes() {
+    // docs/API.md is the contract: every route a service documents in /openapi.json is in it,
+    // and every route it names for the services (not the sandbox gateway's /v1) is served
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/API.md"))
+        .expect("docs/API.md");
+    let shape = |path: &str| -> String {
+        let mut out = String::new();
+        let mut in_param = false;
+        for c in path.chars() {
+            match c {
+                '{' => {
+                    in_param = true;
+                    out.push_str("{}");
+                }
+                '}' => in_param = false,
+                c if !in_param => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    };
+    let mut documented = std::collections::BTreeSet::new();
+    for method in ["GET", "POST", "DELETE", "PUT", "PATCH"] {
+        for (i, _) in docs.match_indices(&format!("`{method} /")) {
+            let rest = &docs[i + method.len() + 2..];
+            let end = rest.find(['`', ' ', '?']).unwrap_or(rest.len());
+            let path = &rest[..end];
+            if !path.starts_with("/v1/") {
+                documented.insert((method.to_ascii_lowercase(), shape(path)));
+            }
+        }
+    }
+    let http = client();
+    let mut served = std::collections::BTreeSet::new();
+    for name in ["payment-system", "deployment-system"] {
+        let svc = Proc::start(name, &[]).await.expect("start");
+        let api: Value = get_json(&http, svc.url("/openapi.json")).await;
+        for (path, ops) in api["paths"].as_object().expect("paths") {
+            for method in ops.as_object().expect("operations").keys() {
+                let route = (method.clone(), shape(path));
+                assert!(
+                    documented.contains(&route),
+                    "{name}: {} {path} is served but not in docs/API.md",
+                    method.to_ascii_uppercase()
+                );
+                served.insert(route);
+            }
+        }
+    }
+    for (method, path) in &documented {
+        assert!(
+            served.contains(&(method.clone(), path.clone())),
+            "docs/API.md names {} {path}, which no service serves",
+            method.to_ascii_uppercase()
+        );
+    }
+}
+
+#[tokio::test]
 async fn the_openapi_documents_name_every_route_each_service_serves() {
     let http = client();
     for (name, routes) in [
