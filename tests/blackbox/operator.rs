@@ -29,6 +29,65 @@ fn run(program: &str, args: &[&str]) -> (bool, String) {
 }
 
 #[test]
+fn make_help_is_the_default_and_lists_every_target_with_a_line() {
+    let (ok, listed) = run("make", &["-s"]);
+    assert!(ok, "{listed}");
+    let makefile = std::fs::read_to_string(root().join("Makefile")).expect("Makefile");
+    let targets: Vec<&str> = makefile
+        .lines()
+        .filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_lowercase()))
+        .filter_map(|l| l.split_once(':').map(|(t, _)| t))
+        .filter(|t| !t.contains(' ') && !t.contains('='))
+        .collect();
+    for target in &targets {
+        let line = listed
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(*target))
+            .unwrap_or_else(|| panic!("make help does not list {target}:\n{listed}"));
+        assert!(
+            line.split_whitespace().count() > 3,
+            "{target} has no description: {line}"
+        );
+    }
+    for wanted in [
+        "build",
+        "run",
+        "up",
+        "down",
+        "restart",
+        "clean",
+        "logs",
+        "logs-payment",
+        "logs-deployment",
+        "test",
+        "test-unit",
+        "lint",
+        "fmt",
+        "bench",
+        "stress-payment",
+        "load",
+        "spike",
+        "chaos",
+        "health",
+        "status",
+        "metrics",
+        "view-grafana",
+        "view-prometheus",
+        "view-jaeger",
+        "demo-deploy",
+        "check",
+    ] {
+        assert!(targets.contains(&wanted), "no make {wanted}");
+    }
+    // check does what it says: lint, then the unit tests
+    let (ok, plan) = run("make", &["-n", "check"]);
+    assert!(
+        ok && plan.contains("clippy") && plan.contains("cargo test"),
+        "{plan}"
+    );
+}
+
+#[test]
 fn the_compose_stack_is_valid_and_complete() {
     let (ok, out) = run(
         "docker-compose",
