@@ -266,11 +266,6 @@ impl Ledger {
         }
     }
 
-    /// The stream subject prefix events go out under.
-    pub fn subject_prefix(&self) -> &str {
-        &self.subject_prefix
-    }
-
     /// The clock's now, unix ms.
     pub fn now_ms(&self) -> i64 {
         self.now()

@@ -448,6 +448,7 @@ impl Webhooks {
         };
         let now = self.now();
         let attempt = due.attempts + 1;
+        let give_up = !ok && now - due.created_at >= millis(self.config.retry_for);
         let mut tx = self.db.pool().begin().await.map_err(db_error)?;
         // recorded only if no other worker recorded an attempt meanwhile (this one's claim
         // lapsed and it was tried again): theirs stands, so a success is never undone
@@ -465,7 +466,6 @@ impl Webhooks {
             .await
             .map_err(db_error)?
         } else {
-            let give_up = now - due.created_at >= millis(self.config.retry_for);
             let wait = self
                 .config
                 .backoff(u32::try_from(attempt).unwrap_or(u32::MAX));
@@ -510,7 +510,6 @@ impl Webhooks {
             .await
             .map_err(db_error)?;
         } else {
-            let give_up = now - due.created_at >= millis(self.config.retry_for);
             sqlx::query(
                 "UPDATE webhook_endpoints SET failing_since = $1 WHERE endpoint_id = $2 AND failing_since IS NULL",
             )
