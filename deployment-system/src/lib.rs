@@ -23,6 +23,7 @@ pub mod proc;
 pub mod registry;
 pub mod rollout;
 pub mod safety;
+pub mod settings;
 pub mod signal;
 pub mod spec;
 

@@ -38,6 +38,7 @@ pub mod reconcile;
 pub mod record;
 pub mod refunds;
 mod routes;
+pub mod settings;
 pub mod signal;
 pub mod webhooks;
 

@@ -282,3 +282,209 @@ fn regex_lite_metric_names(expr: &str) -> Vec<String> {
     }
     names
 }
+
+/// The settings a binary's `--help` shows: its environment name and its default ("" when
+/// unset).
+fn help_settings(binary: &str) -> Vec<(String, String)> {
+    let out = Command::new(tai_blackbox::bin_dir().join(binary))
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{binary} --help: {e}"));
+    assert!(out.status.success(), "{binary} --help failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut blocks: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with("--") || (t.starts_with('-') && t.get(2..4) == Some(", ")) {
+            blocks.push(t.to_owned());
+        } else if let Some(b) = blocks.last_mut() {
+            b.push(' ');
+            b.push_str(t);
+        }
+    }
+    let between = |b: &str, open: &str| {
+        b.split_once(open)
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .map(|(v, _)| v.trim().trim_matches('"').to_owned())
+    };
+    blocks
+        .iter()
+        .filter_map(|b| {
+            let name = between(b, "[env: ")?;
+            let name = name.split('=').next().unwrap_or(&name).to_owned();
+            Some((name, between(b, "[default: ").unwrap_or_default()))
+        })
+        .collect()
+}
+
+/// docs/CONFIGURATION.md's tables: section -> setting -> default ("" when unset).
+fn reference_tables()
+-> std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> {
+    let doc = std::fs::read_to_string(root().join("docs/CONFIGURATION.md"))
+        .expect("docs/CONFIGURATION.md");
+    let mut tables = std::collections::BTreeMap::new();
+    let mut section = String::new();
+    for line in doc.lines() {
+        if let Some(h) = line.strip_prefix("## ") {
+            section = h.trim().to_owned();
+            continue;
+        }
+        let cells: Vec<&str> = line
+            .split(" | ")
+            .map(|c| c.trim_matches(|c| c == '|' || c == ' '))
+            .collect();
+        if cells.len() >= 4 && cells[0].starts_with('`') {
+            let name = cells[0].trim_matches('`').to_owned();
+            let default = if cells[2] == "(unset)" {
+                String::new()
+            } else {
+                cells[2].trim_matches('`').to_owned()
+            };
+            tables
+                .entry(section.clone())
+                .or_insert_with(std::collections::BTreeMap::new)
+                .insert(name, default);
+        }
+    }
+    tables
+}
+
+const BINARIES: [&str; 6] = [
+    "payment-system",
+    "deployment-system",
+    "sandbox-gateway",
+    "stress-payment",
+    "demo-service",
+    "demo-deploy",
+];
+
+#[test]
+fn the_configuration_reference_names_every_setting_of_every_binary() {
+    let tables = reference_tables();
+    let common = tables
+        .get("Common settings (both services)")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        common.contains_key("DATABASE_URL"),
+        "no common settings table"
+    );
+    for binary in BINARIES {
+        let version = Command::new(tai_blackbox::bin_dir().join(binary))
+            .arg("--version")
+            .output()
+            .expect("--version");
+        let shown = String::from_utf8_lossy(&version.stdout).into_owned();
+        assert!(
+            version.status.success() && shown.starts_with(&format!("{binary} ")),
+            "{binary} --version: {shown}"
+        );
+        let own = tables.get(binary).cloned().unwrap_or_default();
+        let settings = help_settings(binary);
+        assert!(
+            !settings.is_empty() || binary == "demo-deploy",
+            "{binary} shows no settings"
+        );
+        for (name, default) in settings {
+            let documented = own.get(&name).or_else(|| {
+                (binary.ends_with("-system") && name != "LISTEN_ADDR")
+                    .then(|| common.get(&name))
+                    .flatten()
+            });
+            let documented = documented.unwrap_or_else(|| {
+                panic!("docs/CONFIGURATION.md does not list {name} under {binary} (python3 scripts/config-reference.py writes it)")
+            });
+            assert_eq!(
+                documented, &default,
+                "{binary} {name}: the page's default is not --help's"
+            );
+        }
+    }
+}
+
+/// Every setting the code reads by name is one `--help` shows: tai-core's in both services,
+/// each service's in its own.
+#[test]
+fn every_setting_the_code_reads_is_a_flag_of_its_binary() {
+    fn read_names(dir: &std::path::Path, found: &mut std::collections::BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).expect("source folder").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if !path.ends_with("bin") {
+                    read_names(&path, found);
+                }
+                continue;
+            }
+            if path.extension().and_then(|e| e.to_str()) != Some("rs") || path.ends_with("tests.rs")
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("source");
+            let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let bytes = text.as_bytes();
+            let mut at = 0;
+            while let Some(i) = text[at..].find('"') {
+                let start = at + i + 1;
+                let Some(len) = text[start..].find('"') else {
+                    break;
+                };
+                let lit = &text[start..start + len];
+                at = start + len + 1;
+                let setting_like = lit.len() > 3
+                    && lit
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                    && bytes[start].is_ascii_uppercase();
+                if !setting_like {
+                    continue;
+                }
+                let before: String = text[..start - 1]
+                    .chars()
+                    .rev()
+                    .filter(|c| !c.is_whitespace())
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                let read = [
+                    "setting(",
+                    "setting_or(",
+                    "sources.get(",
+                    "parse_or(&sources,",
+                    "&get,",
+                ]
+                .iter()
+                .any(|p| before.ends_with(p))
+                    || (before.ends_with("get(") && lit.starts_with("SANDBOX_"));
+                if read {
+                    found.insert(lit.to_owned());
+                }
+            }
+        }
+    }
+    let help = |b: &str| -> std::collections::BTreeSet<String> {
+        help_settings(b).into_iter().map(|(n, _)| n).collect()
+    };
+    let (pay, dep) = (help("payment-system"), help("deployment-system"));
+    for (crate_dir, binaries) in [
+        ("tai-core/src", vec![&pay, &dep]),
+        ("payment-system/src", vec![&pay]),
+        ("deployment-system/src", vec![&dep]),
+    ] {
+        let mut found = std::collections::BTreeSet::new();
+        read_names(&root().join(crate_dir), &mut found);
+        assert!(
+            found.len() > 5,
+            "{crate_dir}: the scan found only {found:?}"
+        );
+        for name in &found {
+            for shown in &binaries {
+                assert!(
+                    shown.contains(name),
+                    "{crate_dir} reads {name}, which --help does not show"
+                );
+            }
+        }
+    }
+}

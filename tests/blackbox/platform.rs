@@ -70,7 +70,7 @@ fn platform_file(dir: &Path, spec: &Spec) -> (String, BTreeMap<String, String>) 
     ));
     for v in ["v1", "v2", "v3"] {
         text.push_str(&format!(
-            "[services.api-service.versions.{v}]\ncommand = [\"{}\", \"--port\", \"{{port}}\", \"--version\", \"{{version}}\", \"--region\", \"{{region}}\", \"--tag\", \"{}\"]\n",
+            "[services.api-service.versions.{v}]\ncommand = [\"{}\", \"--port\", \"{{port}}\", \"--app-version\", \"{{version}}\", \"--region\", \"{{region}}\", \"--tag\", \"{}\"]\n",
             bin.display(),
             dir.display()
         ));

@@ -60,7 +60,7 @@ fn platform_file(dir: &Path, bin: &Path, listen: &BTreeMap<&str, u16>) -> String
     );
     for v in ["v1", "v2", "v3"] {
         text.push_str(&format!(
-            "[services.api-service.versions.{v}]\ncommand = [\"{}\", \"--port\", \"{{port}}\", \"--version\", \"{{version}}\", \"--region\", \"{{region}}\"]\n",
+            "[services.api-service.versions.{v}]\ncommand = [\"{}\", \"--port\", \"{{port}}\", \"--app-version\", \"{{version}}\", \"--region\", \"{{region}}\"]\n",
             demo.display()
         ));
     }
@@ -214,8 +214,14 @@ async fn rollout(
     }
 }
 
+/// `make demo-deploy`: real traffic through HAProxy while v2 rolls out and v3 rolls back.
+#[derive(Debug, clap::Parser)]
+#[command(name = "demo-deploy", version, about)]
+struct Args {}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let _args = <Args as clap::Parser>::parse();
     let bin: PathBuf = std::env::current_exe()?
         .parent()
         .context("the binary's folder")?

@@ -19,16 +19,16 @@ use clap::Parser;
 
 /// One instance of the demo service.
 #[derive(Debug, Parser)]
-#[command(name = "demo-service")]
+#[command(name = "demo-service", version)]
 struct Args {
     /// The port to listen on (127.0.0.1).
-    #[arg(long)]
+    #[arg(long, env = "PORT")]
     port: u16,
-    /// The version it reports.
-    #[arg(long, default_value = "v0")]
-    version: String,
+    /// The version it reports (the application's, not this binary's: that is `--version`).
+    #[arg(long, env = "APP_VERSION", default_value = "v0")]
+    app_version: String,
     /// The region it reports.
-    #[arg(long, default_value = "local")]
+    #[arg(long, env = "REGION", default_value = "local")]
     region: String,
     /// Share of requests answered with a 500.
     #[arg(long, env = "ERROR_RATE", default_value_t = 0.0)]
@@ -85,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
             .split(',')
             .any(|r| r.trim() == args.region);
     let app = Arc::new(App {
-        version: args.version.clone(),
+        version: args.app_version.clone(),
         region: args.region.clone(),
         error_rate: if failing_here {
             args.error_rate.clamp(0.0, 1.0)
@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
     eprintln!(
         "demo-service {} in {} on port {} (error rate {})",
-        args.version, args.region, args.port, app.error_rate
+        args.app_version, args.region, args.port, app.error_rate
     );
     axum::serve(listener, router)
         .with_graceful_shutdown(async {

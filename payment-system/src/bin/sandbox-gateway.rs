@@ -2,17 +2,39 @@
 //! `POST /v1/charges/{key}/reverse`, `GET /v1/stats`.
 //!
 //! `LISTEN_ADDR` (default 127.0.0.1:3901), and the behaviour settings of
-//! `payment_system::gateway::sandbox::config_from`: `SANDBOX_LATENCY_MS`,
-//! `SANDBOX_FAILURE_RATE`, `SANDBOX_DECIDE` (`early` | `late`), `SANDBOX_CHARGE_THEN_FAIL_RATE`,
-//! `SANDBOX_LOOKUP_LAG_MS`. Stops on SIGINT or SIGTERM.
+//! `payment_system::settings::SANDBOX_SETTINGS` (`--help` lists them), each a flag or an
+//! environment variable. Stops on SIGINT or SIGTERM.
 
 use std::sync::Arc;
 
 use payment_system::gateway::sandbox::{Sandbox, config_from, router};
+use payment_system::settings::SANDBOX_SETTINGS;
+use tai_core::runtime::cli::{self, Setting};
+
+const LISTEN: &[Setting] = &[Setting::new(
+    "LISTEN_ADDR",
+    "",
+    "Address to listen on, host:port",
+)];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let flags = cli::parse(
+        "sandbox-gateway",
+        env!("CARGO_PKG_VERSION"),
+        "A card network for tests and demos: charges, captures, voids and refunds decided by \
+         card number, with the latency and failures you ask for",
+        "127.0.0.1:3901",
+        &[LISTEN, SANDBOX_SETTINGS],
+    );
+    let get = |name: &str| {
+        flags
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var(name).ok())
+            .filter(|v| !v.is_empty())
+    };
     let addr = get("LISTEN_ADDR").unwrap_or_else(|| "127.0.0.1:3901".to_owned());
     let config = config_from(get)?;
     eprintln!("sandbox-gateway listening on {addr} ({config:?})");

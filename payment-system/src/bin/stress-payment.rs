@@ -18,34 +18,34 @@ use serde_json::json;
 
 /// Load a running payment-system.
 #[derive(Debug, Parser)]
-#[command(name = "stress-payment", version)]
+#[command(name = "stress-payment", version, about)]
 struct Args {
     /// The service's base URL.
     #[arg(long, default_value = "http://127.0.0.1:3001", env = "PAYMENT_URL")]
     url: String,
     /// How long to send, in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, env = "STRESS_DURATION", default_value_t = 10.0)]
     duration: f64,
     /// Requests in flight at once.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, env = "STRESS_CONCURRENCY", default_value_t = 32)]
     concurrency: usize,
     /// Total requests per second to aim at (0: as fast as the service answers).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, env = "STRESS_RATE", default_value_t = 0.0)]
     rate: f64,
     /// Distinct merchants.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "STRESS_MERCHANTS", default_value_t = 1000)]
     merchants: u64,
     /// Distinct customers.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, env = "STRESS_CUSTOMERS", default_value_t = 100_000)]
     customers: u64,
     /// Share of payments from the blocklisted demo customer (0..1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, env = "STRESS_FRAUD_SHARE", default_value_t = 0.0)]
     fraud_share: f64,
     /// Bearer key, when the service requires one.
-    #[arg(long, env = "STRESS_API_KEY")]
+    #[arg(long, env = "STRESS_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// No progress bar (for logs and CI).
-    #[arg(long)]
+    #[arg(long, env = "STRESS_QUIET")]
     quiet: bool,
 }
 

@@ -115,6 +115,12 @@ impl Sources {
         Ok(Self { env, file })
     }
 
+    /// The same with `flags` (settings given on the command line) above the environment.
+    pub fn with_flags(mut self, flags: Vec<(String, String)>) -> Self {
+        self.env.extend(flags);
+        self
+    }
+
     /// Explicit settings (tests): `env` as if from the environment, `toml` as if from a file.
     pub fn from_parts(env: &[(&str, &str)], toml: &str) -> Result<Self, ConfigError> {
         Ok(Self {

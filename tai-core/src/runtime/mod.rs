@@ -16,6 +16,7 @@
 //!   workers, and drain every registered queue within the grace time.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod error;
 mod middleware;
@@ -169,6 +170,22 @@ impl std::fmt::Debug for Runtime {
 
 pub use telemetry::{init_tracing, shutdown_tracing};
 
+/// What a service binary is: its name, version, one line on what it does, where it listens by
+/// default, and its own settings (beside [`cli::CORE_SETTINGS`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Binary {
+    /// The service's name (`payment-system`).
+    pub name: &'static str,
+    /// Its version (`env!("CARGO_PKG_VERSION")`).
+    pub version: &'static str,
+    /// One line for `--help`.
+    pub about: &'static str,
+    /// `LISTEN_ADDR` when unset.
+    pub default_listen: &'static str,
+    /// The service's own settings, table by table.
+    pub settings: &'static [&'static [cli::Setting]],
+}
+
 impl Runtime {
     /// Reads the configuration of `service` from the environment, starts logging, and prints
     /// the effective configuration.
@@ -177,21 +194,39 @@ impl Runtime {
         version: &'static str,
         default_listen: &str,
     ) -> Result<Self, ConfigError> {
-        let config = RuntimeConfig::from_env(service, default_listen)?;
+        Self::from_env_and(service, version, default_listen, Vec::new())
+    }
+
+    fn from_env_and(
+        service: &str,
+        version: &'static str,
+        default_listen: &str,
+        flags: Vec<(String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let sources = config::Sources::from_process()?.with_flags(flags);
+        let config = RuntimeConfig::from_sources(service, default_listen, sources)?;
         init_tracing(&config);
         Ok(Self::new(config, version, crate::clock::system()))
     }
 
-    /// [`Runtime::from_env`], then the secrets: with `VAULT_ADDR` and `VAULT_TOKEN` set, the API
-    /// keys are the comma-separated field `api_keys` of the KV v2 secret `VAULT_MOUNT`
-    /// (`secret`) / `VAULT_PATH` (`tai/<service>`). The `prod` profile refuses to start without
-    /// keys from one source or the other.
-    pub async fn start(
-        service: &str,
-        version: &'static str,
-        default_listen: &str,
-    ) -> Result<Self, ConfigError> {
-        let mut runtime = Self::from_env(service, version, default_listen)?;
+    /// Parses the command line of `binary` (`--help`, `--version`, each setting as a flag over
+    /// its environment variable), then [`Runtime::from_env`], then the secrets: with
+    /// `VAULT_ADDR` and `VAULT_TOKEN` set, the API keys are the comma-separated field
+    /// `api_keys` of the KV v2 secret `VAULT_MOUNT` (`secret`) / `VAULT_PATH`
+    /// (`tai/<service>`). The `prod` profile refuses to start without keys from one source or
+    /// the other.
+    pub async fn start(binary: &Binary) -> Result<Self, ConfigError> {
+        let flags = cli::parse(
+            binary.name,
+            binary.version,
+            binary.about,
+            binary.default_listen,
+            &std::iter::once(cli::CORE_SETTINGS)
+                .chain(binary.settings.iter().copied())
+                .collect::<Vec<_>>(),
+        );
+        let mut runtime =
+            Self::from_env_and(binary.name, binary.version, binary.default_listen, flags)?;
         runtime.load_secrets().await?;
         Ok(runtime)
     }

@@ -55,7 +55,10 @@ fn provider(service: &str, endpoint: &str) -> Result<SdkTracerProvider, String> 
 
 /// Starts logging (and trace export when configured). A second call does nothing.
 pub fn init_tracing(config: &RuntimeConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = config
+        .setting("RUST_LOG")
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let fmt = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
