@@ -216,7 +216,8 @@ pub async fn build(
                     BuildError::Platform(format!("PROMETHEUS_FILE_SD_DIR {dir}: {e}"))
                 })?;
             }
-            runtime.spawn_worker(p.clone().run(runtime.shutdown_signal()));
+            let platform = p.clone();
+            runtime.supervise("platform", move |stop| platform.clone().run(stop));
             let ready = p.clone();
             runtime.add_readiness("platform", move || {
                 let ready = ready.clone();
@@ -320,7 +321,13 @@ pub async fn build(
         shutdown: runtime.shutdown_signal(),
     })
     .await?;
-    runtime.spawn_worker(controller.run(runtime.shutdown_signal()));
+    // the controller's state is in the store: a restarted loop loads it again, as a replica
+    // taking the lease over does
+    let controller = Arc::new(tokio::sync::Mutex::new(controller));
+    runtime.supervise("rollout_controller", move |stop| {
+        let controller = controller.clone();
+        async move { controller.lock().await.run(stop).await }
+    });
 
     let trouble = metrics.clone();
     let inconclusive = handle.clone();

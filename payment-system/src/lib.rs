@@ -377,23 +377,28 @@ pub async fn build(
             poll: Duration::from_millis(cfg.setting_or("WEBHOOK_POLL_MS", 250u64)?.max(10)),
         },
     )?;
-    runtime.spawn_worker(webhooks.clone().run(runtime.shutdown_signal()));
+    let deliveries = webhooks.clone();
+    runtime.supervise("webhook_deliveries", move |stop| {
+        deliveries.clone().run(stop)
+    });
     {
         let backlog = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let figure = backlog.clone();
         let counter = webhooks.clone();
-        let mut shutdown = runtime.shutdown_signal();
-        runtime.spawn_worker(async move {
-            loop {
-                if let Ok(n) = counter.backlog().await {
-                    figure.store(
-                        u64::try_from(n).unwrap_or(0),
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = shutdown.changed() => return,
+        runtime.supervise("webhook_backlog", move |mut shutdown| {
+            let (counter, figure) = (counter.clone(), figure.clone());
+            async move {
+                loop {
+                    if let Ok(n) = counter.backlog().await {
+                        figure.store(
+                            u64::try_from(n).unwrap_or(0),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        _ = shutdown.changed() => return,
+                    }
                 }
             }
         });
@@ -414,17 +419,19 @@ pub async fn build(
         let relay_for_status = relay.clone();
         let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let pending_figure = pending.clone();
-        let mut shutdown = runtime.shutdown_signal();
-        runtime.spawn_worker(async move {
+        runtime.supervise("outbox_backlog", move |mut shutdown| {
+            let (relay_for_status, pending) = (relay_for_status.clone(), pending.clone());
             // the outbox's backlog, for Andon and /status, counted once a second until shutdown
             // (a worker that never returns would hold the graceful stop for its whole grace)
-            loop {
-                if let Ok(n) = relay_for_status.pending().await {
-                    pending.store(n, std::sync::atomic::Ordering::Relaxed);
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.changed() => return,
+            async move {
+                loop {
+                    if let Ok(n) = relay_for_status.pending().await {
+                        pending.store(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => return,
+                    }
                 }
             }
         });
@@ -435,10 +442,10 @@ pub async fn build(
             );
         });
     }
-    runtime.spawn_worker(action::confirmation_worker(
-        confirmations.clone(),
-        ledger.clone(),
-    ));
+    let (queue, confirmed) = (confirmations.clone(), ledger.clone());
+    runtime.supervise("confirmations", move |_| {
+        action::confirmation_worker(queue.clone(), confirmed.clone())
+    });
 
     let velocity: Arc<dyn WindowCounter> = match runtime.redis() {
         Some(redis) => Arc::new(RedisWindowCounter::new(
@@ -513,7 +520,9 @@ pub async fn build(
             cfg.setting_or("RECONCILE_RECHECK_EVERY_MS", 30_000u64)?,
         ),
     };
-    runtime.spawn_worker(reconciler.run(reconcile_every, runtime.shutdown_signal()));
+    runtime.supervise("reconciler", move |stop| {
+        reconciler.clone().run(reconcile_every, stop)
+    });
     let pipeline = Pipeline::new(
         "payment",
         facts,

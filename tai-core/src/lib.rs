@@ -36,3 +36,4 @@ pub mod policy;
 pub mod runtime;
 pub mod secrets;
 pub mod store;
+pub mod supervisor;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tai_blackbox::{Proc, backend, client, eventually, get_json, unique};
 
 const SERVICES: [&str; 2] = ["payment-system", "deployment-system"];
@@ -603,4 +603,165 @@ async fn the_openapi_documents_name_every_route_each_service_serves() {
             );
         }
     }
+}
+
+/// Supervision: a background worker that panics (made to, through the test hook) is started
+/// again, shows its restarts on `/status` and in the metrics, keeps doing its job, and turns
+/// Andon YELLOW when it restarts too often; a handler that panics answers a JSON 500.
+#[tokio::test]
+async fn a_worker_that_panics_is_restarted_and_keeps_working_and_a_handler_panic_is_a_json_500() {
+    let svc = Proc::start(
+        "payment-system",
+        &[
+            ("TAI_TEST_HOOKS", "true"),
+            ("AUTHORIZATION_TTL_SECS", "2"),
+            ("RECONCILE_EVERY_MS", "200"),
+        ],
+    )
+    .await
+    .expect("payment-system");
+    let http = client();
+    let status: Value = get_json(&http, svc.url("/status")).await;
+    let reconciler = &status["workers"]["reconciler"];
+    assert_eq!(reconciler["state"], "running", "{status}");
+    assert_eq!(reconciler["restarts"], 0);
+    for worker in [
+        "confirmations",
+        "webhook_deliveries",
+        "webhook_backlog",
+        "state_sweep",
+    ] {
+        assert_eq!(
+            status["workers"][worker]["state"], "running",
+            "{worker}: {status}"
+        );
+    }
+    let metrics = http
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("tai_worker_restarts_total{worker=\"reconciler\"} 0"),
+        "restarts are exported at 0 from the start"
+    );
+
+    let poison = |worker: &str| {
+        let (http, url) = (
+            http.clone(),
+            svc.url(&format!("/debug/workers/{worker}/panic")),
+        );
+        async move { http.post(url).send().await.expect("hook").status().as_u16() }
+    };
+    assert_eq!(poison("nobody").await, 404);
+    assert_eq!(poison("reconciler").await, 202);
+    let after = eventually(Duration::from_secs(10), "the reconciler restarted", || {
+        let http = http.clone();
+        let url = svc.url("/status");
+        async move {
+            let s: Value = get_json(&http, url).await;
+            let r = s["workers"]["reconciler"].clone();
+            (r["restarts"] == 1 && r["state"] == "running").then_some(r)
+        }
+    })
+    .await;
+    assert!(
+        after["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("panicked")),
+        "{after}"
+    );
+    let metrics = http
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("tai_worker_restarts_total{worker=\"reconciler\"} 1"));
+    assert_eq!(
+        get_json(&http, svc.url("/andon")).await["level"],
+        "GREEN",
+        "one restart is not trouble"
+    );
+
+    // the restarted reconciler still does its job: an authorization left past its TTL is voided
+    let body = json!({"amount": "10.00", "currency": "USD", "merchant_id": "m_sup",
+        "customer_id": unique("cust"), "capture": false});
+    let auth: Value = http
+        .post(svc.url("/payment"))
+        .json(&body)
+        .send()
+        .await
+        .expect("authorize")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(auth["status"], "AUTHORIZED", "{auth}");
+    let id = auth["transaction_id"].as_str().expect("id").to_owned();
+    let voided = eventually(
+        Duration::from_secs(15),
+        "the lapsed authorization voided",
+        || {
+            let http = http.clone();
+            let url = svc.url(&format!("/payment/{id}"));
+            async move {
+                let p: Value = get_json(&http, url).await;
+                (p["status"] == "VOIDED").then_some(p)
+            }
+        },
+    )
+    .await;
+    assert_eq!(voided["void_reason"], "expired");
+
+    // restarting over and over is trouble: Andon YELLOW, naming the rule
+    for n in 2..=3 {
+        assert_eq!(poison("reconciler").await, 202);
+        eventually(
+            Duration::from_secs(10),
+            "the reconciler restarted again",
+            || {
+                let http = http.clone();
+                let url = svc.url("/status");
+                async move {
+                    let s: Value = get_json(&http, url).await;
+                    (s["workers"]["reconciler"]["restarts"] == n).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    let andon = eventually(Duration::from_secs(5), "Andon YELLOW", || {
+        let http = http.clone();
+        let url = svc.url("/andon");
+        async move {
+            let a: Value = get_json(&http, url).await;
+            (a["level"] == "YELLOW").then_some(a)
+        }
+    })
+    .await;
+    assert!(andon.to_string().contains("worker_restarting"), "{andon}");
+
+    // a handler that panics: a JSON 500, and the service goes on
+    let r = http
+        .post(svc.url("/debug/panic"))
+        .send()
+        .await
+        .expect("the connection is answered, not dropped");
+    assert_eq!(r.status().as_u16(), 500);
+    let err: Value = r.json().await.expect("a JSON body");
+    assert_eq!(err["error"]["code"], "internal_error", "{err}");
+    assert_eq!(
+        http.get(svc.url("/health"))
+            .send()
+            .await
+            .expect("health")
+            .status()
+            .as_u16(),
+        200
+    );
 }

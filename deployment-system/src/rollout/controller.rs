@@ -188,8 +188,11 @@ impl Controller {
         Ok((controller, handle))
     }
 
-    /// Runs until `shutdown` turns true.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` turns true. Starts from the store, so a loop started again after
+    /// a panic picks up where the records say, as a replica taking the lease over does.
+    pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) {
+        self.loaded = false;
+        self.in_flight.clear();
         loop {
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {

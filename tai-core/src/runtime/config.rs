@@ -321,6 +321,13 @@ impl RuntimeConfig {
                     .into(),
             ));
         }
+        if config.profile == Profile::Prod
+            && config.sources.get("TAI_TEST_HOOKS").as_deref() == Some("true")
+        {
+            return Err(ConfigError::Refused(
+                "the prod profile refuses TAI_TEST_HOOKS=true: unset it".into(),
+            ));
+        }
         if config.profile == Profile::Prod {
             let db = config.database_url.expose();
             if db == "memory" || db == "sqlite::memory:" {

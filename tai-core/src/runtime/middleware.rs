@@ -125,3 +125,20 @@ pub(crate) async fn authenticate(
 pub(crate) async fn not_found() -> Response {
     ApiError::for_status(StatusCode::NOT_FOUND).into_response()
 }
+
+/// A handler that panicked: a JSON 500 instead of a dropped connection, and the panic logged.
+pub(crate) fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    tracing::error!(panic = %message, "a request handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorType::ApiError,
+        "internal_error",
+        "The server failed while handling this request; it was not completed. Retry with the same Idempotency-Key.",
+    )
+    .into_response()
+}

@@ -135,6 +135,13 @@ pub fn default_andon_rules() -> Vec<AndonRule> {
             Level::Red,
             "circuit breakers open",
         ),
+        AndonRule::new(
+            "worker_restarting",
+            "worker_restarts_5m",
+            2.0,
+            Level::Yellow,
+            "restarts of one background worker in the last 5 minutes",
+        ),
     ]
 }
 
@@ -153,6 +160,7 @@ pub struct Runtime {
     andon_rules: Vec<AndonRule>,
     shutdown_tx: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
+    supervisor: crate::supervisor::Supervisor,
     redis: Option<crate::store::RedisStore>,
     database: Option<crate::db::Database>,
     leases: BTreeMap<String, Arc<std::sync::RwLock<crate::lease::LeaseStatus>>>,
@@ -281,7 +289,21 @@ impl Runtime {
             .collect();
         tracing::info!(service = %config.service, version, "effective configuration: {}", described.join(" "));
         let kaizen = Kaizen::new(&config.service, clock.clone());
+        let supervisor = crate::supervisor::Supervisor::new(kaizen.registry());
         let (shutdown_tx, _) = watch::channel(false);
+        let mut status_sections: BTreeMap<String, StatusSection> = BTreeMap::new();
+        let workers = supervisor.clone();
+        status_sections.insert(
+            "workers".into(),
+            Arc::new(move || serde_json::to_value(workers.snapshot()).unwrap_or_default()),
+        );
+        let workers = supervisor.clone();
+        let figure_sources: Vec<FigureSource> = vec![Arc::new(move |f: &mut Figures| {
+            f.insert(
+                "worker_restarts_5m".into(),
+                workers.most_recent_restarts() as f64,
+            );
+        })];
         Self {
             config,
             version,
@@ -291,11 +313,12 @@ impl Runtime {
             queues: Vec::new(),
             readiness: Vec::new(),
             backends: BTreeMap::new(),
-            figure_sources: Vec::new(),
-            status_sections: BTreeMap::new(),
+            figure_sources,
+            status_sections,
             andon_rules: default_andon_rules(),
             shutdown_tx,
             workers: Vec::new(),
+            supervisor,
             redis: None,
             database: None,
             leases: BTreeMap::new(),
@@ -432,10 +455,12 @@ impl Runtime {
         } else {
             let db = self.database().await?;
             let sql = crate::store::SqlStore::new(db, self.clock.clone());
-            self.spawn_worker(
-                sql.clone()
-                    .sweep_every(std::time::Duration::from_secs(30), self.shutdown_signal()),
-            );
+            let sweeper = sql.clone();
+            self.supervise("state_sweep", move |stop| {
+                sweeper
+                    .clone()
+                    .sweep_every(std::time::Duration::from_secs(30), stop)
+            });
             Arc::new(sql)
         };
         self.set_backend("state", store.backend());
@@ -499,7 +524,8 @@ impl Runtime {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(100u64),
         );
-        self.spawn_worker(relay.clone().run(every, self.shutdown_signal()));
+        let worker = relay.clone();
+        self.supervise("outbox_relay", move |stop| worker.clone().run(every, stop));
         self.set_backend("events", "jetstream");
         Ok(Some(relay))
     }
@@ -538,9 +564,22 @@ impl Runtime {
         self.shutdown_tx.subscribe()
     }
 
-    /// Runs a background worker; shutdown waits for it (within the grace time).
-    pub fn spawn_worker<F: Future<Output = ()> + Send + 'static>(&mut self, worker: F) {
-        self.workers.push(tokio::spawn(worker));
+    /// Runs the background worker `make` builds, under the supervisor: started again (with
+    /// backoff) when it panics or returns before shutdown, shown on `/status` (`workers`) and
+    /// in the metrics. `make` gets the shutdown signal: the worker stops taking work when it
+    /// turns `true`, and shutdown waits for it (within the grace time).
+    pub fn supervise<F, Fut>(&mut self, name: &str, make: F)
+    where
+        F: Fn(watch::Receiver<bool>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.supervisor.spawn(
+            name,
+            crate::supervisor::Backoff::default(),
+            self.shutdown_signal(),
+            make,
+        );
+        self.workers.push(handle);
     }
 
     fn into_parts(
@@ -582,9 +621,45 @@ impl Runtime {
             .route("/", get(routes::index))
             .route("/openapi.json", get(routes::openapi))
             .with_state(common.clone());
+        let mut domain = domain;
+        if self.config.setting("TAI_TEST_HOOKS").as_deref() == Some("true") {
+            tracing::warn!(
+                "TAI_TEST_HOOKS=true: POST /debug/workers/{{name}}/panic and POST /debug/panic are open"
+            );
+            let supervisor = self.supervisor.clone();
+            domain = domain.merge(
+                Router::new()
+                    .route(
+                        "/debug/workers/{name}/panic",
+                        axum::routing::post(
+                            move |axum::extract::Path(name): axum::extract::Path<String>| {
+                                let supervisor = supervisor.clone();
+                                async move {
+                                    if supervisor.poison(&name) {
+                                        http::StatusCode::ACCEPTED
+                                    } else {
+                                        http::StatusCode::NOT_FOUND
+                                    }
+                                }
+                            },
+                        ),
+                    )
+                    .route(
+                        "/debug/panic",
+                        axum::routing::post(|| async {
+                            if true {
+                                panic!("a handler panicked through the test hook");
+                            }
+                        }),
+                    ),
+            );
+        }
         let router = common_routes
             .merge(domain)
             .fallback(middleware::not_found)
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                middleware::panic_response,
+            ))
             .layer(axum::middleware::from_fn_with_state(
                 common.clone(),
                 middleware::authenticate,
