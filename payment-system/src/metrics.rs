@@ -17,6 +17,9 @@ pub struct PaymentMetrics {
     reconciled: IntCounterVec,
     /// `payment_gateway_circuit_breaker_state`: 0 closed, 1 open, 2 half-open.
     pub breaker_state: IntGauge,
+    /// `payment_processing_backlog`: payments left `PROCESSING` past the reconciler's wait
+    /// that its last pass could not settle (at most one batch).
+    pub processing_backlog: IntGauge,
     window: RollingWindow,
 }
 
@@ -58,6 +61,14 @@ impl PaymentMetrics {
                 IntGauge::new(
                     "payment_gateway_circuit_breaker_state",
                     "Gateway breaker: 0 closed, 1 open, 2 half-open",
+                )
+                .expect(valid),
+            ),
+            processing_backlog: register(
+                r,
+                IntGauge::new(
+                    "payment_processing_backlog",
+                    "Payments left PROCESSING that the reconciler's last pass could not settle",
                 )
                 .expect(valid),
             ),

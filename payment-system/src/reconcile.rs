@@ -89,8 +89,12 @@ impl Reconciler {
     pub async fn run(self, every: Duration, mut shutdown: watch::Receiver<bool>) {
         let mut last_sweep = std::time::Instant::now();
         loop {
-            if let Err(e) = self.pass().await {
-                tracing::warn!(error = %e, "reconciliation pass failed; will try again");
+            match self.pass().await {
+                Ok(pass) => self
+                    .metrics
+                    .processing_backlog
+                    .set(i64::try_from(pass.waiting).unwrap_or(i64::MAX)),
+                Err(e) => tracing::warn!(error = %e, "reconciliation pass failed; will try again"),
             }
             if last_sweep.elapsed() >= Duration::from_secs(60) {
                 last_sweep = std::time::Instant::now();

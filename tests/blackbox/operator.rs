@@ -129,6 +129,53 @@ fn prometheus_config_and_alert_rules_check_and_their_unit_tests_pass() {
     assert!(ok, "{out}");
     let (ok, out) = run("promtool", &["test", "rules", "config/alerts_test.yml"]);
     assert!(ok, "{out}");
+
+    // every alert: a runbook section it links to, and a case that fires and one that does not
+    let rules = std::fs::read_to_string(root().join("config/alerts.yml")).expect("alerts.yml");
+    let cases = std::fs::read_to_string(root().join("config/alerts_test.yml")).expect("tests");
+    let runbook = std::fs::read_to_string(root().join("docs/RUNBOOK.md")).expect("docs/RUNBOOK.md");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 11, "{alerts:?}");
+    for wanted in [
+        "ServiceDown",
+        "BackendDown",
+        "QueueStuck",
+        "ReconcilerBacklog",
+    ] {
+        assert!(alerts.contains(&wanted), "no {wanted} alert");
+    }
+    let lines: Vec<&str> = cases.lines().map(str::trim).collect();
+    for alert in &alerts {
+        let link = format!("runbook_url: \"docs/RUNBOOK.md#{}\"", alert.to_lowercase());
+        let block = rules
+            .split("- alert: ")
+            .find(|b| b.starts_with(&format!("{alert}\n")))
+            .expect("the alert's block");
+        assert!(
+            block.contains(&link),
+            "{alert} does not link its runbook section"
+        );
+        assert!(
+            runbook.lines().any(|l| l.trim() == format!("## {alert}")),
+            "docs/RUNBOOK.md has no section ## {alert}"
+        );
+        let outcomes: Vec<bool> = lines
+            .windows(2)
+            .filter(|w| w[0] == format!("alertname: {alert}"))
+            .map(|w| w[1] != "exp_alerts: []")
+            .collect();
+        assert!(
+            outcomes.contains(&true),
+            "{alert} has no case where it fires"
+        );
+        assert!(
+            outcomes.contains(&false),
+            "{alert} has no case where it does not fire"
+        );
+    }
 }
 
 fn dashboard_queries() -> Vec<(String, String)> {

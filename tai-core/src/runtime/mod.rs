@@ -587,6 +587,21 @@ impl Runtime {
         domain: Router,
         api: utoipa::openapi::OpenApi,
     ) -> (Router, Arc<Common>, Shutdown) {
+        let mut workers = self.workers;
+        workers.push(
+            self.supervisor.spawn(
+                "backend_probe",
+                crate::supervisor::Backoff::default(),
+                self.shutdown_tx.subscribe(),
+                backend_probe(
+                    self.readiness
+                        .iter()
+                        .map(|r| (r.name.clone(), r.probe.clone()))
+                        .collect(),
+                    self.kaizen.registry(),
+                ),
+            ),
+        );
         let andon = Andon::new(self.andon_rules, self.clock.clone(), self.kaizen.registry());
         let mut doc = routes::CommonApi::openapi();
         doc.merge(api);
@@ -674,7 +689,7 @@ impl Runtime {
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
         let shutdown = Shutdown {
             tx: self.shutdown_tx,
-            workers: self.workers,
+            workers,
             grace: self.config.shutdown_grace,
         };
         (router, common, shutdown)
@@ -717,6 +732,44 @@ impl Runtime {
         tracing::info!(%service, "shut down");
         shutdown_tracing();
         Ok(())
+    }
+}
+
+/// The worker behind `tai_backend_up{backend}`: every readiness probe (the ones `/ready` runs),
+/// every 5 s, each given 3 s.
+fn backend_probe(
+    probes: Vec<(String, Probe)>,
+    registry: &prometheus::Registry,
+) -> impl Fn(watch::Receiver<bool>) -> BoxFuture<'static, ()> + Send + Sync + 'static {
+    let up = crate::kaizen::register(
+        registry,
+        prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "tai_backend_up",
+                "1 while the backend's readiness probe answers, 0 while it fails",
+            ),
+            &["backend"],
+        )
+        .expect("constant metric definition"),
+    );
+    let probes = Arc::new(probes);
+    move |mut stop| {
+        let (probes, up) = (probes.clone(), up.clone());
+        Box::pin(async move {
+            loop {
+                for (name, probe) in probes.iter() {
+                    let ok = matches!(
+                        tokio::time::timeout(std::time::Duration::from_secs(3), probe()).await,
+                        Ok(Ok(()))
+                    );
+                    up.with_label_values(&[name]).set(i64::from(ok));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        })
     }
 }
 
