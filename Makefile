@@ -3,7 +3,7 @@
 # right above it.
 .DEFAULT_GOAL := help
 .PHONY: help build run up down restart clean logs logs-payment logs-deployment test test-unit \
-	check lint fmt bench stress-payment load spike chaos health status metrics view-grafana \
+	check lint fmt bench stress-payment stress-deployment load spike chaos health status metrics view-grafana \
 	view-prometheus view-jaeger demo-deploy
 
 PAYMENT ?= http://127.0.0.1:3001
@@ -81,6 +81,10 @@ bench:
 ## Load a running payment service (`make run` first): STRESS_ARGS="--duration 30 --concurrency 64".
 stress-payment:
 	cargo run --release --bin stress-payment -- --url $(PAYMENT) $(STRESS_ARGS)
+
+## Start 50 deployments at once against a running deployment service (`make run` first), follow each to its end, print a summary: STRESS_DEPLOY_ARGS="--deployments 50 --bake-secs 1".
+stress-deployment:
+	cargo run --release --bin stress-deployment -- --url $(DEPLOYMENT) $(STRESS_DEPLOY_ARGS)
 
 ## A steady minute of payments at 200 per second, 2% from the blocklisted demo customer.
 load:

@@ -17,6 +17,8 @@ BINS = [
     ("sandbox-gateway", "The standalone sandbox card network. payment-system has one inside "
      "(with the same `SANDBOX_*` settings) and uses it while `GATEWAY_URL` is unset."),
     ("stress-payment", "`make stress-payment`: load against a running payment service."),
+    ("stress-deployment", "`make stress-deployment`: many deployments at once against a running "
+     "deployment service, each followed to its end."),
     ("demo-service", "The small HTTP service the `proc` platform starts per version and region "
      "(`make demo-deploy` and the tests)."),
     ("demo-deploy", "`make demo-deploy`: a rollout moving real traffic through HAProxy."),

@@ -396,11 +396,12 @@ fn reference_tables()
     tables
 }
 
-const BINARIES: [&str; 6] = [
+const BINARIES: [&str; 7] = [
     "payment-system",
     "deployment-system",
     "sandbox-gateway",
     "stress-payment",
+    "stress-deployment",
     "demo-service",
     "demo-deploy",
 ];
