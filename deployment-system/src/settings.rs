@@ -47,7 +47,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     Setting::new(
         "PROMQL_REQUESTS",
-        "increase(http_requests_total[1m])",
+        "increase of http_requests_total over 1m",
         "Request-count query (too few requests: inconclusive)",
     ),
     Setting::new(
@@ -72,7 +72,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     Setting::new(
         "DEFAULT_REGIONS",
-        "the fleet's regions",
+        "us-west-2",
         "Regions a deployment naming none rolls out to, comma-separated",
     ),
     Setting::new(

@@ -107,7 +107,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting::new(
         "CONFIRM_REQUEUE_AFTER_MS",
         "60000",
-        "A confirmation not acknowledged by then is delivered again",
+        "A success still unconfirmed after this long is queued again by the reconciler",
     ),
     Setting::new(
         "CONFIRM_STREAM",

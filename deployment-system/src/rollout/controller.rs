@@ -188,11 +188,12 @@ impl Controller {
         Ok((controller, handle))
     }
 
-    /// Runs until `shutdown` turns true. Starts from the store, so a loop started again after
-    /// a panic picks up where the records say, as a replica taking the lease over does.
+    /// Runs until `shutdown` turns true. Loads the store first, so a loop started again after
+    /// a panic picks up where the records say.
     pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) {
+        // measurements started before a panic are their own tasks and still report here, so
+        // in_flight is kept (clearing it would start a second measurement of the same window)
         self.loaded = false;
-        self.in_flight.clear();
         loop {
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {

@@ -109,7 +109,7 @@ pub const CORE_SETTINGS: &[Setting] = &[
     Setting::new(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "",
-        "OTLP endpoint for traces (e.g. http://127.0.0.1:4317); none when unset",
+        "OTLP endpoint for traces (e.g. http://127.0.0.1:4318); none when unset",
     ),
     Setting::new("LOG_FORMAT", "pretty (json in prod)", "pretty or json"),
     Setting::new("RUST_LOG", "info", "Log filter (tracing EnvFilter syntax)"),
@@ -122,6 +122,11 @@ pub const CORE_SETTINGS: &[Setting] = &[
         "BODY_LIMIT_BYTES",
         "65536",
         "Largest request body accepted (larger: 413)",
+    ),
+    Setting::new(
+        "TAI_TEST_HOOKS",
+        "false",
+        "Tests only, refused in prod: POST /debug/workers/NAME/panic makes a worker panic, POST /debug/panic a handler",
     ),
     Setting::new(
         "SHUTDOWN_GRACE_MS",

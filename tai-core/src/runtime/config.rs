@@ -100,7 +100,16 @@ pub struct Sources {
 impl Sources {
     /// The process environment and the file `TAI_CONFIG` names, if any.
     pub fn from_process() -> Result<Self, ConfigError> {
-        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Self::from_process_with(Vec::new())
+    }
+
+    /// The same with `flags` (settings given on the command line) above the environment; a
+    /// `--tai-config` flag names the file.
+    pub fn from_process_with(flags: Vec<(String, String)>) -> Result<Self, ConfigError> {
+        let mut env: BTreeMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        env.extend(flags);
         let mut file = BTreeMap::new();
         if let Some(path) = env.get("TAI_CONFIG").filter(|p| !p.is_empty()) {
             let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
@@ -113,12 +122,6 @@ impl Sources {
             })?;
         }
         Ok(Self { env, file })
-    }
-
-    /// The same with `flags` (settings given on the command line) above the environment.
-    pub fn with_flags(mut self, flags: Vec<(String, String)>) -> Self {
-        self.env.extend(flags);
-        self
     }
 
     /// Explicit settings (tests): `env` as if from the environment, `toml` as if from a file.

@@ -138,7 +138,7 @@ pub(crate) fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -
         StatusCode::INTERNAL_SERVER_ERROR,
         ErrorType::ApiError,
         "internal_error",
-        "The server failed while handling this request; it was not completed. Retry with the same Idempotency-Key.",
+        "The server failed while handling this request; its outcome is unknown. Look it up, or retry with the same Idempotency-Key.",
     )
     .into_response()
 }

@@ -211,7 +211,7 @@ impl Runtime {
         default_listen: &str,
         flags: Vec<(String, String)>,
     ) -> Result<Self, ConfigError> {
-        let sources = config::Sources::from_process()?.with_flags(flags);
+        let sources = config::Sources::from_process_with(flags)?;
         let config = RuntimeConfig::from_sources(service, default_listen, sources)?;
         init_tracing(&config);
         Ok(Self::new(config, version, crate::clock::system()))
@@ -686,7 +686,11 @@ impl Runtime {
             ))
             .layer(axum::middleware::from_fn(trace::trace_context))
             .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            // a panic in the middleware itself: still a JSON 500, not a dropped connection
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                middleware::panic_response,
+            ));
         let shutdown = Shutdown {
             tx: self.shutdown_tx,
             workers,
