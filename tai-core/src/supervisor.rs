@@ -83,7 +83,8 @@ pub struct Supervisor {
     restarts: IntCounterVec,
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+/// The message a panic carried (`panic!("...")`), for logs and answers.
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

@@ -605,6 +605,16 @@ async fn the_openapi_documents_name_every_route_each_service_serves() {
     }
 }
 
+async fn metrics_text(http: &reqwest::Client, svc: &Proc) -> String {
+    http.get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 /// Supervision: a background worker that panics (made to, through the test hook) is started
 /// again, shows its restarts on `/status` and in the metrics, keeps doing its job, and turns
 /// Andon YELLOW when it restarts too often; a handler that panics answers a JSON 500.
@@ -636,14 +646,7 @@ async fn a_worker_that_panics_is_restarted_and_keeps_working_and_a_handler_panic
             "{worker}: {status}"
         );
     }
-    let metrics = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&http, &svc).await;
     assert!(
         metrics.contains("tai_worker_restarts_total{worker=\"reconciler\"} 0"),
         "restarts are exported at 0 from the start"
@@ -674,14 +677,7 @@ async fn a_worker_that_panics_is_restarted_and_keeps_working_and_a_handler_panic
             .is_some_and(|e| e.starts_with("panicked")),
         "{after}"
     );
-    let metrics = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&http, &svc).await;
     assert!(metrics.contains("tai_worker_restarts_total{worker=\"reconciler\"} 1"));
     assert_eq!(
         get_json(&http, svc.url("/andon")).await["level"],

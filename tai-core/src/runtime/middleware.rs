@@ -128,11 +128,7 @@ pub(crate) async fn not_found() -> Response {
 
 /// A handler that panicked: a JSON 500 instead of a dropped connection, and the panic logged.
 pub(crate) fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    let message = payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned());
+    let message = crate::supervisor::panic_message(payload);
     tracing::error!(panic = %message, "a request handler panicked");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
