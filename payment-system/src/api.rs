@@ -72,6 +72,7 @@ pub(crate) async fn create_payment(
     principal: Option<axum::Extension<Principal>>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    let key = key_header(&headers)?;
     let request = tracing::info_span!("signal_received")
         .in_scope(|| signal::parse(&body, app.clock.wall(), &app.limits))?;
     if !may_act_for(principal.as_deref(), &request.merchant_id) {
@@ -83,7 +84,6 @@ pub(crate) async fn create_payment(
         )
         .with_param("merchant_id"));
     }
-    let key = key_header(&headers)?;
     let decision = app.limiter.check(&request.merchant_id).await.map_err(|e| {
         ApiError::unavailable(
             "rate_limiter_unavailable",
@@ -145,9 +145,8 @@ pub(crate) async fn create_payment(
             }
         }
     }
-    let trace_id = trace
-        .map(|t| t.0.trace_id)
-        .unwrap_or_else(|| TraceContext::root().trace_id);
+    let trace = trace.map(|t| t.0).unwrap_or_else(TraceContext::root);
+    let trace_id = trace.trace_id.clone();
     let mut attempt = PaymentAttempt::new(request, trace_id, key.clone());
     attempt.fingerprint = key.as_ref().map(|_| fp.clone());
     attempt.claim_token = claim_token;
@@ -156,7 +155,9 @@ pub(crate) async fn create_payment(
     let worker = {
         let app = app.clone();
         let span = tracing::Span::current();
-        tokio::spawn(
+        // the calls it makes (the gateway's) carry the request's trace
+        tokio::spawn(tai_core::runtime::trace::within(
+            trace,
             async move {
                 let outcome = app.pipeline.run(&attempt).await;
                 let answer = match outcome {
@@ -203,7 +204,7 @@ pub(crate) async fn create_payment(
                 Ok((answer, body))
             }
             .instrument(span),
-        )
+        ))
     };
     // Answer before the request timeout cuts the connection: a payment still being worked on
     // then is PROCESSING (its task goes on), never a bare timeout a client might read as
@@ -320,10 +321,7 @@ pub(crate) fn merchant_param(v: Option<&str>) -> Result<Option<String>, ApiError
     match v {
         None => Ok(None),
         Some(m) => {
-            let ok = (1..=64).contains(&m.len())
-                && m.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if ok {
+            if crate::signal::is_id(m) {
                 Ok(Some(m.to_owned()))
             } else {
                 Err(ApiError::invalid(
@@ -343,11 +341,7 @@ pub(crate) struct MerchantQuery {
 }
 
 pub(crate) fn customer_param(id: &str) -> Result<String, ApiError> {
-    let ok = (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
+    if crate::signal::is_id(id) {
         Ok(id.to_owned())
     } else {
         Err(ApiError::invalid(
@@ -360,7 +354,7 @@ pub(crate) fn customer_param(id: &str) -> Result<String, ApiError> {
 
 /// Add a customer to the blocklist.
 #[utoipa::path(post, path = "/admin/blocklist", tag = "admin",
-    request_body(content = Object, description = r#"{"customer_id": "cust_…", "merchant_id": "merc_…"} (without merchant_id: network-wide, admin keys only)"#),
+    request_body(content = inline(crate::docs::BlocklistDoc), description = "Who to block, and for which merchant"),
     responses((status = 201, description = "Added"), (status = 400, description = "Invalid customer_id or merchant_id"), (status = 401, description = "No valid key"), (status = 403, description = "No keys configured, or a key bound to another merchant")))]
 pub(crate) async fn add_blocklist(
     State(app): State<Arc<App>>,

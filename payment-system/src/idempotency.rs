@@ -147,9 +147,17 @@ pub fn key_header(headers: &axum::http::HeaderMap) -> Result<Option<String>, Api
     Ok(Some(k.to_owned()))
 }
 
-/// Checks a key's shape: 1 to 255 visible ASCII characters.
+/// The longest `Idempotency-Key`.
+pub const KEY_MAX: usize = 255;
+
+/// [`validate_key`] as a regular expression, for the OpenAPI document.
+pub fn key_pattern() -> String {
+    format!("^[!-~]{{1,{KEY_MAX}}}$")
+}
+
+/// Checks a key's shape: 1 to [`KEY_MAX`] visible ASCII characters.
 pub fn validate_key(key: &str) -> Result<(), ApiError> {
-    if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
+    if (1..=KEY_MAX).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
         Err(ApiError::invalid(

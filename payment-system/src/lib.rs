@@ -655,5 +655,7 @@ pub async fn build(
             delete(api::remove_blocklist),
         )
         .with_state(app);
-    Ok((router, PaymentApi::openapi()))
+    let mut doc = PaymentApi::openapi();
+    docs::complete(&mut doc);
+    Ok((router, doc))
 }

@@ -28,7 +28,7 @@ impl PaymentMetrics {
     pub fn new(kaizen: &Kaizen, clock: SharedClock) -> Self {
         let r = kaizen.registry();
         let valid = "constant metric definitions are valid";
-        Self {
+        let metrics = Self {
             transactions: register(
                 r,
                 IntCounterVec::new(
@@ -84,7 +84,16 @@ impl PaymentMetrics {
                 .expect(valid),
             ),
             window: RollingWindow::new(Duration::from_secs(60), 12, clock),
+        };
+        // every known label exported at 0 from the start: a dashboard shows 0, not no data
+        for status in PaymentStatus::ALL {
+            metrics.transactions.with_label_values(&[status.as_str()]);
+            metrics.reconciled.with_label_values(&[status.as_str()]);
         }
+        for rule in crate::fraud::RULES {
+            metrics.fraud.with_label_values(&[*rule]);
+        }
+        metrics
     }
 
     /// Records one answered payment.

@@ -16,6 +16,11 @@ pub struct Currency {
     minor_units: u32,
 }
 
+/// Every supported ISO 4217 code, upper case.
+pub fn currency_codes() -> impl Iterator<Item = &'static str> {
+    CURRENCIES.iter().map(|(code, _)| *code)
+}
+
 /// ISO 4217 codes with their number of minor units.
 const CURRENCIES: &[(&str, u32)] = &[
     ("AED", 2),

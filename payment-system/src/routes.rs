@@ -165,7 +165,7 @@ async fn payment_for(
 /// Capture an authorization.
 #[utoipa::path(post, path = "/payment/{transaction_id}/capture", tag = "payments",
     params(("transaction_id" = String, Path, description = "txn_…")),
-    request_body(content = Object, description = r#"{"amount": "60.00"} (optional: all that was authorized; the rest is released)"#),
+    request_body(content = inline(crate::docs::CaptureDoc), description = "Optional: without amount, all that was authorized is captured"),
     responses(
         (status = 200, description = "SUCCESS, with amount_captured", body = crate::record::PaymentRecord),
         (status = 202, description = "Sent to the gateway, answer not known yet: the capture is finished by the reconciler"),
@@ -215,7 +215,7 @@ pub(crate) async fn void(
         ("transaction_id" = String, Path, description = "txn_…"),
         ("Idempotency-Key" = Option<String>, Header, description = "Replays the refund made with this key; 422 for another body"),
     ),
-    request_body(content = Object, description = r#"{"amount": "30.00", "reason": "requested_by_customer"} (both optional; amount defaults to what is left)"#),
+    request_body(content = inline(crate::docs::RefundDoc), description = "Optional: without amount, all that is left is refunded"),
     responses(
         (status = 200, description = "SUCCEEDED", body = crate::refunds::Refund),
         (status = 202, description = "PENDING: the gateway's answer is not known yet; it is asked again until it is", body = crate::refunds::Refund),
@@ -336,7 +336,7 @@ fn page(data: Vec<Value>, more: bool, id_field: &str) -> Value {
 /// List payments.
 #[utoipa::path(get, path = "/payments", tag = "payments",
     params(
-        ("merchant_id" = Option<String>, Query, description = "Whose payments (required unless the key is bound to a merchant)"),
+        ("merchant_id" = String, Query, description = "Whose payments (a key bound to a merchant may leave it out)"),
         ("status" = Option<String>, Query, description = "SUCCESS, AUTHORIZED, ..."),
         ("customer_id" = Option<String>, Query),
         ("created_gte" = Option<String>, Query, description = "Unix seconds or RFC 3339"),
@@ -400,11 +400,8 @@ async fn cursor(
         .map_err(store_error)?
         .map(Some)
         .ok_or_else(|| {
-            ApiError::invalid(
-                "parameter_invalid",
-                "starting_after",
-                "starting_after names no payment of this merchant.",
-            )
+            ApiError::not_found("starting_after names no payment of this merchant.")
+                .with_param("starting_after")
         })
 }
 
@@ -450,7 +447,7 @@ pub(crate) struct EventParams {
 /// List events.
 #[utoipa::path(get, path = "/events", tag = "events",
     params(
-        ("merchant_id" = Option<String>, Query, description = "Whose events (required unless the key is bound)"),
+        ("merchant_id" = String, Query, description = "Whose events (a key bound to a merchant may leave it out)"),
         ("type" = Option<String>, Query, description = "e.g. payment.captured"),
         ("object_id" = Option<String>, Query, description = "Only those of this payment or refund"),
         ("limit" = Option<i64>, Query, description = "1 to 100, default 10"),
@@ -487,18 +484,15 @@ pub(crate) async fn list_events(
     .await
     .map_err(store_error)?
     .ok_or_else(|| {
-        ApiError::invalid(
-            "parameter_invalid",
-            "starting_after",
-            "starting_after names no event of this merchant.",
-        )
+        ApiError::not_found("starting_after names no event of this merchant.")
+            .with_param("starting_after")
     })?;
     Ok(Json(page(listed.0, listed.1, "id")))
 }
 
 /// Register a webhook endpoint.
 #[utoipa::path(post, path = "/webhook_endpoints", tag = "webhooks",
-    request_body(content = Object, description = r#"{"url": "https://…", "enabled_events": ["payment.succeeded", "refund.succeeded"] (default ["*"]), "merchant_id": "merc_…"}"#),
+    request_body(content = inline(crate::docs::EndpointDoc), description = "The endpoint to register"),
     responses(
         (status = 201, description = "The endpoint, with its signing secret (shown this once)", body = crate::webhooks::Endpoint),
         (status = 400, description = "Invalid url or event type"),

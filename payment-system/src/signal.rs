@@ -73,7 +73,7 @@ impl Limits {
     }
 }
 
-const KNOWN: &[&str] = &[
+pub(crate) const KNOWN: &[&str] = &[
     "capture",
     "amount",
     "currency",
@@ -85,16 +85,26 @@ const KNOWN: &[&str] = &[
     "description",
     "metadata",
 ];
-const MAX_METADATA_KEYS: usize = 50;
-const MAX_METADATA_KEY_LEN: usize = 40;
-const MAX_METADATA_VALUE_LEN: usize = 500;
-const MAX_DESCRIPTION_LEN: usize = 1000;
+pub(crate) const MAX_METADATA_KEYS: usize = 50;
+pub(crate) const MAX_METADATA_KEY_LEN: usize = 40;
+pub(crate) const MAX_METADATA_VALUE_LEN: usize = 500;
+pub(crate) const MAX_DESCRIPTION_LEN: usize = 1000;
 
 /// ISO 3166-1 alpha-2 codes.
-const COUNTRIES: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
+pub(crate) const COUNTRIES: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
 
 fn invalid(code: &str, param: &str, message: impl Into<String>) -> ApiError {
     ApiError::invalid(code, param, message)
+}
+
+fn declined(code: &str, param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::PAYMENT_REQUIRED,
+        tai_core::runtime::error::ErrorType::CardError,
+        code,
+        message,
+    )
+    .with_param(param)
 }
 
 fn missing(param: &str) -> ApiError {
@@ -136,13 +146,26 @@ fn string_field<'a>(
     }
 }
 
-fn id_field(obj: &Map<String, Value>, name: &str) -> Result<String, ApiError> {
-    let value = string_field(obj, name, true)?.unwrap_or_default();
-    let ok = (1..=64).contains(&value.len())
+/// The longest id (`customer_id`, `merchant_id`).
+pub(crate) const ID_MAX: usize = 64;
+
+/// Whether `value` is an id: 1 to [`ID_MAX`] of A-Z a-z 0-9 _ - (the OpenAPI pattern is
+/// [`id_pattern`]).
+pub(crate) fn is_id(value: &str) -> bool {
+    (1..=ID_MAX).contains(&value.len())
         && value
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !ok {
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// [`is_id`] as a regular expression, for the OpenAPI document.
+pub(crate) fn id_pattern() -> String {
+    format!("^[A-Za-z0-9_-]{{1,{ID_MAX}}}$")
+}
+
+fn id_field(obj: &Map<String, Value>, name: &str) -> Result<String, ApiError> {
+    let value = string_field(obj, name, true)?.unwrap_or_default();
+    if !is_id(value) {
         return Err(invalid(
             "parameter_invalid",
             name,
@@ -198,9 +221,14 @@ fn integer(obj: &Map<String, Value>, name: &str, param: &str) -> Result<i64, Api
     }
 }
 
-fn card_field(obj: &Map<String, Value>, now: DateTime<Utc>) -> Result<Option<Card>, ApiError> {
+/// The card, or the decline a card network would answer for it (a failed check digit, an
+/// expired card). The decline is returned only once the whole request is known well-formed, so
+/// a malformed request is a 400 whatever its card.
+type CardOutcome = Result<Option<Card>, ApiError>;
+
+fn card_field(obj: &Map<String, Value>, now: DateTime<Utc>) -> Result<CardOutcome, ApiError> {
     let card = match obj.get("card") {
-        None | Some(Value::Null) => return Ok(None),
+        None | Some(Value::Null) => return Ok(Ok(None)),
         Some(Value::Object(card)) => card,
         Some(other) => {
             return Err(invalid(
@@ -234,15 +262,38 @@ fn card_field(obj: &Map<String, Value>, now: DateTime<Utc>) -> Result<Option<Car
             ));
         }
     };
-    let number = CardNumber::parse(number)
-        .map_err(|e| invalid("invalid_number", "card[number]", format!("{e}.")))?;
+    // A number of the wrong shape is a malformed request (400); one of the right shape that
+    // fails its check digit, like an expired card, is a card the network would decline: a
+    // card_error (402), as Stripe answers, so every body the schema allows is accepted or declined.
+    let number = match CardNumber::parse(number) {
+        Ok(number) => Ok(number),
+        Err(e @ CardError::Luhn) => Err(declined(
+            "incorrect_number",
+            "card[number]",
+            format!("{e}."),
+        )),
+        Err(e) => return Err(invalid("invalid_number", "card[number]", format!("{e}."))),
+    };
     let month = integer(card, "exp_month", "card[exp_month]")?;
     let year = integer(card, "exp_year", "card[exp_year]")?;
-    let (exp_month, exp_year) = check_expiry(month, year, now).map_err(|e| match e {
-        CardError::Month => invalid("invalid_expiry_month", "card[exp_month]", format!("{e}.")),
-        CardError::Year => invalid("invalid_expiry_year", "card[exp_year]", format!("{e}.")),
-        _ => invalid("expired_card", "card[exp_year]", format!("{e}.")),
-    })?;
+    let expiry = match check_expiry(month, year, now) {
+        Ok(expiry) => Ok(expiry),
+        Err(e @ CardError::Month) => {
+            return Err(invalid(
+                "invalid_expiry_month",
+                "card[exp_month]",
+                format!("{e}."),
+            ));
+        }
+        Err(e @ CardError::Year) => {
+            return Err(invalid(
+                "invalid_expiry_year",
+                "card[exp_year]",
+                format!("{e}."),
+            ));
+        }
+        Err(e) => Err(declined("expired_card", "card[exp_year]", format!("{e}."))),
+    };
     let cvc = match card.get("cvc") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => {
@@ -256,11 +307,14 @@ fn card_field(obj: &Map<String, Value>, now: DateTime<Utc>) -> Result<Option<Car
             ));
         }
     };
-    Ok(Some(Card {
-        number,
-        exp_month,
-        exp_year,
-        cvc,
+    Ok(number.and_then(|number| {
+        let (exp_month, exp_year) = expiry?;
+        Ok(Some(Card {
+            number,
+            exp_month,
+            exp_year,
+            cvc,
+        }))
     }))
 }
 
@@ -407,6 +461,8 @@ pub fn parse(
             ));
         }
     };
+    // a well-formed request whose card the network would decline
+    let card = card?;
     Ok(PaymentRequest {
         capture,
         amount,
@@ -507,8 +563,29 @@ mod tests {
         ];
         for (b, param) in cases {
             let e = parse(&b, now(), &Limits::default()).expect_err(&b.to_string());
-            assert_eq!(e.status.as_u16(), 400, "{b}");
+            // a card of the right shape that fails its check digit or has expired is declined
+            // (402, card_error), as a card network answers; everything else is malformed (400)
+            let declined =
+                b["card"]["number"] == "4242424242424241" || b["card"]["exp_year"] == 2020;
+            assert_eq!(e.status.as_u16(), if declined { 402 } else { 400 }, "{b}");
             assert_eq!(e.param.as_deref(), Some(param), "{b}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn a_declined_card_is_reported_only_once_the_rest_of_the_request_is_well_formed() {
+        let body = json!({"amount": 10, "currency": "USD", "customer_id": "c", "merchant_id": "m",
+            "card": {"number": "4242424242424241", "exp_month": 1, "exp_year": 2020},
+            "metadata": {"a": 1}});
+        let e = parse(&body, now(), &Limits::default()).expect_err("malformed");
+        assert_eq!(e.status.as_u16(), 400);
+        assert_eq!(e.param.as_deref(), Some("metadata[a]"));
+        let mut body = body;
+        body["metadata"] = json!({"a": "1"});
+        let e = parse(&body, now(), &Limits::default()).expect_err("declined");
+        assert_eq!(
+            (e.status.as_u16(), e.code.as_str()),
+            (402, "incorrect_number")
+        );
     }
 }

@@ -433,6 +433,7 @@ impl Webhooks {
             .header("TAI-Event-Id", &due.event_id)
             .header("TAI-Delivery-Attempt", (due.attempts + 1).to_string())
             .body(due.payload.clone())
+            .header("traceparent", tai_core::runtime::trace::outbound())
             .send()
             .await;
         let took = millis(started.elapsed());

@@ -19,7 +19,7 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use crate::kaizen::Kaizen;
-use crate::policy::{Policy, Verdict};
+use crate::policy::{Decision, Policy, Verdict};
 
 /// Gathers the facts a policy needs; this is where the I/O before a decision lives.
 pub trait FactSource<S>: Send + Sync {
@@ -79,6 +79,10 @@ pub struct Pipeline<G, P, A> {
 impl<G, P, A> Pipeline<G, P, A> {
     /// Wires the three steps; `name` labels spans and metrics.
     pub fn new(name: &'static str, facts: G, policy: P, action: A, kaizen: Kaizen) -> Self {
+        // every decision's counter exists from the start, so a dashboard shows 0, not no data
+        for decision in [Decision::Allow, Decision::Review, Decision::Deny] {
+            kaizen.count_verdicts(name, decision.as_str(), 0);
+        }
         Self {
             name,
             facts,
@@ -161,7 +165,7 @@ mod tests {
 
     use super::*;
     use crate::clock::ManualClock;
-    use crate::policy::{Decision, Reason};
+    use crate::policy::Reason;
 
     struct Limit(u32);
     struct CountFacts;

@@ -761,3 +761,41 @@ async fn a_worker_that_panics_is_restarted_and_keeps_working_and_a_handler_panic
         200
     );
 }
+
+/// A payment's trace continues into the gateway: the charge the payment service sends carries
+/// a `traceparent` of the caller's trace, so one trace spans both services.
+#[tokio::test]
+async fn the_gateway_call_carries_the_callers_trace() {
+    let http = client();
+    let gw = Proc::start("sandbox-gateway", &[]).await.expect("gateway");
+    let gw_url = gw.url("");
+    let svc = Proc::start("payment-system", &[("GATEWAY_URL", gw_url.as_str())])
+        .await
+        .expect("start");
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = http
+        .post(svc.url("/payment"))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(&serde_json::json!({"amount": "1.00", "currency": "USD",
+            "customer_id": "cust_trace", "merchant_id": "m",
+            "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2099}}))
+        .send()
+        .await
+        .expect("pay");
+    assert_eq!(r.status(), 200);
+    let log = gw.log();
+    let charge = log
+        .lines()
+        .find(|l| l.starts_with("POST /v1/charges "))
+        .unwrap_or_else(|| panic!("no charge in the gateway's log:\n{log}"));
+    assert!(
+        charge.contains(&format!("traceparent=00-{trace}-")),
+        "{charge}"
+    );
+    // and the answer names the same trace
+    assert!(
+        r.headers()["traceparent"]
+            .to_str()
+            .is_ok_and(|t| t.contains(trace))
+    );
+}

@@ -521,12 +521,16 @@ async fn lifecycle(stack: Stack) {
         format!("/payments?merchant_id={m}&limit=0"),
         format!("/payments?merchant_id={m}&status=NOPE"),
         format!("/payments?merchant_id={m}&created_gte=yesterday"),
-        format!("/payments?merchant_id={m}&starting_after={}", theirs[0]),
         "/payments".to_owned(),
     ] {
         let (s, e) = rig.get(&bad).await;
         assert_eq!(s, 400, "{bad}: {e}");
     }
+    // a cursor naming another merchant's payment names nothing of this one's
+    let other = format!("/payments?merchant_id={m}&starting_after={}", theirs[0]);
+    let (s, e) = rig.get(&other).await;
+    assert_eq!(s, 404, "{other}: {e}");
+    assert_eq!(e["error"]["param"], "starting_after", "{e}");
 }
 
 #[tokio::test]

@@ -2,12 +2,14 @@
 
 mod backends;
 mod chaos;
+mod contract;
 mod deployment;
 mod foundation;
 mod lifecycle;
 mod operator;
 mod payment;
 mod platform;
+mod quickstart;
 mod record;
 mod rollout;
 mod safety;

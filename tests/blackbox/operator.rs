@@ -1,8 +1,9 @@
 //! The operator's stack: the compose file, Prometheus config and alert rules, and the Grafana
 //! dashboards' queries against the real Prometheus scraping the real services.
 
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -87,23 +88,47 @@ fn make_help_is_the_default_and_lists_every_target_with_a_line() {
     );
 }
 
+/// The compose file as docker-compose resolves it, parsed by the YAML library docker-compose
+/// itself runs on (Debian's python3-yaml, beside it).
+fn compose_config() -> Value {
+    let (ok, yaml) = run("docker-compose", &["-f", "docker-compose.yml", "config"]);
+    assert!(ok, "{yaml}");
+    let mut child = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with yaml, as docker-compose has");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("parse");
+    serde_json::from_slice(&out.stdout).expect("compose config as JSON")
+}
+
 #[test]
-fn the_compose_stack_is_valid_and_complete() {
+fn the_compose_stack_is_valid_complete_and_hardened() {
     let (ok, out) = run(
         "docker-compose",
         &["-f", "docker-compose.yml", "config", "-q"],
     );
     assert!(ok, "{out}");
-    let (ok, out) = run(
-        "docker-compose",
-        &["-f", "docker-compose.yml", "config", "--services"],
-    );
-    assert!(ok, "{out}");
-    let mut services: Vec<&str> = out.lines().collect();
-    services.sort();
+    let config = compose_config();
+    let services = config["services"].as_object().expect("services");
+    let mut names: Vec<&str> = services.keys().map(String::as_str).collect();
+    names.sort();
     assert_eq!(
-        services,
+        names,
         vec![
+            "alert-sink",
+            "alertmanager",
+            "alloy",
             "deployment-system",
             "grafana",
             "jaeger",
@@ -112,13 +137,109 @@ fn the_compose_stack_is_valid_and_complete() {
             "payment-system",
             "postgres",
             "prometheus",
-            "promtail",
             "redis",
             "sandbox-gateway",
             "vault",
             "vault-init"
         ]
     );
+    let mut built = Vec::new();
+    for (name, service) in services {
+        // the one-shot job that writes the keys is the only service that is not kept running
+        if name == "vault-init" {
+            assert_eq!(service["restart"], "no", "{name}");
+        } else {
+            assert_eq!(service["restart"], "unless-stopped", "{name}");
+            let test = &service["healthcheck"]["test"];
+            assert!(
+                test.as_array().is_some_and(|t| t.len() > 1),
+                "{name} has no health check"
+            );
+        }
+        // nothing is published beyond this machine
+        for port in service["ports"].as_array().into_iter().flatten() {
+            let published = match port {
+                Value::String(p) => p.starts_with("127.0.0.1:"),
+                other => other["host_ip"] == "127.0.0.1",
+            };
+            assert!(published, "{name} publishes {port} on every interface");
+        }
+        if service.get("build").is_some() {
+            built.push(name.as_str());
+        }
+        let image = service["image"].as_str().unwrap_or_default();
+        assert!(
+            !image.contains("promtail"),
+            "{name}: promtail is end-of-life"
+        );
+        assert!(
+            !image.starts_with("jaegertracing/all-in-one"),
+            "{name}: Jaeger v1 is end-of-life"
+        );
+    }
+    // one image for every binary, built once
+    assert_eq!(
+        built,
+        vec!["sandbox-gateway"],
+        "only one service builds the image"
+    );
+    for name in ["sandbox-gateway", "payment-system", "deployment-system"] {
+        assert_eq!(services[name]["image"], "tai:local", "{name}");
+    }
+    assert!(
+        services["jaeger"]["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("jaegertracing/jaeger:2.")),
+        "Jaeger v2"
+    );
+    assert!(
+        services["alloy"]["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("grafana/alloy:")),
+        "Grafana Alloy ships the logs"
+    );
+    // alerts reach someone: Prometheus sends to Alertmanager, which routes by severity to a
+    // receiver that is part of the stack
+    let prometheus = std::fs::read_to_string(root().join("config/prometheus.yml")).expect("p");
+    assert!(prometheus.contains("alertmanager:9093"), "{prometheus}");
+    let alertmanager = std::fs::read_to_string(root().join("config/alertmanager.yml")).expect("am");
+    assert!(alertmanager.contains("severity"), "routes by severity");
+    assert!(
+        alertmanager.contains("http://alert-sink:"),
+        "{alertmanager}"
+    );
+    // the image: a cached dependency layer, locked builds, the binary as PID 1 taking SIGTERM
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains("cargo chef cook"),
+        "no cached dependency layer"
+    );
+    for line in dockerfile.lines().filter(|l| {
+        !l.trim_start().starts_with('#')
+            && (l.contains("cargo build")
+                || l.contains("cargo install")
+                || l.contains("cargo chef cook"))
+    }) {
+        assert!(line.contains("--locked"), "not --locked: {line}");
+    }
+    assert!(dockerfile.contains("STOPSIGNAL SIGTERM"));
+    assert!(
+        !dockerfile
+            .lines()
+            .any(|l| l.starts_with("ENTRYPOINT") && !l.contains('[')),
+        "a shell-form entrypoint would not pass SIGTERM on"
+    );
+}
+
+/// Every server binary exits on SIGTERM, promptly and with status 0, as `docker stop` needs.
+#[tokio::test]
+async fn every_server_binary_exits_cleanly_on_sigterm() {
+    for binary in ["sandbox-gateway", "payment-system", "deployment-system"] {
+        let mut service = Proc::start(binary, &[]).await.expect(binary);
+        service.terminate();
+        let code = service.wait_exit(Duration::from_secs(15)).await;
+        assert_eq!(code, Some(0), "{binary} on SIGTERM:\n{}", service.log());
+    }
 }
 
 #[test]
@@ -178,28 +299,119 @@ fn prometheus_config_and_alert_rules_check_and_their_unit_tests_pass() {
     }
 }
 
+/// Every dashboard's queries, with Grafana's variables replaced as the test evaluates them:
+/// every instance, and one minute for the rate windows.
 fn dashboard_queries() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for name in ["payment.json", "deployment.json"] {
+    let mut links = Vec::new();
+    let names = [
+        "overview.json",
+        "payment.json",
+        "deployment.json",
+        "system.json",
+    ];
+    let mut uids = Vec::new();
+    for name in names {
         let text = std::fs::read_to_string(root().join("config/grafana/dashboards").join(name))
             .expect("dashboard");
         let d: Value = serde_json::from_str(&text).expect("dashboard JSON");
         assert!(d["uid"].is_string() && d["title"].is_string(), "{name}");
+        uids.push(d["uid"].as_str().unwrap_or_default().to_owned());
+        // an instance variable on every dashboard
+        let vars = d["templating"]["list"].as_array().expect("templating");
+        assert!(
+            vars.iter().any(|v| v["name"] == "instance"),
+            "{name} has no instance variable"
+        );
+        links.push(d["links"].to_string());
         for panel in d["panels"].as_array().expect("panels") {
+            let targets = panel["targets"].as_array().cloned().unwrap_or_default();
+            if matches!(panel["type"].as_str(), Some("row" | "text")) && targets.is_empty() {
+                continue;
+            }
             assert_eq!(
                 panel["datasource"]["uid"], "prometheus",
                 "{name}: {}",
                 panel["title"]
             );
-            for t in panel["targets"].as_array().expect("targets") {
+            assert!(
+                !targets.is_empty(),
+                "{name}: {} has no query",
+                panel["title"]
+            );
+            for t in targets {
+                let expr = t["expr"]
+                    .as_str()
+                    .expect("expr")
+                    .replace("$instance", ".*")
+                    .replace("$__rate_interval", "1m")
+                    .replace("$__interval", "1m")
+                    .replace("$__range", "5m");
+                assert!(!expr.contains('$'), "{name}: unknown variable in {expr}");
                 out.push((
                     format!("{name}: {}", panel["title"].as_str().unwrap_or("")),
-                    t["expr"].as_str().expect("expr").to_owned(),
+                    expr,
                 ));
             }
         }
     }
+    // the overview links to the three others, each of them back to it
+    for (i, uid) in uids.iter().enumerate().skip(1) {
+        assert!(
+            links[0].contains(&format!("/d/{uid}")),
+            "the overview does not link {uid}"
+        );
+        assert!(
+            !links[i].is_empty() && links[i] != "null",
+            "{} has no links",
+            names[i]
+        );
+    }
     out
+}
+
+/// The breaker panel maps the gauge's 0, 1 and 2 to closed (green), open (red) and half-open.
+#[test]
+fn the_breaker_panel_names_and_colours_each_state() {
+    let text = std::fs::read_to_string(root().join("config/grafana/dashboards/payment.json"))
+        .expect("dashboard");
+    let d: Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let panel = d["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .find(|p| {
+            p["targets"].as_array().is_some_and(|t| {
+                t.iter().any(|t| {
+                    t["expr"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("payment_gateway_circuit_breaker_state"))
+                })
+            })
+        })
+        .expect("a breaker panel");
+    let options: Vec<&Value> = panel["fieldConfig"]["defaults"]["mappings"]
+        .as_array()
+        .expect("mappings")
+        .iter()
+        .map(|m| &m["options"])
+        .collect();
+    for (value, text, colours) in [
+        ("0", "closed", &["green"][..]),
+        ("1", "open", &["red"][..]),
+        ("2", "half-open", &["orange", "yellow"][..]),
+    ] {
+        let entry = options
+            .iter()
+            .map(|o| &o[value])
+            .find(|e| !e.is_null())
+            .unwrap_or_else(|| panic!("no mapping for {value}"));
+        assert_eq!(entry["text"], text, "{value}: {entry}");
+        assert!(
+            colours.iter().any(|c| entry["color"] == *c),
+            "{value}: {entry}"
+        );
+    }
 }
 
 #[tokio::test]

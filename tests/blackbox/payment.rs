@@ -593,7 +593,9 @@ async fn card_numbers_never_reach_the_logs_even_at_trace_level() {
         None,
     )
     .await;
-    assert_eq!(bad.status, 400);
+    // (a number that fails its check digit is declined: 402 incorrect_number)
+    assert_eq!(bad.status, 402);
+    assert!(bad.text.contains("incorrect_number"), "{}", bad.text);
     assert!(!bad.text.contains("4242424242424241"));
     let log = svc.log();
     assert!(

@@ -222,6 +222,18 @@ struct Args {}
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _args = <Args as clap::Parser>::parse();
+    // on SIGINT or SIGTERM the demo stops where it is: dropping it stops the deployment service,
+    // whose platform takes down every HAProxy and instance it started
+    tokio::select! {
+        done = demo() => done,
+        _ = tai_core::runtime::stop_requested() => {
+            println!("\nstopped: the deployment service and everything its platform started are down");
+            Ok(())
+        }
+    }
+}
+
+async fn demo() -> anyhow::Result<()> {
     let bin: PathBuf = std::env::current_exe()?
         .parent()
         .context("the binary's folder")?

@@ -105,19 +105,7 @@ async fn main() -> anyhow::Result<()> {
         args.app_version, args.region, args.port, app.error_rate
     );
     axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async {
-                    match term.as_mut() {
-                        Some(t) => { t.recv().await; }
-                        None => std::future::pending::<()>().await,
-                    }
-                } => {}
-            }
-        })
+        .with_graceful_shutdown(tai_core::runtime::stop_requested())
         .await?;
     Ok(())
 }

@@ -147,8 +147,25 @@ async fn main() -> anyhow::Result<()> {
     let mut ended: BTreeMap<String, usize> = BTreeMap::new();
     let mut took = Vec::new();
     let mut problems = Vec::new();
+    // on SIGINT or SIGTERM: stop following, and summarise what ended so far
+    let stop = tai_core::runtime::stop_requested();
+    tokio::pin!(stop);
+    let mut stopped = false;
     for t in tasks {
-        match t.await? {
+        let outcome = if stopped {
+            t.abort();
+            continue;
+        } else {
+            tokio::select! {
+                joined = t => joined?,
+                _ = &mut stop => {
+                    stopped = true;
+                    println!("\nstopped: the deployments already accepted go on in the service");
+                    continue;
+                }
+            }
+        };
+        match outcome {
             Outcome::Ended(status, d) => {
                 *ended.entry(status).or_default() += 1;
                 took.push(d);

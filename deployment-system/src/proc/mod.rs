@@ -352,6 +352,7 @@ impl ProcPlatform {
             let http = inner.http.clone();
             async move {
                 http.get(url)
+                    .header("traceparent", tai_core::runtime::trace::outbound())
                     .send()
                     .await
                     .is_ok_and(|r| r.status().is_success())

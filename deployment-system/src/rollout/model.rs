@@ -83,6 +83,9 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every cause, for labels exported at zero.
+    pub const ALL: [Cause; 3] = [Cause::Gate, Cause::RollbackAll, Cause::Abort];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {

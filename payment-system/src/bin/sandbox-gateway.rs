@@ -17,6 +17,26 @@ const LISTEN: &[Setting] = &[Setting::new(
     "Address to listen on, host:port",
 )];
 
+/// One line per request on stderr, with the caller's `traceparent`: a card network's request
+/// log, where a payment's trace can be followed into the gateway.
+async fn request_log(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let line = format!(
+        "{} {} traceparent={}",
+        req.method(),
+        req.uri().path(),
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+    );
+    let response = next.run(req).await;
+    eprintln!("{line} -> {}", response.status().as_u16());
+    response
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = cli::parse(
@@ -40,25 +60,11 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("sandbox-gateway listening on {addr} ({config:?})");
     let sandbox = Arc::new(Sandbox::with_config(config));
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    axum::serve(listener, router(sandbox))
-        .with_graceful_shutdown(async {
-            #[cfg(unix)]
-            {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async {
-                        match term.as_mut() {
-                            Some(t) => { t.recv().await; }
-                            None => std::future::pending::<()>().await,
-                        }
-                    } => {}
-                }
-            }
-            #[cfg(not(unix))]
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    axum::serve(
+        listener,
+        router(sandbox).layer(axum::middleware::from_fn(request_log)),
+    )
+    .with_graceful_shutdown(tai_core::runtime::stop_requested())
+    .await?;
     Ok(())
 }

@@ -78,6 +78,15 @@ async fn main() -> anyhow::Result<()> {
 
     let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
     let sent = Arc::new(AtomicU64::new(0));
+    // SIGINT or SIGTERM ends the run early, with the summary of what was sent
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn({
+        let stopped = stopped.clone();
+        async move {
+            tai_core::runtime::stop_requested().await;
+            stopped.store(true, Ordering::Relaxed);
+        }
+    });
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -96,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             let url = format!("{}/payment", args.url);
             let key = args.api_key.clone();
             let sent = sent.clone();
+            let stopped = stopped.clone();
             let (merchants, customers, fraud_share) = (
                 args.merchants.max(1),
                 args.customers.max(1),
@@ -108,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let mut next = Instant::now();
                 let mut i: u64 = 0;
-                while Instant::now() < deadline {
+                while Instant::now() < deadline && !stopped.load(Ordering::Relaxed) {
                     if let Some(gap) = gap {
                         tokio::time::sleep_until(next.into()).await;
                         next += gap;
@@ -159,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
             })
         })
         .collect();
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !stopped.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let n = sent.load(Ordering::Relaxed);
         bar.set_position((started.elapsed().as_secs_f64() * 10.0) as u64);

@@ -20,6 +20,10 @@ pub use facts::{FraudFactSource, FraudFacts};
 
 use crate::PaymentAttempt;
 
+/// Every rule's name, as `fraud_reasons[].rule` and the `rule` label of
+/// `payment_fraud_detected_total` show it.
+pub const RULES: &[&str] = &["blocklist", "velocity", "amount_anomaly", "geo_anomaly"];
+
 /// The default rules file, compiled in so the binary runs from any directory.
 pub const DEFAULT_RULES: &str = include_str!("../../../config/fraud_rules.toml");
 

@@ -36,6 +36,7 @@ impl HttpGateway {
         let r = self
             .client
             .get(format!("{}/health", self.base))
+            .header("traceparent", tai_core::runtime::trace::outbound())
             .send()
             .await
             .map_err(|e| self.map_err(e))?;
@@ -77,7 +78,11 @@ impl HttpGateway {
         if let Some(k) = key {
             req = req.header("Idempotency-Key", k);
         }
-        let response = req.send().await.map_err(|e| self.map_err(e))?;
+        let response = req
+            .header("traceparent", tai_core::runtime::trace::outbound())
+            .send()
+            .await
+            .map_err(|e| self.map_err(e))?;
         let status = response.status().as_u16();
         let answer: Value = response.json().await.map_err(|e| self.map_err(e))?;
         let said = || answer["error"].as_str().unwrap_or("refused").to_owned();
@@ -125,6 +130,7 @@ impl Gateway for HttpGateway {
             let response = self
                 .client
                 .get(url)
+                .header("traceparent", tai_core::runtime::trace::outbound())
                 .send()
                 .await
                 .map_err(|e| self.map_err(e))?;
@@ -236,6 +242,7 @@ impl Gateway for HttpGateway {
             let response = self
                 .client
                 .post(url)
+                .header("traceparent", tai_core::runtime::trace::outbound())
                 .send()
                 .await
                 .map_err(|e| self.map_err(e))?;
@@ -278,6 +285,7 @@ impl Gateway for HttpGateway {
                 .post(format!("{}/v1/charges", self.base))
                 .header("Idempotency-Key", &request.idempotency_key)
                 .json(&body)
+                .header("traceparent", tai_core::runtime::trace::outbound())
                 .send()
                 .await
                 .map_err(|e| self.map_err(e))?;

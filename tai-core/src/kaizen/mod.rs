@@ -100,6 +100,13 @@ impl Kaizen {
                 tracing::error!(error = %e, "registering a common metric failed");
             }
         }
+        // process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+        // (Linux; elsewhere the collector exports nothing)
+        if let Err(e) = registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
+            tracing::error!(error = %e, "registering the process collector failed");
+        }
         Self {
             inner: Arc::new(Inner {
                 service: service.to_owned(),
@@ -149,10 +156,15 @@ impl Kaizen {
 
     /// Counts a verdict.
     pub fn record_verdict(&self, pipeline: &str, decision: &str) {
+        self.count_verdicts(pipeline, decision, 1);
+    }
+
+    /// Adds `n` verdicts (0 creates the series, exported at zero).
+    pub fn count_verdicts(&self, pipeline: &str, decision: &str, n: u64) {
         self.inner
             .verdicts
             .with_label_values(&[pipeline, decision])
-            .inc();
+            .inc_by(n);
     }
 
     /// The gauge family Kanban queues report their depth through.

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 mod middleware;
+pub mod openapi;
 mod page;
 mod routes;
 pub mod telemetry;
@@ -607,6 +608,7 @@ impl Runtime {
         doc.merge(api);
         doc.info.title = self.config.service.clone();
         doc.info.version = self.version.to_owned();
+        openapi::complete(&mut doc, !self.config.api_keys.is_empty(), auth::is_public);
         let openapi_json = doc.to_json().unwrap_or_else(|_| "{}".into());
         let common = Arc::new(Common {
             service: self.config.service.clone(),
@@ -797,6 +799,12 @@ impl Shutdown {
             }
         }
     }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (`docker stop`, `kill`): for command-line tools
+/// that must stop cleanly, as the services do.
+pub async fn stop_requested() {
+    shutdown_requested().await
 }
 
 async fn shutdown_requested() {

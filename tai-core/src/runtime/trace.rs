@@ -90,6 +90,47 @@ impl TraceContext {
     }
 }
 
+tokio::task_local! {
+    /// The trace of the request this task serves.
+    static CURRENT: TraceContext;
+}
+
+/// The `traceparent` to send on a call this service makes (to the gateway, a webhook endpoint,
+/// a registry, Prometheus, a health probe), so one trace spans the services: a child of the
+/// span being run when spans are exported, else of the request being served, else (a
+/// background worker outside any request) the start of a new trace.
+pub fn outbound() -> String {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let otel = tracing::Span::current().context();
+    let exported = otel.span().span_context().clone();
+    if exported.is_valid() {
+        return format!(
+            "00-{}-{}-{:02x}",
+            exported.trace_id(),
+            exported.span_id(),
+            u8::from(exported.is_sampled())
+        );
+    }
+    CURRENT
+        .try_with(|ctx| {
+            TraceContext {
+                trace_id: ctx.trace_id.clone(),
+                span_id: ctx.span_id.clone(),
+                parent_span_id: None,
+                sampled: ctx.sampled,
+            }
+            .traceparent()
+        })
+        .unwrap_or_else(|_| TraceContext::root().traceparent())
+}
+
+/// Runs `fut` as part of the trace `ctx` (for work a request hands to another task), so the
+/// calls it makes carry the request's trace.
+pub async fn within<F: std::future::Future>(ctx: TraceContext, fut: F) -> F::Output {
+    CURRENT.scope(ctx, fut).await
+}
+
 /// Middleware: reads or starts the trace, runs the request in a span carrying the trace and
 /// request ids, and answers with `traceparent`.
 pub(crate) async fn trace_context(mut req: Request, next: Next) -> Response {
@@ -116,8 +157,8 @@ pub(crate) async fn trace_context(mut req: Request, next: Next) -> Response {
     let mut ctx = ctx;
     adopt_otel_ids(&span, &mut ctx);
     let header = HeaderValue::from_str(&ctx.traceparent()).ok();
-    req.extensions_mut().insert(ctx);
-    let mut response = next.run(req).instrument(span).await;
+    req.extensions_mut().insert(ctx.clone());
+    let mut response = CURRENT.scope(ctx, next.run(req).instrument(span)).await;
     if let Some(h) = header {
         response.headers_mut().insert("traceparent", h);
     }
