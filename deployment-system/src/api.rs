@@ -450,7 +450,7 @@ pub(crate) async fn fleet(State(app): State<Arc<App>>) -> Result<Json<Value>, Ap
 /// A drill: the simulated fleet's traffic changes fail for `fail_set_traffic_secs` seconds.
 #[utoipa::path(post, path = "/fleet/faults", tag = "deployments",
     request_body(content = inline(crate::signal::FaultsDoc), description = "How long traffic changes fail"),
-    responses((status = 200, description = "Until when traffic changes fail"), (status = 400, description = "Malformed")))]
+    responses((status = 200, description = "Until when traffic changes fail"), (status = 400, description = "Malformed"), (status = 409, description = "Not the simulated fleet (not_supported)")))]
 pub(crate) async fn faults(
     State(app): State<Arc<App>>,
     ApiJson(body): ApiJson<Value>,

@@ -58,7 +58,8 @@ fn respond(status: u16, body: Value, extra: Vec<(HeaderName, HeaderValue)>) -> R
         (status = 200, description = "SUCCESS: the gateway approved the charge", body = PaymentRecord),
         (status = 202, description = "PROCESSING: sent to the gateway, outcome not known yet (a timeout or a 5xx); GET /payment/{id} shows it once the reconciler settles it. A retry with the same Idempotency-Key resumes this payment.", body = PaymentRecord),
         (status = 400, description = "Invalid request, naming the parameter"),
-        (status = 402, description = "FRAUD_BLOCKED, or FAILED with card_declined", body = PaymentRecord),
+        (status = 402, description = "FRAUD_BLOCKED, or FAILED with card_declined (a record); or a card declined before anything was stored: incorrect_number, expired_card (an error)", body = PaymentRecord),
+        (status = 403, description = "A key bound to another merchant (merchant_forbidden)"),
         (status = 409, description = "Idempotency key in flight"),
         (status = 422, description = "Idempotency key reused with another body"),
         (status = 429, description = "Merchant rate limit, with Retry-After and RateLimit-* headers"),
@@ -74,7 +75,8 @@ pub(crate) async fn create_payment(
 ) -> Result<Response, ApiError> {
     let key = key_header(&headers)?;
     let request = tracing::info_span!("signal_received")
-        .in_scope(|| signal::parse(&body, app.clock.wall(), &app.limits))?;
+        .in_scope(|| signal::parse_declinable(&body, app.clock.wall(), &app.limits))?;
+    let (request, declined) = request;
     if !may_act_for(principal.as_deref(), &request.merchant_id) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -104,6 +106,12 @@ pub(crate) async fn create_payment(
         );
         e.headers = limit_headers;
         return Err(e);
+    }
+    // a card the network would decline: nothing is stored and no key is claimed
+    if let Some(mut declined) = declined {
+        tracing::info!(merchant_id = %request.merchant_id, code = %declined.code, "card declined before the gateway");
+        declined.headers = limit_headers;
+        return Err(declined);
     }
     let fp = app.fingerprints.fingerprint(&body);
     let mut claim_token = None;

@@ -271,7 +271,9 @@ impl PartialSchema for EndpointDoc {
                 "url",
                 string()
                     .format(Some(utoipa::openapi::SchemaFormat::Custom("uri".into())))
-                    .pattern(Some("^https?://[^/?#@\\s]+"))
+                    .pattern(Some(
+                        "^https?://[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?){0,4}(:[1-9][0-9]{0,3})?(/[A-Za-z0-9._~/-]{0,200})?$",
+                    ))
                     .max_length(Some(2048))
                     .description(Some("An absolute http:// or https:// URL"))
                     .examples([json!("https://example.com/hooks")]),
@@ -372,9 +374,16 @@ pub(crate) fn complete(doc: &mut OpenApi) {
                         )
                     });
             }
-            // a payment can be declined by its card before it is stored: a record or an error
-            if let Some(RefOr::T(declined)) = op.responses.responses.get_mut("402") {
-                for content in declined.content.values_mut() {
+            // a refusal documented with a record (a payment FAILED, FRAUD_BLOCKED...) can also
+            // be an error before any record exists: a declined card, an overload, a timeout
+            for (_, refusal) in op
+                .responses
+                .responses
+                .iter_mut()
+                .filter(|(status, _)| status.as_str() >= "400")
+            {
+                let RefOr::T(refusal) = refusal else { continue };
+                for content in refusal.content.values_mut() {
                     if let Some(record) = content.schema.take() {
                         content.schema = Some(
                             utoipa::openapi::schema::AnyOfBuilder::new()

@@ -283,6 +283,7 @@ pub(crate) async fn refund(
         (status = 402, description = "The card was declined"),
         (status = 404, description = "No such payment"),
         (status = 409, description = "Not in REQUIRES_REVIEW (decided already, or meanwhile)"),
+        (status = 502, description = "FAILED: the gateway refused or could not be reached", body = crate::record::PaymentRecord),
         (status = 503, description = "Gateway breaker open; the payment stays in review"),
     ))]
 pub(crate) async fn approve(
@@ -412,7 +413,7 @@ async fn cursor(
         ("limit" = Option<i64>, Query, description = "1 to 100, default 10"),
         ("starting_after" = Option<String>, Query),
     ),
-    responses((status = 200, description = "Payments in REQUIRES_REVIEW, oldest first"), (status = 400, description = "An invalid parameter")))]
+    responses((status = 200, description = "Payments in REQUIRES_REVIEW, oldest first"), (status = 400, description = "An invalid parameter"), (status = 403, description = "A key bound to another merchant")))]
 pub(crate) async fn list_reviews(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -453,7 +454,7 @@ pub(crate) struct EventParams {
         ("limit" = Option<i64>, Query, description = "1 to 100, default 10"),
         ("starting_after" = Option<String>, Query, description = "The last event id of the previous page"),
     ),
-    responses((status = 200, description = "Events in the order they happened"), (status = 400, description = "An invalid parameter")))]
+    responses((status = 200, description = "Events in the order they happened"), (status = 400, description = "An invalid parameter"), (status = 403, description = "A key bound to another merchant")))]
 pub(crate) async fn list_events(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -599,7 +600,7 @@ pub(crate) struct EndpointParams {
 /// List webhook endpoints.
 #[utoipa::path(get, path = "/webhook_endpoints", tag = "webhooks",
     params(("merchant_id" = Option<String>, Query, description = "Whose (a bound key: its own)")),
-    responses((status = 200, description = "Endpoints, without their secrets")))]
+    responses((status = 200, description = "Endpoints, without their secrets"), (status = 403, description = "A key bound to another merchant")))]
 pub(crate) async fn list_endpoints(
     State(app): State<Arc<App>>,
     caller: Caller,

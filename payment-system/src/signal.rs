@@ -376,12 +376,29 @@ fn metadata_field(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, 
     Ok(out)
 }
 
-/// Parses and validates a payment request body.
+/// Parses and validates a payment request body; a card the network would decline is an error
+/// too (402).
 pub fn parse(
     body: &Value,
     now: DateTime<Utc>,
     limits: &Limits,
 ) -> Result<PaymentRequest, ApiError> {
+    match parse_declinable(body, now, limits)? {
+        (_, Some(declined)) => Err(declined),
+        (request, None) => Ok(request),
+    }
+}
+
+/// Parses and validates a payment request body. A malformed request is an error (400); a
+/// well-formed one comes with the decline its card would get (a failed check digit, an expired
+/// card: 402), which the caller answers once it has checked who may pay and how often, so card
+/// testing is refused for the wrong merchant (403) and counts against the rate limit (429).
+/// The request's `card` is `None` when it is declined.
+pub fn parse_declinable(
+    body: &Value,
+    now: DateTime<Utc>,
+    limits: &Limits,
+) -> Result<(PaymentRequest, Option<ApiError>), ApiError> {
     let Value::Object(obj) = body else {
         return Err(ApiError::invalid(
             "invalid_body",
@@ -462,8 +479,11 @@ pub fn parse(
         }
     };
     // a well-formed request whose card the network would decline
-    let card = card?;
-    Ok(PaymentRequest {
+    let (card, declined) = match card {
+        Ok(card) => (card, None),
+        Err(declined) => (None, Some(declined)),
+    };
+    let request = PaymentRequest {
         capture,
         amount,
         currency,
@@ -474,7 +494,8 @@ pub fn parse(
         card_country,
         description,
         metadata,
-    })
+    };
+    Ok((request, declined))
 }
 
 #[cfg(test)]

@@ -799,3 +799,50 @@ async fn the_gateway_call_carries_the_callers_trace() {
             .is_ok_and(|t| t.contains(trace))
     );
 }
+
+/// A card the network would decline is answered only after the caller's right to pay for the
+/// merchant: a key bound to another merchant gets 403, not a 402 that would tell card testers
+/// which numbers are wrong.
+#[tokio::test]
+async fn a_declined_card_for_another_merchant_is_forbidden_first() {
+    let http = client();
+    let svc = Proc::start("payment-system", &[("TAI_API_KEYS", "sk_a:merc_a")])
+        .await
+        .expect("start");
+    let body = |merchant: &str| {
+        serde_json::json!({"amount": "1.00", "currency": "USD", "customer_id": "cust_d",
+            "merchant_id": merchant,
+            "card": {"number": "4242424242424241", "exp_month": 12, "exp_year": 2099}})
+    };
+    let status = |merchant: &'static str| {
+        let http = http.clone();
+        let url = svc.url("/payment");
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth("sk_a")
+                .json(&body(merchant))
+                .send()
+                .await
+                .expect("pay");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, e) = status("merc_b").await;
+    assert_eq!(s, 403, "{e}");
+    let (s, e) = status("merc_a").await;
+    assert_eq!(s, 402, "{e}");
+    assert_eq!(e["error"]["code"], "incorrect_number", "{e}");
+    // nothing was stored for it
+    let listed: Value = http
+        .get(svc.url("/payments?merchant_id=merc_a"))
+        .bearer_auth("sk_a")
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed["data"], serde_json::json!([]), "{listed}");
+}

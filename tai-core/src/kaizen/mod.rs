@@ -101,7 +101,8 @@ impl Kaizen {
             }
         }
         // process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
-        // (Linux; elsewhere the collector exports nothing)
+        // (the prometheus crate reads them from /proc: Linux only)
+        #[cfg(target_os = "linux")]
         if let Err(e) = registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         )) {

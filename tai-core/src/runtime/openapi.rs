@@ -26,6 +26,7 @@ fn error_schema() -> Schema {
                     "invalid_request_error",
                     "authentication_error",
                     "rate_limit_error",
+                    "idempotency_error",
                     "card_error",
                     "api_error",
                 ])),
@@ -101,7 +102,12 @@ pub(crate) fn complete(doc: &mut OpenApi, authenticated: bool, public: impl Fn(&
             if has_params {
                 add(op, "404", "No such resource");
             }
-            if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+            if op
+                .parameters
+                .iter()
+                .flatten()
+                .any(|p| !matches!(p.parameter_in, utoipa::openapi::path::ParameterIn::Path))
+            {
                 add(op, "400", "An invalid parameter, named in param");
             }
             if op.request_body.is_some() {

@@ -113,15 +113,7 @@ pub fn outbound() -> String {
         );
     }
     CURRENT
-        .try_with(|ctx| {
-            TraceContext {
-                trace_id: ctx.trace_id.clone(),
-                span_id: ctx.span_id.clone(),
-                parent_span_id: None,
-                sampled: ctx.sampled,
-            }
-            .traceparent()
-        })
+        .try_with(TraceContext::traceparent)
         .unwrap_or_else(|_| TraceContext::root().traceparent())
 }
 
