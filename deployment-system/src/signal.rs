@@ -514,10 +514,6 @@ fn doc_name(max: usize) -> utoipa::openapi::schema::ObjectBuilder {
         .pattern(Some(format!("^[A-Za-z0-9._-]{{1,{max}}}$")))
 }
 
-fn doc_nullable(t: utoipa::openapi::schema::Type) -> utoipa::openapi::schema::SchemaType {
-    utoipa::openapi::schema::SchemaType::from_iter([t, utoipa::openapi::schema::Type::Null])
-}
-
 fn doc_number(min: f64, max: f64) -> utoipa::openapi::schema::ObjectBuilder {
     utoipa::openapi::schema::ObjectBuilder::new()
         .schema_type(utoipa::openapi::schema::Type::Number)
@@ -538,7 +534,7 @@ impl utoipa::PartialSchema for DeployRequestDoc {
         let closed = || Some(AdditionalProperties::FreeForm(false));
         let choice = |values: &[&str]| {
             ObjectBuilder::new()
-                .schema_type(doc_nullable(Type::String))
+                .schema_type(tai_core::runtime::openapi::nullable(Type::String))
                 .enum_values(Some(
                     values
                         .iter()
@@ -559,7 +555,8 @@ impl utoipa::PartialSchema for DeployRequestDoc {
             .required("weight")
             .property(
                 "bake_secs",
-                doc_number(0.0, 86_400.0).schema_type(doc_nullable(Type::Number)),
+                doc_number(0.0, 86_400.0)
+                    .schema_type(tai_core::runtime::openapi::nullable(Type::Number)),
             )
             .additional_properties(closed());
         let query = || {
@@ -569,7 +566,7 @@ impl utoipa::PartialSchema for DeployRequestDoc {
                 .max_length(Some(4096))
         };
         let analysis = ObjectBuilder::new()
-            .schema_type(doc_nullable(Type::Object))
+            .schema_type(tai_core::runtime::openapi::nullable(Type::Object))
             .property("max_error_rate", doc_number(0.0, 1.0))
             .property(
                 "max_p99_ms",
@@ -607,7 +604,7 @@ impl utoipa::PartialSchema for DeployRequestDoc {
             )
             .additional_properties(closed());
         let regions = ArrayBuilder::new()
-            .schema_type(doc_nullable(Type::Array))
+            .schema_type(tai_core::runtime::openapi::nullable(Type::Array))
             .items(doc_name(64))
             .min_items(Some(1))
             .max_items(Some(20))
@@ -624,7 +621,7 @@ impl utoipa::PartialSchema for DeployRequestDoc {
             .property(
                 "target_region",
                 doc_name(64)
-                    .schema_type(doc_nullable(Type::String))
+                    .schema_type(tai_core::runtime::openapi::nullable(Type::String))
                     .description(Some("Not with regions")),
             )
             .property("regions", regions)
@@ -635,13 +632,13 @@ impl utoipa::PartialSchema for DeployRequestDoc {
             .property(
                 "image",
                 ObjectBuilder::new()
-                    .schema_type(doc_nullable(Type::String))
+                    .schema_type(tai_core::runtime::openapi::nullable(Type::String))
                     .pattern(Some("^[!-~]{1,255}$")),
             )
             .property(
                 "stages",
                 ArrayBuilder::new()
-                    .schema_type(doc_nullable(Type::Array))
+                    .schema_type(tai_core::runtime::openapi::nullable(Type::Array))
                     .items(stage)
                     .min_items(Some(1))
                     .max_items(Some(10))
@@ -656,7 +653,8 @@ impl utoipa::PartialSchema for DeployRequestDoc {
             )
             .property(
                 "dry_run",
-                ObjectBuilder::new().schema_type(doc_nullable(Type::Boolean)),
+                ObjectBuilder::new()
+                    .schema_type(tai_core::runtime::openapi::nullable(Type::Boolean)),
             )
             .additional_properties(closed());
         body.into()

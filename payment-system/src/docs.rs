@@ -11,11 +11,12 @@
 use serde_json::json;
 use utoipa::openapi::path::{Parameter, ParameterIn};
 use utoipa::openapi::schema::{
-    AdditionalProperties, ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaType,
-    Type,
+    AdditionalProperties, ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type,
 };
 use utoipa::openapi::{OpenApi, RefOr};
 use utoipa::{PartialSchema, ToSchema};
+
+use tai_core::runtime::openapi::nullable;
 
 use crate::signal;
 
@@ -26,10 +27,6 @@ pub(crate) const REASON_MAX: usize = 200;
 
 fn string() -> ObjectBuilder {
     ObjectBuilder::new().schema_type(Type::String)
-}
-
-fn nullable(t: Type) -> SchemaType {
-    SchemaType::from_iter([t, Type::Null])
 }
 
 fn id(description: &str) -> Object {
@@ -380,7 +377,7 @@ pub(crate) fn complete(doc: &mut OpenApi) {
                 .responses
                 .responses
                 .iter_mut()
-                .filter(|(status, _)| status.as_str() >= "400")
+                .filter(|(status, _)| status.parse::<u16>().is_ok_and(|s| s >= 400))
             {
                 let RefOr::T(refusal) = refusal else { continue };
                 for content in refusal.content.values_mut() {

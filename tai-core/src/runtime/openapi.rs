@@ -68,6 +68,11 @@ fn add(op: &mut Operation, status: &str, description: &str) {
         .or_insert_with(|| RefOr::T(error_response(description)));
 }
 
+/// `t` or JSON `null`: an optional field the parsers read `null` for as absent.
+pub fn nullable(t: Type) -> utoipa::openapi::schema::SchemaType {
+    utoipa::openapi::schema::SchemaType::from_iter([t, Type::Null])
+}
+
 /// Every operation of a path item (get, put, post, delete, patch).
 pub fn operations_mut(
     item: &mut utoipa::openapi::path::PathItem,
