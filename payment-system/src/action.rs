@@ -509,7 +509,11 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
 
 /// Confirms queued successful charges: marks the record confirmed (only a `SUCCESS` record,
 /// once), then acks.
-pub async fn confirmation_worker(queue: SharedQueue<String>, ledger: Ledger) {
+pub async fn confirmation_worker(
+    queue: SharedQueue<String>,
+    ledger: Ledger,
+    metrics: Arc<PaymentMetrics>,
+) {
     loop {
         let delivery = match queue.pull().await {
             Ok(Some(d)) => d,
@@ -521,12 +525,17 @@ pub async fn confirmation_worker(queue: SharedQueue<String>, ledger: Ledger) {
             }
         };
         let settled = match ledger.confirm(&delivery.item).await {
-            Ok(true) => delivery.ack().await,
+            Ok(true) => {
+                metrics.confirmation("confirmed");
+                delivery.ack().await
+            }
             Ok(false) => {
+                metrics.confirmation("nothing_to_confirm");
                 tracing::debug!(transaction_id = %delivery.item, "nothing to confirm (confirmed already, or not a success)");
                 delivery.ack().await
             }
             Err(e) => {
+                metrics.confirmation("failed");
                 tracing::warn!(error = %e, "confirmation failed; will be redelivered");
                 delivery.nack().await
             }

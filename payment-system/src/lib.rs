@@ -62,7 +62,7 @@ use tai_core::heijunka::{
     WindowCounter,
 };
 use tai_core::jidoka::{BreakerConfig, CircuitBreaker};
-use tai_core::kanban::{JetStreamQueue, MemoryQueue, QueueConfig, QueueError, SharedQueue};
+use tai_core::kanban::{QueueConfig, QueueError, SharedQueue};
 use tai_core::pipeline::Pipeline;
 use tai_core::runtime::{ApiError, ConfigError, ErrorType, Runtime};
 use tai_core::secrets::Secret;
@@ -254,11 +254,6 @@ pub async fn build(
         "the in-process sandbox gateway",
         "set GATEWAY_URL to the payment gateway",
     )?;
-    cfg.refuse_in_prod(
-        cfg.nats_url.is_none(),
-        "the in-process confirmation queue",
-        "set NATS_URL (JetStream) so queued confirmations survive a restart",
-    )?;
     let gateway_timeout = Duration::from_millis(cfg.setting_or("GATEWAY_TIMEOUT_MS", 5000u64)?);
     let gateway: Arc<dyn Gateway> = match cfg.setting("GATEWAY_URL") {
         Some(url) => {
@@ -310,26 +305,16 @@ pub async fn build(
 
     let queue_capacity = cfg.setting_or("CONFIRM_QUEUE_CAPACITY", 100_000usize)?;
     let queue_config = QueueConfig::new("payment-confirmations", queue_capacity);
-    let confirmations: SharedQueue<String> = match &cfg.nats_url {
-        Some(url) => {
-            let stream = cfg
-                .setting("CONFIRM_STREAM")
-                .unwrap_or_else(|| "PAYMENT_CONFIRMATIONS".into());
-            let subject = cfg
-                .setting("CONFIRM_SUBJECT")
-                .unwrap_or_else(|| "payment.confirmations".into());
-            let queue = JetStreamQueue::<String>::connect(url, &stream, &subject, queue_config)
-                .await?
-                .with_gauges(runtime.kaizen().queue_depth());
-            Arc::new(queue)
-        }
-        None => Arc::new(
-            MemoryQueue::<String>::new(queue_config, clock.clone())
-                .with_gauges(runtime.kaizen().queue_depth()),
-        ),
-    };
-    runtime.add_queue(confirmations.clone());
-    runtime.set_backend("queue", confirmations.backend());
+    let stream = cfg
+        .setting("CONFIRM_STREAM")
+        .unwrap_or_else(|| "PAYMENT_CONFIRMATIONS".into());
+    let subject = cfg
+        .setting("CONFIRM_SUBJECT")
+        .unwrap_or_else(|| "payment.confirmations".into());
+    // an item is a transaction id, and is its own message id
+    let confirmations: SharedQueue<String> = runtime
+        .work_queue("queue", queue_config, &stream, &subject, String::clone)
+        .await?;
 
     // Idempotency fingerprints are keyed: FINGERPRINT_KEY, or a key made once and kept in the
     // system of record, so every replica and every restart uses the same one.
@@ -442,9 +427,9 @@ pub async fn build(
             );
         });
     }
-    let (queue, confirmed) = (confirmations.clone(), ledger.clone());
+    let (queue, confirmed, counted) = (confirmations.clone(), ledger.clone(), metrics.clone());
     runtime.supervise("confirmations", move |_| {
-        action::confirmation_worker(queue.clone(), confirmed.clone())
+        action::confirmation_worker(queue.clone(), confirmed.clone(), counted.clone())
     });
 
     let velocity: Arc<dyn WindowCounter> = match runtime.redis() {

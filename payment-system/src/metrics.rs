@@ -8,6 +8,9 @@ use tai_core::kaizen::{Kaizen, LATENCY_BUCKETS, RollingWindow, register};
 
 use crate::record::PaymentStatus;
 
+/// The outcomes `payment_confirmations_total` counts.
+pub const CONFIRMATION_OUTCOMES: &[&str] = &["confirmed", "nothing_to_confirm", "failed"];
+
 /// The payment metrics.
 #[derive(Debug)]
 pub struct PaymentMetrics {
@@ -15,6 +18,7 @@ pub struct PaymentMetrics {
     fraud: IntCounterVec,
     duration: Histogram,
     reconciled: IntCounterVec,
+    confirmations: IntCounterVec,
     /// `payment_gateway_circuit_breaker_state`: 0 closed, 1 open, 2 half-open.
     pub breaker_state: IntGauge,
     /// `payment_processing_backlog`: payments left `PROCESSING` past the reconciler's wait
@@ -83,12 +87,27 @@ impl PaymentMetrics {
                 )
                 .expect(valid),
             ),
+            confirmations: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "payment_confirmations_total",
+                        "Confirmation deliveries by outcome: confirmed, nothing_to_confirm (a \
+                         copy, or not a success) or failed (handed back)",
+                    ),
+                    &["outcome"],
+                )
+                .expect(valid),
+            ),
             window: RollingWindow::new(Duration::from_secs(60), 12, clock),
         };
         // every known label exported at 0 from the start: a dashboard shows 0, not no data
         for status in PaymentStatus::ALL {
             metrics.transactions.with_label_values(&[status.as_str()]);
             metrics.reconciled.with_label_values(&[status.as_str()]);
+        }
+        for outcome in CONFIRMATION_OUTCOMES {
+            metrics.confirmations.with_label_values(&[*outcome]);
         }
         for rule in crate::fraud::RULES {
             metrics.fraud.with_label_values(&[*rule]);
@@ -120,6 +139,11 @@ impl PaymentMetrics {
     /// Counts a payment the reconciler finished.
     pub fn reconciled(&self, status: PaymentStatus) {
         self.reconciled.with_label_values(&[status.as_str()]).inc();
+    }
+
+    /// Counts one confirmation delivery by its outcome (one of [`CONFIRMATION_OUTCOMES`]).
+    pub fn confirmation(&self, outcome: &'static str) {
+        self.confirmations.with_label_values(&[outcome]).inc();
     }
 
     /// The share of recent payments blocked for fraud.

@@ -1,4 +1,5 @@
-//! tai-core's real backends against real Redis and NATS: state store, rate limiter, window counter, queue.
+//! tai-core's real backends against real Redis and NATS: state store, rate limiter, window counter
+//! (the queues: `queues.rs`).
 
 use std::time::Duration;
 
@@ -197,62 +198,6 @@ async fn redis_window_counts_exactly_under_16_concurrent_tasks() {
         retry > Duration::from_secs(50) && retry <= Duration::from_secs(60),
         "{retry:?}"
     );
-}
-
-#[tokio::test]
-async fn the_jetstream_queue_bounds_acks_and_redelivers_across_a_crash() {
-    use tai_core::kanban::{JetStreamQueue, QueueConfig, QueueError, QueueStatus, WorkQueue};
-    let url = backend("TAI_TEST_NATS_URL");
-    let run = unique("kanban");
-    let (stream, subject) = (format!("KANBAN_{run}"), format!("{run}.work"));
-    let mut config = QueueConfig::new(format!("q-{run}"), 3);
-    config.ack_wait = Duration::from_secs(1);
-    let queue = JetStreamQueue::<String>::connect(&url, &stream, &subject, config.clone())
-        .await
-        .expect("connect");
-    for item in ["a", "b", "c"] {
-        queue.push(item.to_owned()).await.expect("room");
-    }
-    assert!(
-        matches!(
-            queue.push("d".into()).await,
-            Err(QueueError::Full { capacity: 3, .. })
-        ),
-        "bounded"
-    );
-    let first = queue.pull().await.expect("pull").expect("an item");
-    assert_eq!((first.item.as_str(), first.attempt), ("a", 1));
-    first.ack().await.expect("ack");
-    queue
-        .push("d".into())
-        .await
-        .expect("room again after an ack");
-    let unacked = queue.pull().await.expect("pull").expect("an item");
-    assert_eq!(unacked.item, "b");
-    drop(unacked); // the worker dies holding it
-    drop(queue); // and so does the process
-
-    let again = JetStreamQueue::<String>::connect(&url, &stream, &subject, config)
-        .await
-        .expect("reconnect");
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let d = again.pull().await.expect("pull").expect("an item");
-        seen.push((d.item.clone(), d.attempt));
-        d.ack().await.expect("ack");
-    }
-    seen.sort();
-    assert_eq!(
-        seen,
-        vec![
-            ("b".to_owned(), 2),
-            ("c".to_owned(), 1),
-            ("d".to_owned(), 1)
-        ],
-        "b came back after its ack wait"
-    );
-    again.refresh_depth().await;
-    assert_eq!((again.depth().ready, again.depth().in_flight), (0, 0));
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ mod lifecycle;
 mod operator;
 mod payment;
 mod platform;
+mod queues;
 mod quickstart;
 mod record;
 mod rollout;

@@ -321,7 +321,7 @@ async fn prod_refuses_each_embedded_part_and_says_which_setting_to_change() {
                 ("TAI_SINGLE_NODE", "true"),
                 ("GATEWAY_URL", "http://127.0.0.1:9"),
             ],
-            "refuses the in-process confirmation queue: set NATS_URL",
+            "refuses the in-process queue payment-confirmations: set NATS_URL",
         ),
     ];
     for (extra, message) in cases {
@@ -335,4 +335,142 @@ async fn prod_refuses_each_embedded_part_and_says_which_setting_to_change() {
         );
         assert!(svc.log().contains(message), "{message}:\n{}", svc.log());
     }
+}
+
+/// A sample of the service's `/metrics`, 0 when the line is not there.
+async fn sample(http: &reqwest::Client, svc: &Proc, line_start: &str) -> f64 {
+    let text = http
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn with_rabbitmq_as_fallback_every_confirmation_is_delivered_once_across_a_nats_outage() {
+    let mut nats = OwnNats::start().await;
+    let (nats_url, amqp_url) = (nats.url(), tai_blackbox::backend("TAI_TEST_AMQP_URL"));
+    let run = unique("cf").replace('-', "_");
+    let (stream, subject) = (format!("CF_{run}"), format!("{run}.confirm"));
+    let events = format!("EV_{run}");
+    let svc = Proc::start(
+        "payment-system",
+        &[
+            ("NATS_URL", nats_url.as_str()),
+            ("AMQP_URL", amqp_url.as_str()),
+            ("CONFIRM_STREAM", stream.as_str()),
+            ("CONFIRM_SUBJECT", subject.as_str()),
+            ("EVENTS_STREAM", events.as_str()),
+            ("EVENTS_SUBJECT_PREFIX", format!("{run}.events").as_str()),
+            // the reconciler must not queue a confirmation again: each one is the queue's own
+            ("CONFIRM_REQUEUE_AFTER_MS", "3600000"),
+            ("MERCHANT_RATE_PER_SEC", "100000"),
+        ],
+    )
+    .await
+    .expect("payment-system");
+    let http = client();
+    let status = get_json(&http, svc.url("/status")).await;
+    assert_eq!(
+        status["backends"]["queue"].as_str(),
+        Some("jetstream+rabbitmq"),
+        "{status}"
+    );
+
+    let succeeded: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let load = |n: usize| {
+        let (http, succeeded, base) = (http.clone(), succeeded.clone(), svc.url(""));
+        async move {
+            futures_util::stream::iter(0..n)
+                .for_each_concurrent(8, |_| {
+                    let (http, succeeded, base) = (http.clone(), succeeded.clone(), base.clone());
+                    async move {
+                        let answer =
+                            pay(&http, &base, &payment(&unique("cust-cf"), "4.20"), None).await;
+                        let Some((200, body, _)) = answer else {
+                            panic!("every payment is answered 200: {answer:?}")
+                        };
+                        if body["status"] == "SUCCESS" {
+                            let id = body["transaction_id"].as_str().expect("id").to_owned();
+                            succeeded.lock().expect("lock").push(id);
+                        }
+                    }
+                })
+                .await
+        }
+    };
+    load(30).await;
+    nats.stop();
+    load(60).await;
+    let to_fallback = sample(
+        &http,
+        &svc,
+        "kanban_fallback_total{event=\"to_fallback\",queue=\"payment-confirmations\"}",
+    )
+    .await;
+    assert!(
+        to_fallback >= 50.0,
+        "confirmations went to RabbitMQ while NATS was down: {to_fallback}"
+    );
+    nats.restart().await;
+    load(30).await;
+
+    let succeeded = succeeded.lock().expect("lock").clone();
+    assert!(
+        succeeded.len() >= 100,
+        "most payments succeed: {}",
+        succeeded.len()
+    );
+    eventually(
+        Duration::from_secs(60),
+        "every success to be confirmed",
+        || {
+            let (http, svc, n) = (http.clone(), &svc, succeeded.len() as f64);
+            async move {
+                let confirmed = sample(
+                    &http,
+                    svc,
+                    "payment_confirmations_total{outcome=\"confirmed\"}",
+                )
+                .await;
+                (confirmed >= n).then_some(())
+            }
+        },
+    )
+    .await;
+    for id in &succeeded {
+        let r: Value = get_json(&http, svc.url(&format!("/payment/{id}"))).await;
+        assert!(r["confirmed_at"].is_string(), "{id} confirmed: {r}");
+    }
+    // exactly once: no delivery found its payment confirmed already, none failed
+    assert_eq!(
+        (
+            sample(
+                &http,
+                &svc,
+                "payment_confirmations_total{outcome=\"confirmed\"}"
+            )
+            .await,
+            sample(
+                &http,
+                &svc,
+                "payment_confirmations_total{outcome=\"nothing_to_confirm\"}"
+            )
+            .await,
+            sample(
+                &http,
+                &svc,
+                "payment_confirmations_total{outcome=\"failed\"}"
+            )
+            .await,
+        ),
+        (succeeded.len() as f64, 0.0, 0.0)
+    );
 }

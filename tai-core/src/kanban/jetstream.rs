@@ -37,6 +37,7 @@ pub struct JetStreamQueue<T> {
     ready: Arc<AtomicUsize>,
     in_flight: Arc<AtomicUsize>,
     gauges: Option<(prometheus::IntGauge, prometheus::IntGauge)>,
+    id_of: Option<fn(&T) -> String>,
     _item: PhantomData<fn() -> T>,
 }
 
@@ -98,10 +99,18 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> JetStreamQueue<T> 
             ready: Arc::new(AtomicUsize::new(0)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             gauges: None,
+            id_of: None,
             _item: PhantomData,
         };
         queue.refresh_depth().await;
         Ok(queue)
+    }
+
+    /// Gives every message the id `id_of` makes of its item (`Nats-Msg-Id`): the stream drops a
+    /// second publish of one id within its duplicate window.
+    pub fn with_ids(mut self, id_of: fn(&T) -> String) -> Self {
+        self.id_of = Some(id_of);
+        self
     }
 
     /// Exports depth through `family` (see [`crate::kaizen::Kaizen::queue_depth`]).
@@ -219,9 +228,14 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> WorkQueue<T> for J
             // while NATS is unreachable a publish waits for the reconnect: a producer is told
             // within 2 s instead, and keeps the item for later itself
             let acked = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut publish =
+                    jetstream::message::PublishMessage::build().payload(payload.into());
+                if let Some(id_of) = self.id_of {
+                    publish = publish.message_id(id_of(&item));
+                }
                 let ack = self
                     .js
-                    .publish(self.subject.clone(), payload.into())
+                    .send_publish(self.subject.clone(), publish)
                     .await
                     .map_err(unavailable)?;
                 Ok::<_, QueueError>(ack.await)

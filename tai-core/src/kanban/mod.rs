@@ -13,18 +13,25 @@
 //!   left, and [`drain`] waits until every item was acked or the grace time ran out.
 //!
 //! [`MemoryQueue`] is the in-process default; [`JetStreamQueue`], a work-queue stream with a
-//! durable pull consumer, gives the same contract across processes and restarts.
+//! durable pull consumer, and [`RabbitMqQueue`], a durable quorum queue, give the same contract
+//! across processes and restarts. [`FallbackQueue`] joins two of them: work goes to the primary
+//! and, while it is unreachable, to the fallback; workers drain both, and a copy that reached
+//! both is handled once.
 
+mod fallback;
 mod jetstream;
 mod memory;
+mod rabbitmq;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
+pub use fallback::FallbackQueue;
 pub use jetstream::JetStreamQueue;
 pub use memory::MemoryQueue;
+pub use rabbitmq::RabbitMqQueue;
 
 use crate::backend::{BackendError, BoxFuture};
 

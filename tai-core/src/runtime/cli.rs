@@ -85,6 +85,11 @@ pub const CORE_SETTINGS: &[Setting] = &[
         "NATS JetStream for queues and event streams; in process when unset",
     ),
     Setting::new(
+        "AMQP_URL",
+        "",
+        "RabbitMQ for Kanban queues; with NATS_URL too, the fallback while NATS is unreachable",
+    ),
+    Setting::new(
         "OUTBOX_POLL_MS",
         "100",
         "How often the outbox relay looks for events to publish",

@@ -88,6 +88,9 @@ pub enum ConfigError {
     /// A rule of the profile was broken.
     #[error("{0}")]
     Refused(String),
+    /// A backend the configuration names could not be set up.
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
 }
 
 /// Where settings come from: environment first, then the file.
@@ -208,6 +211,8 @@ pub struct RuntimeConfig {
     pub redis_url: Option<Secret>,
     /// `NATS_URL`: queues and audit streams in JetStream when set.
     pub nats_url: Option<String>,
+    /// `AMQP_URL`: Kanban queues on RabbitMQ when set (the fallback when `NATS_URL` is set too).
+    pub amqp_url: Option<Secret>,
     /// `VAULT_ADDR`: secrets from Vault when set.
     pub vault_addr: Option<String>,
     /// `VAULT_TOKEN`.
@@ -301,6 +306,7 @@ impl RuntimeConfig {
             single_node,
             redis_url: sources.get("REDIS_URL").map(Secret::new),
             nats_url: sources.get("NATS_URL"),
+            amqp_url: sources.get("AMQP_URL").map(Secret::new),
             vault_addr: sources.get("VAULT_ADDR"),
             vault_token: sources.get("VAULT_TOKEN").map(Secret::new),
             otlp_endpoint: sources.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
@@ -395,6 +401,13 @@ impl RuntimeConfig {
                     .as_deref()
                     .map(mask_url)
                     .unwrap_or_else(|| "- (in-process)".into()),
+            ),
+            (
+                "AMQP_URL".into(),
+                self.amqp_url
+                    .as_ref()
+                    .map(|u| mask_url(u.expose()))
+                    .unwrap_or_else(|| "-".into()),
             ),
             ("VAULT_ADDR".into(), opt(&self.vault_addr)),
             (

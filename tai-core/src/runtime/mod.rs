@@ -146,6 +146,16 @@ pub fn default_andon_rules() -> Vec<AndonRule> {
     ]
 }
 
+fn queue_backend(e: crate::kanban::QueueError) -> BackendError {
+    match e {
+        crate::kanban::QueueError::Backend(b) => b,
+        other => BackendError::Unavailable {
+            backend: "queue",
+            message: other.to_string(),
+        },
+    }
+}
+
 /// A service being assembled, then served.
 pub struct Runtime {
     config: RuntimeConfig,
@@ -529,6 +539,110 @@ impl Runtime {
         self.supervise("outbox_relay", move |stop| worker.clone().run(every, stop));
         self.set_backend("events", "jetstream");
         Ok(Some(relay))
+    }
+
+    /// The Kanban queue `config.name` for the role `role`, on the backend the configuration
+    /// names, registered on `/status` (depth, and `backends.<role>`), drained on shutdown, and
+    /// probed on `/ready`:
+    ///
+    /// - `NATS_URL`: a JetStream work-queue stream `stream` on subject `subject`;
+    /// - `AMQP_URL`: a RabbitMQ queue named `stream`;
+    /// - both: JetStream first and RabbitMQ while NATS cannot take work ([`FallbackQueue`]);
+    /// - neither: in process (gone with the process; the `prod` profile refuses it).
+    ///
+    /// `id_of` names an item: the message id both brokers carry, by which a copy that reached
+    /// both is handled once.
+    ///
+    /// [`FallbackQueue`]: crate::kanban::FallbackQueue
+    pub async fn work_queue<T>(
+        &mut self,
+        role: &str,
+        config: crate::kanban::QueueConfig,
+        stream: &str,
+        subject: &str,
+        id_of: fn(&T) -> String,
+    ) -> Result<crate::kanban::SharedQueue<T>, ConfigError>
+    where
+        T: serde::Serialize
+            + serde::de::DeserializeOwned
+            + Clone
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        use crate::kanban::{
+            FallbackQueue, JetStreamQueue, MemoryQueue, RabbitMqQueue, SharedQueue,
+        };
+        self.config.refuse_in_prod(
+            self.config.nats_url.is_none() && self.config.amqp_url.is_none(),
+            &format!("the in-process queue {}", config.name),
+            "set NATS_URL (JetStream) or AMQP_URL (RabbitMQ) so queued work survives a restart",
+        )?;
+        let gauges = self.kaizen.queue_depth().clone();
+        let jetstream: Option<SharedQueue<T>> = match self.config.nats_url.clone() {
+            Some(url) => Some(Arc::new(
+                JetStreamQueue::<T>::connect(&url, stream, subject, config.clone())
+                    .await
+                    .map_err(queue_backend)?
+                    .with_ids(id_of)
+                    .with_gauges(&gauges),
+            )),
+            None => None,
+        };
+        let rabbitmq: Option<SharedQueue<T>> = match self.config.amqp_url.clone() {
+            Some(url) => {
+                let queue = Arc::new(
+                    RabbitMqQueue::<T>::connect(url.expose(), stream, config.clone())
+                        .await
+                        .map_err(queue_backend)?
+                        .with_ids(id_of)
+                        .with_gauges(&gauges),
+                );
+                let probe = queue.clone();
+                self.add_readiness("rabbitmq", move || {
+                    let probe = probe.clone();
+                    Box::pin(async move { probe.ping().await.map_err(queue_backend) })
+                });
+                Some(queue)
+            }
+            None => None,
+        };
+        let queue: SharedQueue<T> = match (jetstream, rabbitmq) {
+            (Some(primary), Some(fallback)) => {
+                // once NATS fails, pushes skip it for a while instead of each waiting for it
+                let breaker = crate::jidoka::CircuitBreaker::new(
+                    format!("queue-{}", config.name),
+                    crate::jidoka::BreakerConfig {
+                        open_for: std::time::Duration::from_secs(5),
+                        ..crate::jidoka::BreakerConfig::default()
+                    },
+                    self.clock.clone(),
+                );
+                self.add_breaker(breaker.clone());
+                let counters = prometheus::IntCounterVec::new(
+                    prometheus::Opts::new(
+                        "kanban_fallback_total",
+                        "Items pushed to the fallback queue backend, and copies dropped",
+                    ),
+                    &["queue", "event"],
+                )
+                .ok()
+                .filter(|c| self.kaizen.registry().register(Box::new(c.clone())).is_ok());
+                let mut queue = FallbackQueue::new(primary, fallback, id_of).with_breaker(breaker);
+                if let Some(counters) = counters {
+                    queue = queue.with_counters(&counters);
+                }
+                Arc::new(queue)
+            }
+            (Some(only), None) | (None, Some(only)) => only,
+            (None, None) => {
+                Arc::new(MemoryQueue::<T>::new(config, self.clock.clone()).with_gauges(&gauges))
+            }
+        };
+        self.add_queue(queue.clone());
+        self.set_backend(role, queue.backend());
+        Ok(queue)
     }
 
     /// The Redis store, once [`Runtime::state_store`] connected one: for the hot parts that must
