@@ -22,8 +22,10 @@ BINS = [
     ("demo-service", "The small HTTP service the `proc` platform starts per version and region "
      "(`make demo-deploy` and the tests)."),
     ("demo-deploy", "`make demo-deploy`: a rollout moving real traffic through HAProxy."),
+    ("signal-service", "examples/signal-service, the framework's proof: TAI's reference "
+     "Signal -> Policy -> Action service on tai-core (127.0.0.1:3003)."),
 ]
-SERVICES = ("payment-system", "deployment-system")
+SERVICES = ("payment-system", "deployment-system", "signal-service")
 
 
 def settings(binary):

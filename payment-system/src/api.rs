@@ -259,13 +259,7 @@ async fn read_record(app: &App, id: &str) -> Result<Option<PaymentRecord>, ApiEr
         .get(id)
         .await
         .map(|v| v.map(|v| v.record))
-        .map_err(|e| {
-            ApiError::unavailable(
-                "store_unavailable",
-                e.to_string(),
-                Some(Duration::from_secs(1)),
-            )
-        })
+        .map_err(ApiError::from)
 }
 
 /// Read a payment.
@@ -389,7 +383,7 @@ pub(crate) async fn add_blocklist(
     app.store
         .put(&entry, b"1".to_vec(), None)
         .await
-        .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string(), None))?;
+        .map_err(ApiError::from)?;
     tracing::warn!(customer_id = %id, merchant_id = merchant.as_deref().unwrap_or("-"), scope, "customer added to the blocklist");
     Ok((
         StatusCode::CREATED,
@@ -412,11 +406,7 @@ pub(crate) async fn remove_blocklist(
     authorize_admin(&app, principal.as_deref(), merchant.as_deref())?;
     let id = customer_param(&id)?;
     let (entry, _) = blocklist_entry(&app, merchant.as_deref(), &id);
-    let existed = app
-        .store
-        .delete(&entry)
-        .await
-        .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string(), None))?;
+    let existed = app.store.delete(&entry).await.map_err(ApiError::from)?;
     if !existed {
         return Err(
             ApiError::not_found(format!("{id} is not on the blocklist")).with_param("customer_id")

@@ -31,14 +31,6 @@ pub struct Lifecycle {
     pub action: PaymentAction,
 }
 
-fn store_error(e: BackendError) -> ApiError {
-    ApiError::unavailable(
-        "store_unavailable",
-        e.to_string(),
-        Some(Duration::from_secs(1)),
-    )
-}
-
 fn conflict(code: &str, message: impl Into<String>) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
@@ -96,7 +88,7 @@ impl Lifecycle {
         self.ledger()
             .get(id)
             .await
-            .map_err(store_error)?
+            .map_err(ApiError::from)?
             .filter(|v| may_see(&v.record.merchant_id))
             .ok_or_else(unknown)
     }
@@ -195,7 +187,7 @@ impl Lifecycle {
             .ledger()
             .change(intent, version, PaymentStatus::Authorized, None)
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::from)?;
         if moved {
             Ok(())
         } else {
@@ -280,7 +272,7 @@ impl Lifecycle {
                     .ledger()
                     .change(&back, version, PaymentStatus::Authorized, None)
                     .await
-                    .map_err(store_error)?;
+                    .map_err(ApiError::from)?;
                 if !moved {
                     // recorded meanwhile (another try got the gateway's yes): that stands
                     let now = self.find(&id, |_| true).await?;
@@ -332,7 +324,7 @@ impl Lifecycle {
                 None,
             )
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::from)?;
         if !moved {
             return Err(conflict(
                 "review_decided",
@@ -425,7 +417,7 @@ impl Lifecycle {
                 Some("payment.fraud_blocked"),
             )
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::from)?;
         if !moved {
             return Err(conflict(
                 "review_decided",
@@ -472,7 +464,7 @@ impl Lifecycle {
         if let Some(key) = new.idempotency_key
             && let Some((refund, fp)) = refunds::by_key(self.ledger(), &merchant, key)
                 .await
-                .map_err(store_error)?
+                .map_err(ApiError::from)?
         {
             return replay(refund, fp);
         }
@@ -487,7 +479,7 @@ impl Lifecycle {
                 {
                     return replay(refund, fp);
                 }
-                return Err(store_error(e));
+                return Err(ApiError::from(e));
             }
         };
         let refund = match created {

@@ -31,14 +31,6 @@ fn respond(status: u16, body: Value) -> Response {
     (code, Json(body)).into_response()
 }
 
-fn store_error(e: tai_core::backend::BackendError) -> ApiError {
-    ApiError::unavailable(
-        "store_unavailable",
-        e.to_string(),
-        Some(std::time::Duration::from_secs(1)),
-    )
-}
-
 /// A body that may be empty (`{}` then), with only the `known` fields.
 fn optional_body(bytes: &[u8], known: &[&str]) -> Result<Map<String, Value>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -381,7 +373,11 @@ pub(crate) async fn list_payments(
         limit: limit_param(q.limit.as_deref(), 10, 100)?,
     };
     let after = cursor(&app, Some(&merchant), q.starting_after.as_deref()).await?;
-    let (records, more) = app.ledger.list(&query, after).await.map_err(store_error)?;
+    let (records, more) = app
+        .ledger
+        .list(&query, after)
+        .await
+        .map_err(ApiError::from)?;
     Ok(Json(page(
         records.iter().map(|r| r.public()).collect(),
         more,
@@ -398,7 +394,7 @@ async fn cursor(
     app.ledger
         .cursor(merchant, id)
         .await
-        .map_err(store_error)?
+        .map_err(ApiError::from)?
         .map(Some)
         .ok_or_else(|| {
             ApiError::not_found("starting_after names no payment of this merchant.")
@@ -426,7 +422,7 @@ pub(crate) async fn list_reviews(
         .ledger
         .reviews(merchant.as_deref(), after, limit)
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(page(
         records.iter().map(|r| r.public()).collect(),
         more,
@@ -483,7 +479,7 @@ pub(crate) async fn list_events(
         limit,
     )
     .await
-    .map_err(store_error)?
+    .map_err(ApiError::from)?
     .ok_or_else(|| {
         ApiError::not_found("starting_after names no event of this merchant.")
             .with_param("starting_after")
@@ -566,7 +562,7 @@ pub(crate) async fn create_endpoint(
         .webhooks
         .create(&merchant, &url, &types)
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::from)?;
     tracing::info!(endpoint_id = %endpoint.id, merchant_id = %merchant, "webhook endpoint registered");
     let mut shown = serde_json::to_value(&endpoint).unwrap_or(Value::Null);
     shown["secret"] = json!(secret);
@@ -581,7 +577,7 @@ async fn endpoint_for(
     app.webhooks
         .get(id)
         .await
-        .map_err(store_error)?
+        .map_err(ApiError::from)?
         .filter(|e| may_act_for(caller, &e.merchant_id))
         .ok_or_else(|| {
             ApiError::not_found(format!(
@@ -611,7 +607,7 @@ pub(crate) async fn list_endpoints(
         .webhooks
         .list(merchant.as_deref())
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(
         json!({"object": "list", "data": list, "has_more": false}),
     ))
@@ -642,7 +638,7 @@ pub(crate) async fn delete_endpoint(
     app.webhooks
         .delete(&endpoint.id)
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(json!({"id": endpoint.id, "deleted": true})))
 }
 
@@ -659,7 +655,7 @@ pub(crate) async fn enable_endpoint(
     app.webhooks
         .enable(&endpoint.id)
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::from)?;
     endpoint_for(&app, caller.as_deref(), &id).await.map(Json)
 }
 
@@ -703,7 +699,7 @@ pub(crate) async fn list_deliveries(
         .webhooks
         .deliveries(&endpoint.id, after, limit)
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(page(data, more, "id")))
 }
 
@@ -715,7 +711,7 @@ pub(crate) async fn with_refunds(
     let mut body = shown(record);
     let refunds = crate::refunds::for_payment(&app.ledger, &record.transaction_id)
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::from)?;
     let refunded: Decimal = refunds
         .iter()
         .filter(|r| r.status == crate::refunds::RefundStatus::Succeeded)

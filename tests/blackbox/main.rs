@@ -14,3 +14,4 @@ mod quickstart;
 mod record;
 mod rollout;
 mod safety;
+mod signal;

@@ -608,7 +608,7 @@ fn reference_tables()
     tables
 }
 
-const BINARIES: [&str; 7] = [
+const BINARIES: [&str; 8] = [
     "payment-system",
     "deployment-system",
     "sandbox-gateway",
@@ -616,6 +616,7 @@ const BINARIES: [&str; 7] = [
     "stress-deployment",
     "demo-service",
     "demo-deploy",
+    "signal-service",
 ];
 
 #[test]
@@ -647,7 +648,8 @@ fn the_configuration_reference_names_every_setting_of_every_binary() {
         );
         for (name, default) in settings {
             let documented = own.get(&name).or_else(|| {
-                (binary.ends_with("-system") && name != "LISTEN_ADDR")
+                ((binary.ends_with("-system") || binary == "signal-service")
+                    && name != "LISTEN_ADDR")
                     .then(|| common.get(&name))
                     .flatten()
             });

@@ -66,6 +66,18 @@ struct Inner<'a> {
     param: Option<&'a str>,
 }
 
+/// A backend that failed is the service's trouble, not the caller's: 503 `store_unavailable`,
+/// its message naming the backend, with `Retry-After: 1` when it did not
+/// answer (it may well answer in a moment) and none when it answered with something that could
+/// not be understood (retrying will not help until someone looks).
+impl From<crate::backend::BackendError> for ApiError {
+    fn from(e: crate::backend::BackendError) -> Self {
+        let retry = matches!(e, crate::backend::BackendError::Unavailable { .. })
+            .then_some(Duration::from_secs(1));
+        ApiError::unavailable("store_unavailable", e.to_string(), retry)
+    }
+}
+
 impl ApiError {
     /// An error with every field given.
     pub fn new(
