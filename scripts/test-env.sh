@@ -82,8 +82,14 @@ if [ ! -x "$ST_DIR/bin/st" ]; then
 fi
 [ -x "$ST_DIR/bin/st" ] || { say "schemathesis not found at $ST_DIR/bin/st after install"; exit 1; }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+USED_PORTS=" "
+next_port() { # sets variable $1 to a free port not handed out before (RabbitMQ binds late)
+  local p
+  while :; do
+    p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+    case "$USED_PORTS" in *" $p "*) continue ;; esac
+    USED_PORTS="$USED_PORTS$p "; printf -v "$1" '%s' "$p"; return
+  done
 }
 
 wait_for() { # name, command...
@@ -99,11 +105,11 @@ wait_for() { # name, command...
 # It runs as the rabbitmq user the package made when this script runs as root, on a port, node
 # name and directory of its own.
 [ "$(id -u)" = 0 ] && chmod 755 "$STATE"
-AMQP_PORT=$(free_port)
+next_port AMQP_PORT; next_port RMQ_DIST_PORT
 RMQ_DIR="$STATE/rabbitmq"; mkdir -p "$RMQ_DIR"
 as_rabbitmq() { if [ "$(id -u)" = 0 ]; then chown -R rabbitmq "$RMQ_DIR"; runuser -u rabbitmq -- "$@"; else "$@"; fi; }
 as_rabbitmq env HOME="$RMQ_DIR" RABBITMQ_NODENAME="tai$AMQP_PORT@localhost" \
-  RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$AMQP_PORT" RABBITMQ_DIST_PORT="$(free_port)" \
+  RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$AMQP_PORT" RABBITMQ_DIST_PORT="$RMQ_DIST_PORT" \
   RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia" RABBITMQ_LOG_BASE="$RMQ_DIR/log" \
   RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq" RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins" \
   RABBITMQ_PID_FILE="$RMQ_DIR/pid" /usr/lib/rabbitmq/bin/rabbitmq-server >"$STATE/rabbitmq.log" 2>&1 &
@@ -118,14 +124,14 @@ stop_rabbitmq() { # the server runs in an Erlang VM of its own: stop that, then 
 }
 
 # ---- Redis ------------------------------------------------------------------------------
-REDIS_PORT=$(free_port)
+next_port REDIS_PORT
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
   --databases 64 --logfile "$STATE/redis.log" &
 PIDS+=($!)
 wait_for redis redis-cli -p "$REDIS_PORT" ping
 
 # ---- NATS with JetStream ----------------------------------------------------------------
-NATS_PORT=$(free_port); NATS_MON=$(free_port)
+next_port NATS_PORT; next_port NATS_MON
 "$NATS_BIN" -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$STATE/jetstream" \
   >"$STATE/nats.log" 2>&1 &
 PIDS+=($!)
@@ -133,7 +139,7 @@ wait_for nats curl -fsS "http://127.0.0.1:$NATS_MON/healthz?js-enabled-only=true
 
 # ---- Prometheus -------------------------------------------------------------------------
 # Tests register their own scrape targets by writing file_sd files into $PROM_TARGETS.
-PROM_PORT=$(free_port)
+next_port PROM_PORT
 PROM_TARGETS="$STATE/prom-targets"; mkdir -p "$PROM_TARGETS"
 cat >"$STATE/prometheus.yml" <<YML
 global:
@@ -153,7 +159,7 @@ PIDS+=($!)
 wait_for prometheus curl -fsS "http://127.0.0.1:$PROM_PORT/-/ready"
 
 # ---- OCI registry -----------------------------------------------------------------------
-REGISTRY_PORT=$(free_port)
+next_port REGISTRY_PORT
 cat >"$STATE/registry.yml" <<YML
 version: 0.1
 log:
@@ -173,7 +179,7 @@ wait_for registry curl -fsS "http://127.0.0.1:$REGISTRY_PORT/v2/"
 # ---- PostgreSQL ---------------------------------------------------------------------------
 # It refuses to run as root: as root, run it as the postgres user the package created.
 PG_BIN="$(pg_bin)"
-PG_PORT=$(free_port)
+next_port PG_PORT
 PG_DIR="$STATE/pg"; mkdir -p "$PG_DIR"
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 if [ "$(id -u)" = 0 ]; then chown postgres "$PG_DIR"; fi
@@ -190,9 +196,9 @@ stop_postgres() { # fast shutdown, and wait for it, before its directory goes
   for _ in $(seq 1 100); do kill -0 "$PG_PID" 2>/dev/null || return 0; sleep 0.1; done
 }
 
-# the AMQP port answers once the broker has booted
-for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null && break; sleep 0.1; done
-(exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null || { say "rabbitmq did not become ready"; exit 1; }
+# the broker says when it has booted (a port that merely answers could be another server's)
+for _ in $(seq 1 300); do grep -q "Starting broker.*completed" "$STATE/rabbitmq.log" && break; sleep 0.1; done
+grep -q "Starting broker.*completed" "$STATE/rabbitmq.log" || { say "rabbitmq did not become ready"; exit 1; }
 
 export TAI_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
 export TAI_TEST_DATABASE_URL="postgres://tai@127.0.0.1:$PG_PORT/postgres"
