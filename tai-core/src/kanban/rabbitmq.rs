@@ -307,7 +307,9 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
             .map_err(unavailable)?;
             let Some(got) = got else {
                 self.ready.store(0, Ordering::Relaxed);
-                if self.closed.load(Ordering::SeqCst) {
+                // closed: done once nothing is waiting and nothing in hand can come back
+                if self.closed.load(Ordering::SeqCst) && self.in_flight.load(Ordering::Relaxed) == 0
+                {
                     self.refresh_depth().await;
                     return Ok(None);
                 }
@@ -449,23 +451,31 @@ impl Held {
             AMQPValue::LongLongInt(i64::from(self.attempt)),
         );
         let copy = self.properties.clone().with_headers(headers);
-        counts.ready.fetch_add(1, Ordering::Relaxed);
-        if publish(&self.link.channel, &self.queue, &self.payload, copy).await? {
-            self.acker
+        let published = publish(&self.link.channel, &self.queue, &self.payload, copy).await;
+        if let Ok(true) = published {
+            counts.ready.fetch_add(1, Ordering::Relaxed);
+            return self
+                .acker
                 .ack(BasicAckOptions::default())
                 .await
                 .map(|_| ())
-                .map_err(unavailable)
-        } else {
-            self.acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-                .map(|_| ())
-                .map_err(unavailable)
+                .map_err(unavailable);
         }
+        // refused (full) or not confirmed: the broker puts the original back as it was, so it
+        // is never left unacked on a live channel
+        let back = self
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(unavailable);
+        if back.is_ok() {
+            counts.ready.fetch_add(1, Ordering::Relaxed);
+        }
+        published.and(back)
     }
 }
 
