@@ -22,6 +22,7 @@ stop_postgres() { :; }
 stop_rabbitmq() { :; }
 cleanup() {
   local code=$?
+  if [ -n "${CMD_PID:-}" ]; then kill "$CMD_PID" 2>/dev/null || true; fi
   stop_postgres
   stop_rabbitmq
   for pid in "${PIDS[@]:-}"; do
@@ -35,6 +36,14 @@ cleanup() {
       [ -f "$log" ] || continue
       echo "---- last lines of $(basename "$log")"; tail -n 20 "$log"
     done
+    # last, so that it is what a reader of the output's tail sees: the disk, and what failed
+    echo "---- disk"; df -h "$ROOT" /tmp 2>/dev/null || true
+    if [ -f "$STATE/command.out" ]; then
+      echo "---- what failed (exit $code): errors, failed tests and panics from the command's output"
+      grep -E '^error|^warning: .*denied|FAILED|panicked at|^failures:|^---- .* ----$|No space left|could not compile|^make: \*\*\*' \
+        "$STATE/command.out" | tail -n 60 || true
+      echo "---- last lines of the command's output"; tail -n 30 "$STATE/command.out"
+    fi
   fi
   rm -rf "$STATE"
   exit $code
@@ -213,4 +222,14 @@ export TAI_TEST_PROMETHEUS_TARGETS="$PROM_TARGETS"
 export TAI_TEST_SCHEMATHESIS="$ST_DIR"
 say "postgres $TAI_TEST_DATABASE_URL, redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_NATS_URL, rabbitmq $TAI_TEST_AMQP_URL, prometheus $TAI_TEST_PROMETHEUS_URL, registry $TAI_TEST_REGISTRY_URL"
 
-"$@"
+# the command's output goes to a file as well as the terminal, so that a failure can be summed up
+# at the very end (a file, not a pipe to tee: a process a test leaves behind cannot hold it open)
+"$@" >"$STATE/command.out" 2>&1 &
+CMD_PID=$!
+tail -n +1 -f --pid="$CMD_PID" "$STATE/command.out" &
+TAIL_PID=$!
+code=0
+wait "$CMD_PID" || code=$?
+CMD_PID=""
+wait "$TAIL_PID" || true
+exit $code
