@@ -224,7 +224,8 @@ say "postgres $TAI_TEST_DATABASE_URL, redis $TAI_TEST_REDIS_URL, nats $TAI_TEST_
 
 # the command's output goes to a file as well as the terminal, so that a failure can be summed up
 # at the very end (a file, not a pipe to tee: a process a test leaves behind cannot hold it open)
-"$@" >"$STATE/command.out" 2>&1 &
+: >"$STATE/command.out"
+"$@" >>"$STATE/command.out" 2>&1 &
 CMD_PID=$!
 tail -n +1 -f --pid="$CMD_PID" "$STATE/command.out" &
 TAIL_PID=$!
