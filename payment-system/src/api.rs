@@ -8,7 +8,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use tai_core::heijunka::RateDecision;
 use tai_core::runtime::auth::may_act_for;
 use tai_core::runtime::{ApiError, ApiJson, ErrorType, Principal, TraceContext};
 use tracing::Instrument;
@@ -16,30 +15,6 @@ use tracing::Instrument;
 use crate::idempotency::{Claim, key_header};
 use crate::record::{PaymentRecord, PaymentStatus};
 use crate::{App, PaymentAttempt, keys, signal};
-
-fn rate_headers(d: &RateDecision) -> Vec<(HeaderName, HeaderValue)> {
-    let mut h = vec![
-        (
-            HeaderName::from_static("ratelimit-limit"),
-            HeaderValue::from(d.limit),
-        ),
-        (
-            HeaderName::from_static("ratelimit-remaining"),
-            HeaderValue::from(d.remaining),
-        ),
-        (
-            HeaderName::from_static("ratelimit-reset"),
-            HeaderValue::from(d.reset_after.as_secs_f64().ceil() as u64),
-        ),
-    ];
-    if let Some(after) = d.retry_after {
-        h.push((
-            header::RETRY_AFTER,
-            HeaderValue::from(after.as_secs_f64().ceil().max(1.0) as u64),
-        ));
-    }
-    h
-}
 
 fn respond(status: u16, body: Value, extra: Vec<(HeaderName, HeaderValue)>) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -86,31 +61,9 @@ pub(crate) async fn create_payment(
         )
         .with_param("merchant_id"));
     }
-    let decision = app.limiter.check(&request.merchant_id).await.map_err(|e| {
-        ApiError::unavailable(
-            "rate_limiter_unavailable",
-            e.to_string(),
-            Some(Duration::from_secs(1)),
-        )
-    })?;
-    let limit_headers = rate_headers(&decision);
-    if !decision.allowed {
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorType::RateLimitError,
-            "rate_limited",
-            format!(
-                "Merchant {} is over its rate limit of {} requests; retry later.",
-                request.merchant_id, decision.limit
-            ),
-        );
-        e.headers = limit_headers;
-        return Err(e);
-    }
     // a card the network would decline: nothing is stored and no key is claimed
-    if let Some(mut declined) = declined {
+    if let Some(declined) = declined {
         tracing::info!(merchant_id = %request.merchant_id, code = %declined.code, "card declined before the gateway");
-        declined.headers = limit_headers;
         return Err(declined);
     }
     let fp = app.fingerprints.fingerprint(&body);
@@ -124,20 +77,18 @@ pub(crate) async fn create_payment(
         {
             Claim::Proceed { token } => claim_token = Some(token),
             Claim::Replay { status, body } => {
-                let mut extra = limit_headers;
-                extra.push((
+                let extra = vec![(
                     HeaderName::from_static("idempotent-replayed"),
                     HeaderValue::from_static("true"),
-                ));
+                )];
                 return Ok(respond(status, body, extra));
             }
             Claim::InProgress { transaction_id } => {
                 // the first request's charge was sent and is not settled: resume it
-                let mut extra = limit_headers;
-                extra.push((
+                let extra = vec![(
                     HeaderName::from_static("idempotent-replayed"),
                     HeaderValue::from_static("true"),
-                ));
+                )];
                 return Ok(match read_record(&app, &transaction_id).await? {
                     // settled since the claim was read: its own answer
                     Some(record) if record.status != PaymentStatus::Processing => {
@@ -239,13 +190,12 @@ pub(crate) async fn create_payment(
                         "message": format!("The payment is still being processed; read it at GET /payment/{transaction_id}."),
                     },
                 }),
-                limit_headers,
+                Vec::new(),
             ));
         }
     };
-    let mut extra = limit_headers;
+    let mut extra = Vec::new();
     if let Some(after) = answer.retry_after {
-        extra.retain(|(k, _)| k != header::RETRY_AFTER);
         extra.push((
             header::RETRY_AFTER,
             HeaderValue::from(after.as_secs_f64().ceil().max(1.0) as u64),

@@ -46,6 +46,7 @@ pub mod webhooks;
 mod props;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -57,14 +58,11 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use tai_core::andon::{AndonRule, Level};
 use tai_core::clock::SharedClock;
-use tai_core::heijunka::{
-    GcraLimiter, MemoryWindowCounter, Quota, RateLimiter, RedisGcra, RedisWindowCounter,
-    WindowCounter,
-};
+use tai_core::heijunka::Quota;
 use tai_core::jidoka::{BreakerConfig, CircuitBreaker};
 use tai_core::kanban::{QueueConfig, QueueError, SharedQueue};
 use tai_core::pipeline::Pipeline;
-use tai_core::runtime::{ApiError, ConfigError, ErrorType, Runtime};
+use tai_core::runtime::{ApiError, ConfigError, ErrorType, Runtime, ratelimit};
 use tai_core::secrets::Secret;
 use tai_core::store::StateStore;
 use tower::ServiceBuilder;
@@ -146,7 +144,6 @@ pub(crate) struct App {
     lifecycle: lifecycle::Lifecycle,
     webhooks: webhooks::Webhooks,
     fingerprints: idempotency::Fingerprinter,
-    limiter: Arc<dyn RateLimiter>,
     store: Arc<dyn StateStore>,
     clock: SharedClock,
     limits: Limits,
@@ -367,30 +364,20 @@ pub async fn build(
         deliveries.clone().run(stop)
     });
     {
-        let backlog = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let figure = backlog.clone();
-        let counter = webhooks.clone();
-        runtime.supervise("webhook_backlog", move |mut shutdown| {
+        let backlog = Arc::new(AtomicU64::new(0));
+        let (figure, counter) = (backlog.clone(), webhooks.clone());
+        runtime.every("webhook_backlog", Duration::from_secs(5), move || {
             let (counter, figure) = (counter.clone(), figure.clone());
             async move {
-                loop {
-                    if let Ok(n) = counter.backlog().await {
-                        figure.store(
-                            u64::try_from(n).unwrap_or(0),
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                        _ = shutdown.changed() => return,
-                    }
+                if let Ok(n) = counter.backlog().await {
+                    figure.store(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
                 }
             }
         });
         runtime.add_figures(move |f| {
             f.insert(
                 "webhook_deliveries_pending".into(),
-                backlog.load(std::sync::atomic::Ordering::Relaxed) as f64,
+                backlog.load(Ordering::Relaxed) as f64,
             );
         });
     }
@@ -401,29 +388,21 @@ pub async fn build(
         .outbox_relay(&stream, &format!("{subject_prefix}.>"), store.clone())
         .await?
     {
-        let relay_for_status = relay.clone();
-        let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let pending_figure = pending.clone();
-        runtime.supervise("outbox_backlog", move |mut shutdown| {
-            let (relay_for_status, pending) = (relay_for_status.clone(), pending.clone());
-            // the outbox's backlog, for Andon and /status, counted once a second until shutdown
-            // (a worker that never returns would hold the graceful stop for its whole grace)
+        // the outbox's backlog, for Andon and /status, counted once a second
+        let pending = Arc::new(AtomicU64::new(0));
+        let figure = pending.clone();
+        runtime.every("outbox_backlog", Duration::from_secs(1), move || {
+            let (relay, figure) = (relay.clone(), figure.clone());
             async move {
-                loop {
-                    if let Ok(n) = relay_for_status.pending().await {
-                        pending.store(n, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.changed() => return,
-                    }
+                if let Ok(n) = relay.pending().await {
+                    figure.store(n, Ordering::Relaxed);
                 }
             }
         });
         runtime.add_figures(move |f| {
             f.insert(
                 "events_unpublished".into(),
-                pending_figure.load(std::sync::atomic::Ordering::Relaxed) as f64,
+                pending.load(Ordering::Relaxed) as f64,
             );
         });
     }
@@ -432,31 +411,14 @@ pub async fn build(
         action::confirmation_worker(queue.clone(), confirmed.clone(), counted.clone())
     });
 
-    let velocity: Arc<dyn WindowCounter> = match runtime.redis() {
-        Some(redis) => Arc::new(RedisWindowCounter::new(
-            redis.connection(),
-            &format!("{}pay:velocity:", redis.prefix()),
+    let velocity = runtime
+        .window_counter(
+            "velocity",
             rules.velocity_window(),
             rules.rules.velocity.max_attempts,
-        )),
-        None => Arc::new(MemoryWindowCounter::new(
-            rules.velocity_window(),
-            rules.rules.velocity.max_attempts,
-            clock.clone(),
-        )),
-    };
-    runtime.set_backend(
-        "counters",
-        if runtime.redis().is_some() {
-            "redis"
-        } else {
-            "memory"
-        },
-    );
-    let recent: Arc<dyn StateStore> = match runtime.redis() {
-        Some(redis) => Arc::new(redis.clone()),
-        None => store.clone(),
-    };
+        )
+        .await?;
+    let recent = runtime.hot_store().await?;
     let facts = FraudFactSource::new(
         velocity,
         store.clone(),
@@ -505,8 +467,16 @@ pub async fn build(
             cfg.setting_or("RECONCILE_RECHECK_EVERY_MS", 30_000u64)?,
         ),
     };
+    let leadership = runtime.singleton(
+        "reconciler",
+        store.clone(),
+        "pay:reconciler:",
+        Duration::from_millis(cfg.setting_or("RECONCILER_LEASE_MS", 5000u64)?),
+    );
     runtime.supervise("reconciler", move |stop| {
-        reconciler.clone().run(reconcile_every, stop)
+        reconciler
+            .clone()
+            .run(reconcile_every, leadership.clone(), stop)
     });
     let pipeline = Pipeline::new(
         "payment",
@@ -522,22 +492,17 @@ pub async fn build(
         burst,
         interval: Duration::from_secs(1) / per_sec.max(1),
     };
-    let limiter: Arc<dyn RateLimiter> = match runtime.redis() {
-        Some(redis) => Arc::new(RedisGcra::new(
-            redis.connection(),
-            &format!("{}pay:ratelimit:", redis.prefix()),
-            quota,
-        )),
-        None => Arc::new(GcraLimiter::new(quota, clock.clone())),
-    };
-    runtime.set_backend(
-        "rate_limits",
-        if runtime.redis().is_some() {
-            "redis"
-        } else {
-            "memory"
-        },
-    );
+    // per merchant: the key's own when it is bound to one, else the body's merchant_id
+    let rate_limit = runtime
+        .http_rate_limit("rate_limits", quota, "Merchant", |parts, body| {
+            match parts.extensions.get::<tai_core::runtime::Principal>() {
+                Some(tai_core::runtime::Principal {
+                    merchant: Some(m), ..
+                }) => Some(m.clone()),
+                _ => signal::merchant_of(body),
+            }
+        })
+        .await?;
 
     // the cap is in the rules' reference currency, converted with their rates
     let max_amount: Decimal = cfg.setting_or("MAX_AMOUNT", Decimal::from(1_000_000))?;
@@ -548,7 +513,6 @@ pub async fn build(
         lifecycle,
         webhooks,
         fingerprints,
-        limiter,
         store,
         clock,
         limits: Limits {
@@ -605,7 +569,15 @@ pub async fn build(
         .concurrency_limit(max_in_flight);
 
     let router = Router::new()
-        .route("/payment", post(api::create_payment).layer(shed))
+        .route(
+            "/payment",
+            post(api::create_payment)
+                .layer(shed)
+                .layer(axum::middleware::from_fn_with_state(
+                    rate_limit,
+                    ratelimit::enforce,
+                )),
+        )
         .route("/payment/{transaction_id}", get(api::get_payment))
         .route("/payment/{transaction_id}/capture", post(routes::capture))
         .route("/payment/{transaction_id}/void", post(routes::void))

@@ -26,6 +26,7 @@ use std::time::Duration;
 use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
 use tai_core::kanban::SharedQueue;
+use tai_core::runtime::Leadership;
 use tokio::sync::watch;
 
 use crate::action::Charged;
@@ -84,24 +85,39 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Runs until shutdown: a pass every `every` (each an indexed query that finds nothing
-    /// when nothing is left over), and a sweep of expired idempotency keys every minute.
-    pub async fn run(self, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until shutdown: while this replica holds the lease `leadership` tells of, a pass every `every` (each an
+    /// indexed query that finds nothing when nothing is left over) and a sweep of expired
+    /// idempotency keys every minute; otherwise it stands by and takes the lease over when its
+    /// holder stops renewing it. (Every write of a pass is a compare-and-swap on the record, so
+    /// a holder that overran its lease and a new one cannot both settle a payment.)
+    pub async fn run(
+        self,
+        every: Duration,
+        leadership: Leadership,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut last_sweep = std::time::Instant::now();
         loop {
-            match self.pass().await {
-                Ok(pass) => self
-                    .metrics
-                    .processing_backlog
-                    .set(i64::try_from(pass.waiting).unwrap_or(i64::MAX)),
-                Err(e) => tracing::warn!(error = %e, "reconciliation pass failed; will try again"),
-            }
-            if last_sweep.elapsed() >= Duration::from_secs(60) {
-                last_sweep = std::time::Instant::now();
-                match self.ledger.idempotency().sweep().await {
-                    Ok(n) if n > 0 => tracing::debug!(keys = n, "expired idempotency keys swept"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "could not sweep idempotency keys"),
+            // one replica reconciles at a time; the others stand by to take over
+            if leadership.is_leader() {
+                match self.pass().await {
+                    Ok(pass) => self
+                        .metrics
+                        .processing_backlog
+                        .set(i64::try_from(pass.waiting).unwrap_or(i64::MAX)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reconciliation pass failed; will try again")
+                    }
+                }
+                if last_sweep.elapsed() >= Duration::from_secs(60) {
+                    last_sweep = std::time::Instant::now();
+                    match self.ledger.idempotency().sweep().await {
+                        Ok(n) if n > 0 => {
+                            tracing::debug!(keys = n, "expired idempotency keys swept")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "could not sweep idempotency keys"),
+                    }
                 }
             }
             tokio::select! {

@@ -140,6 +140,11 @@ pub const SETTINGS: &[Setting] = &[
         "How often the reconciler runs",
     ),
     Setting::new(
+        "RECONCILER_LEASE_MS",
+        "5000",
+        "One replica reconciles at a time; another takes over this long after it stops renewing",
+    ),
+    Setting::new(
         "RECONCILE_NOT_FOUND_GRACE_MS",
         "120000",
         "How long a charge the gateway does not know may still appear",

@@ -149,6 +149,17 @@ fn string_field<'a>(
 /// The longest id (`customer_id`, `merchant_id`).
 pub(crate) const ID_MAX: usize = 64;
 
+/// The `merchant_id` of a payment body when it is a valid id, read without parsing the rest:
+/// the key of the merchant's rate limit.
+pub(crate) fn merchant_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Merchant {
+        merchant_id: String,
+    }
+    let m: Merchant = serde_json::from_slice(body).ok()?;
+    is_id(&m.merchant_id).then_some(m.merchant_id)
+}
+
 /// Whether `value` is an id: 1 to [`ID_MAX`] of A-Z a-z 0-9 _ - (the OpenAPI pattern is
 /// [`id_pattern`]).
 pub(crate) fn is_id(value: &str) -> bool {

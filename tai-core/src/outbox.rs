@@ -22,7 +22,6 @@ use crate::audit::AuditSink;
 use crate::backend::BackendError;
 use crate::clock::SharedClock;
 use crate::db::{Database, db_error};
-use crate::store::StateStore;
 
 /// Adds an event to the outbox inside the caller's transaction (`conn` is the transaction).
 pub async fn enqueue(
@@ -96,35 +95,23 @@ fn stored_event(r: &sqlx::any::AnyRow) -> Result<StoredEvent, BackendError> {
 /// Publishes the outbox to a sink.
 #[derive(Debug, Clone)]
 pub struct OutboxRelay {
+    /// The system of record holding the outbox.
     db: Database,
+    /// Where events go.
     sink: Arc<dyn AuditSink>,
-    store: Arc<dyn StateStore>,
+    /// Stamps `published_at`.
     clock: SharedClock,
-    lease_key: String,
-    holder: String,
+    /// Events published per round.
     batch: i64,
 }
 
-/// How long a relay's lease lasts without renewal.
-const LEASE: Duration = Duration::from_secs(10);
-
 impl OutboxRelay {
-    /// A relay from `db`'s outbox to `sink`, taking turns with other replicas through a lease
-    /// at `lease_key` in `store`.
-    pub fn new(
-        db: Database,
-        sink: Arc<dyn AuditSink>,
-        store: Arc<dyn StateStore>,
-        clock: SharedClock,
-        lease_key: &str,
-    ) -> Self {
+    /// A relay from `db`'s outbox to `sink`.
+    pub fn new(db: Database, sink: Arc<dyn AuditSink>, clock: SharedClock) -> Self {
         Self {
             db,
             sink,
-            store,
             clock,
-            lease_key: lease_key.to_owned(),
-            holder: uuid::Uuid::new_v4().simple().to_string(),
             batch: 256,
         }
     }
@@ -137,21 +124,6 @@ impl OutboxRelay {
             .map_err(db_error)?;
         let n: i64 = row.try_get(0).map_err(db_error)?;
         Ok(u64::try_from(n).unwrap_or(0))
-    }
-
-    /// Takes or renews the lease; answers whether this relay holds it.
-    async fn lease(&self) -> Result<bool, BackendError> {
-        let me = self.holder.as_bytes();
-        if self
-            .store
-            .put_if_absent(&self.lease_key, me.to_vec(), Some(LEASE))
-            .await?
-        {
-            return Ok(true);
-        }
-        self.store
-            .compare_and_swap(&self.lease_key, me, me.to_vec(), Some(LEASE))
-            .await
     }
 
     /// Publishes one batch of unpublished events in order and marks those the sink
@@ -211,13 +183,19 @@ impl OutboxRelay {
         }
     }
 
-    /// Relays until `shutdown`: while it holds the lease, publishes batches until the outbox is
-    /// empty, then looks again every `every`; backs off after failures.
-    pub async fn run(self, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    /// Relays until `shutdown`: while this replica leads (one relay publishes at a time),
+    /// publishes batches until the outbox is empty, then looks again every `every`; backs off
+    /// after failures.
+    pub async fn run(
+        self,
+        every: Duration,
+        leadership: crate::runtime::Leadership,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut backoff = every;
         loop {
-            let wait = match self.lease().await {
-                Ok(true) => match self.pass().await {
+            let wait = if leadership.is_leader() {
+                match self.pass().await {
                     Ok(n) if n as i64 >= self.batch => Duration::ZERO,
                     Ok(_) => {
                         backoff = every;
@@ -228,12 +206,9 @@ impl OutboxRelay {
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         backoff
                     }
-                },
-                Ok(false) => LEASE / 2,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox relay could not take its lease");
-                    every.max(Duration::from_secs(1))
                 }
+            } else {
+                every.max(Duration::from_millis(250))
             };
             if *shutdown.borrow() {
                 return;
@@ -242,7 +217,7 @@ impl OutboxRelay {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {
                     // one last pass, so events written before the stop go out now
-                    if matches!(self.lease().await, Ok(true)) {
+                    if leadership.is_leader() {
                         let _ = self.pass().await;
                     }
                     return;

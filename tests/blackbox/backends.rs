@@ -1,10 +1,15 @@
-//! tai-core's real backends against real Redis and NATS: state store, rate limiter, window counter
-//! (the queues: `queues.rs`).
+//! tai-core's backend contracts, each run against every implementation (real Redis, PostgreSQL
+//! and SQLite): state store, rate limiter, window counter (the queues: `queues.rs`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tai_blackbox::{backend, eventually, unique};
 use tai_core::db::Database;
+use tai_core::heijunka::{
+    GcraLimiter, MemoryWindowCounter, Quota, RateLimiter, RedisGcra, RedisWindowCounter,
+    WindowCounter,
+};
 use tai_core::store::{RedisStore, SqlStore, StateStore};
 
 /// The state-store contract, run against every implementation with a real backend.
@@ -111,74 +116,64 @@ async fn a_redis_that_does_not_answer_is_a_clear_error_not_a_hang() {
     assert_eq!(err.backend(), "redis");
 }
 
-#[tokio::test]
-async fn redis_gcra_admits_exactly_the_burst_then_one_per_interval() {
-    use tai_core::heijunka::{Quota, RateLimiter, RedisGcra};
-    let url = backend("TAI_TEST_REDIS_URL");
-    let store = RedisStore::connect(&url, &format!("{}:", unique("gcra")))
-        .await
-        .expect("connect");
-    let limiter = RedisGcra::new(
-        store.connection(),
-        store.prefix(),
-        Quota {
-            burst: 3,
-            interval: Duration::from_secs(2),
-        },
-    );
+/// The rate-limiter contract, run against every implementation: the burst, then refusals
+/// saying when to retry (within one interval), keys apart, and after that wait one more and
+/// only one. Real time: the Redis limiter runs on Redis's clock, and waiting for the limiter's
+/// own `retry_after` is the behaviour under test.
+async fn limiter_contract(limiter: &dyn RateLimiter) {
+    let name = format!("{limiter:?}");
+    assert_eq!(limiter.quota().burst, 3, "{name}");
     let mut remaining = Vec::new();
     for _ in 0..3 {
-        let d = limiter.check("merchant").await.expect("redis");
-        assert!(d.allowed);
+        let d = limiter.check("merchant").await.expect("check");
+        assert!(d.allowed, "{name}");
+        assert_eq!(d.limit, 3, "{name}");
         remaining.push(d.remaining);
     }
-    assert_eq!(remaining, vec![2, 1, 0]);
-    let refused = limiter.check("merchant").await.expect("redis");
-    assert!(!refused.allowed);
-    let wait = refused.retry_after.expect("retry after");
+    assert_eq!(remaining, vec![2, 1, 0], "{name}");
+    let refused = limiter.check("merchant").await.expect("check");
+    assert!(!refused.allowed, "{name}");
+    assert_eq!(refused.remaining, 0, "{name}");
+    let wait = refused.retry_after.expect("a refusal says when to retry");
     assert!(
-        wait > Duration::ZERO && wait <= Duration::from_secs(2),
-        "{wait:?}"
+        wait > Duration::ZERO && wait <= Duration::from_secs(1),
+        "{name}: {wait:?}"
     );
     assert!(
         limiter
             .check("other-merchant")
             .await
-            .expect("redis")
+            .expect("check")
             .allowed,
-        "keys have their own budget"
+        "{name}: keys have their own budget"
     );
-    tokio::time::sleep(wait).await; // the limiter's own answer says when: waiting for it is the behaviour under test
+    tokio::time::sleep(wait).await;
     assert!(
-        limiter.check("merchant").await.expect("redis").allowed,
-        "one more after the interval"
+        limiter.check("merchant").await.expect("check").allowed,
+        "{name}: one more after the interval"
     );
     assert!(
-        !limiter.check("merchant").await.expect("redis").allowed,
-        "and only one"
+        !limiter.check("merchant").await.expect("check").allowed,
+        "{name}: and only one"
     );
 }
 
-#[tokio::test]
-async fn redis_window_counts_exactly_under_16_concurrent_tasks() {
-    use tai_core::heijunka::{RedisWindowCounter, WindowCounter};
-    let url = backend("TAI_TEST_REDIS_URL");
-    let store = RedisStore::connect(&url, &format!("{}:", unique("window")))
-        .await
-        .expect("connect");
-    let counter = std::sync::Arc::new(RedisWindowCounter::new(
-        store.connection(),
-        store.prefix(),
-        Duration::from_secs(60),
-        5,
-    ));
+/// The window-counter contract, run against every implementation: of 800 hits by 16
+/// concurrent tasks exactly `limit` pass, every hit is counted, and a refusal's `retry_after`
+/// is when the oldest hit leaves the window.
+async fn counter_contract(counter: Arc<dyn WindowCounter>) {
+    let name = format!("{counter:?}");
+    assert_eq!(
+        (counter.window(), counter.limit()),
+        (Duration::from_secs(60), 5)
+    );
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let c = counter.clone();
             tokio::spawn(async move {
                 let mut allowed = 0;
                 for _ in 0..50 {
-                    if c.hit("cust").await.expect("redis").allowed {
+                    if c.hit("cust").await.expect("hit").allowed {
                         allowed += 1;
                     }
                 }
@@ -190,14 +185,63 @@ async fn redis_window_counts_exactly_under_16_concurrent_tasks() {
     for t in tasks {
         allowed += t.await.expect("task");
     }
-    assert_eq!(allowed, 5);
-    let last = counter.hit("cust").await.expect("redis");
-    assert_eq!(last.count, 801);
+    assert_eq!(allowed, 5, "{name}: exactly the limit passes");
+    let last = counter.hit("cust").await.expect("hit");
+    assert_eq!(
+        (last.count, last.allowed, last.remaining),
+        (801, false, 0),
+        "{name}"
+    );
     let retry = last.retry_after.expect("over the limit");
     assert!(
         retry > Duration::from_secs(50) && retry <= Duration::from_secs(60),
-        "{retry:?}"
+        "{name}: {retry:?}"
     );
+    let other = counter.hit("other").await.expect("hit");
+    assert_eq!(
+        (other.count, other.allowed),
+        (1, true),
+        "{name}: keys apart"
+    );
+}
+
+async fn redis_store(what: &str) -> RedisStore {
+    RedisStore::connect(
+        &backend("TAI_TEST_REDIS_URL"),
+        &format!("{}:", unique(what)),
+    )
+    .await
+    .expect("connect")
+}
+
+#[tokio::test]
+async fn the_rate_limiters_keep_the_limiter_contract_in_memory_and_on_redis() {
+    let quota = Quota {
+        burst: 3,
+        interval: Duration::from_secs(1),
+    };
+    limiter_contract(&GcraLimiter::new(quota, tai_core::clock::system())).await;
+    let redis = redis_store("gcra").await;
+    limiter_contract(&RedisGcra::new(redis.connection(), redis.prefix(), quota)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_counters_keep_the_counter_contract_in_memory_and_on_redis() {
+    let window = Duration::from_secs(60);
+    counter_contract(Arc::new(MemoryWindowCounter::new(
+        window,
+        5,
+        tai_core::clock::system(),
+    )))
+    .await;
+    let redis = redis_store("window").await;
+    counter_contract(Arc::new(RedisWindowCounter::new(
+        redis.connection(),
+        redis.prefix(),
+        window,
+        5,
+    )))
+    .await;
 }
 
 #[tokio::test]

@@ -951,7 +951,7 @@ async fn replicas_sharing_redis_share_velocity_rate_limits_and_idempotency() {
     assert_eq!(
         (
             status["backends"]["state"].as_str(),
-            status["backends"]["counters"].as_str(),
+            status["backends"]["velocity"].as_str(),
             status["backends"]["rate_limits"].as_str()
         ),
         (Some("postgres"), Some("redis"), Some("redis"))

@@ -200,6 +200,18 @@ async fn two_replicas_on_postgres_lose_nothing_answered_and_publish_each_outcome
     assert!(replayed);
     assert_eq!(again["transaction_id"], first["transaction_id"]);
 
+    // one replica reconciles at a time, on the fenced lease
+    let leads = |s: &Value| s["leases"]["reconciler"]["role"] == "leader";
+    let b_led = eventually(Duration::from_secs(20), "one reconciler", || {
+        let http = http.clone();
+        let (sa, sb) = (a.url("/status"), b.url("/status"));
+        async move {
+            let (sa, sb) = (get_json(&http, sa).await, get_json(&http, sb).await);
+            (leads(&sa) != leads(&sb)).then_some(leads(&sb))
+        }
+    })
+    .await;
+
     // load on both; NATS goes down, replica b is SIGKILLed mid-load, both come back
     let answered: Arc<std::sync::Mutex<Vec<(String, String)>>> = Arc::default();
     let sent = Arc::new(AtomicUsize::new(0));
@@ -267,6 +279,14 @@ async fn two_replicas_on_postgres_lose_nothing_answered_and_publish_each_outcome
         },
     )
     .await;
+    // replica a reconciled what b left: it led throughout, or took the lease over from b
+    let sa = get_json(&http, a.url("/status")).await;
+    assert!(leads(&sa), "{sa}");
+    assert_eq!(
+        sa["leases"]["reconciler"]["takeovers"],
+        u64::from(b_led),
+        "{sa}"
+    );
     let outcomes: BTreeMap<String, String> = psql(
         &db,
         "SELECT transaction_id || ' ' || status FROM payments ORDER BY transaction_id",

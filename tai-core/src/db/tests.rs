@@ -6,7 +6,7 @@ use crate::audit::AuditSink;
 use crate::backend::BoxFuture;
 use crate::clock::ManualClock;
 use crate::outbox::{OutboxRelay, enqueue};
-use crate::store::{MemoryStore, SqlStore, StateStore};
+use crate::store::{SqlStore, StateStore};
 
 async fn memory_db() -> Database {
     let db = Database::connect("memory", 1)
@@ -143,13 +143,7 @@ async fn the_relay_publishes_in_order_keeps_events_while_the_sink_is_down_and_ne
     let clock = ManualClock::new();
     let db = memory_db().await;
     let sink = Arc::new(RecordingSink::default());
-    let relay = OutboxRelay::new(
-        db.clone(),
-        sink.clone(),
-        Arc::new(MemoryStore::new(clock.shared())),
-        clock.shared(),
-        "lease",
-    );
+    let relay = OutboxRelay::new(db.clone(), sink.clone(), clock.shared());
     let write = |id: &'static str| {
         let db = db.clone();
         async move {

@@ -22,6 +22,8 @@ pub mod error;
 mod middleware;
 pub mod openapi;
 mod page;
+pub mod ratelimit;
+mod roles;
 mod routes;
 pub mod telemetry;
 pub mod trace;
@@ -42,6 +44,7 @@ use utoipa::OpenApi;
 pub use auth::{ApiKey, Principal};
 pub use config::{ConfigError, LogFormat, Profile, RuntimeConfig};
 pub use error::{ApiError, ApiJson, ErrorType};
+pub use roles::Leadership;
 pub use trace::TraceContext;
 
 use crate::andon::{Andon, AndonReport, AndonRule, Figures, Level};
@@ -174,6 +177,7 @@ pub struct Runtime {
     supervisor: crate::supervisor::Supervisor,
     redis: Option<crate::store::RedisStore>,
     database: Option<crate::db::Database>,
+    state: Option<Arc<dyn crate::store::StateStore>>,
     leases: BTreeMap<String, Arc<std::sync::RwLock<crate::lease::LeaseStatus>>>,
 }
 
@@ -332,6 +336,7 @@ impl Runtime {
             supervisor,
             redis: None,
             database: None,
+            state: None,
             leases: BTreeMap::new(),
         }
     }
@@ -458,9 +463,13 @@ impl Runtime {
 
     /// The state store for records: the system of record's `tai_kv` table, or memory when
     /// `DATABASE_URL=memory`. Connects Redis too when `REDIS_URL` is set, for the hot shared
-    /// state ([`Runtime::redis`]). Registers both on `/status` and `/ready`.
+    /// state ([`Runtime::redis`]). Registers both on `/status` and `/ready`. Built once; later calls
+    /// answer the same store.
     pub async fn state_store(&mut self) -> Result<Arc<dyn crate::store::StateStore>, BackendError> {
         self.connect_redis().await?;
+        if let Some(store) = &self.state {
+            return Ok(store.clone());
+        }
         let store: Arc<dyn crate::store::StateStore> = if self.memory_store() {
             Arc::new(crate::store::MemoryStore::new(self.clock.clone()))
         } else {
@@ -475,6 +484,7 @@ impl Runtime {
             Arc::new(sql)
         };
         self.set_backend("state", store.backend());
+        self.state = Some(store.clone());
         Ok(store)
     }
 
@@ -522,21 +532,24 @@ impl Runtime {
             let probe = probe.clone();
             Box::pin(async move { crate::audit::AuditSink::ping(&probe).await })
         });
-        let relay = crate::outbox::OutboxRelay::new(
-            db,
-            Arc::new(sink),
-            store,
-            self.clock.clone(),
-            &format!("outbox:lease:{stream}"),
-        );
+        let relay = crate::outbox::OutboxRelay::new(db, Arc::new(sink), self.clock.clone());
         let every = std::time::Duration::from_millis(
             self.config
                 .setting("OUTBOX_POLL_MS")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(100u64),
         );
+        // one replica publishes at a time, so events go out in order
+        let leadership = self.singleton(
+            "outbox_relay",
+            store,
+            &format!("outbox:{stream}:"),
+            std::time::Duration::from_secs(10),
+        );
         let worker = relay.clone();
-        self.supervise("outbox_relay", move |stop| worker.clone().run(every, stop));
+        self.supervise("outbox_relay", move |stop| {
+            worker.clone().run(every, leadership.clone(), stop)
+        });
         self.set_backend("events", "jetstream");
         Ok(Some(relay))
     }
