@@ -458,14 +458,7 @@ pub(crate) async fn faults(
     let obj = body.as_object().ok_or_else(|| {
         ApiError::invalid("invalid_body", "body", "The body must be a JSON object.")
     })?;
-    if let Some(k) = obj.keys().find(|k| *k != "fail_set_traffic_secs") {
-        let k: String = k.chars().take(64).collect();
-        return Err(ApiError::invalid(
-            "parameter_unknown",
-            &k,
-            format!("Received unknown parameter: {k}."),
-        ));
-    }
+    tai_core::runtime::error::refuse_unknown(obj, &["fail_set_traffic_secs"])?;
     let secs = obj
         .get("fail_set_traffic_secs")
         .and_then(Value::as_f64)

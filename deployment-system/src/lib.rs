@@ -36,8 +36,8 @@ use axum::routing::{get, post};
 use tai_core::andon::{AndonRule, Level};
 use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
-use tai_core::pipeline::{Action, Pipeline};
-use tai_core::policy::{Decision, Verdict};
+use tai_core::pipeline::{Action, Decided, Pipeline};
+use tai_core::policy::Decision;
 use tai_core::runtime::{ConfigError, Runtime};
 use tai_core::store::StateStore;
 use utoipa::OpenApi;
@@ -61,15 +61,14 @@ pub struct Admit {
     clock: SharedClock,
 }
 
+/// A deployment request the safety policy decided on.
+type Admitted<'a> = Decided<'a, DeployRequest, SafetyFacts>;
+
 impl Action<DeployRequest, SafetyFacts> for Admit {
     type Output = Deployment;
     type Error = BackendError;
-    async fn act(
-        &self,
-        req: &DeployRequest,
-        facts: &SafetyFacts,
-        verdict: &Verdict,
-    ) -> Result<Deployment, BackendError> {
+    async fn act(&self, decided: Admitted<'_>) -> Result<Deployment, BackendError> {
+        let (req, facts, verdict) = (decided.signal, decided.facts, decided.verdict);
         let now = self.clock.wall();
         let seq = if req.dry_run {
             0
@@ -165,8 +164,7 @@ struct DeployApi;
 pub async fn build(
     runtime: &mut Runtime,
 ) -> Result<(Router, utoipa::openapi::OpenApi), BuildError> {
-    let cfg = runtime.config().clone();
-    let clock = runtime.clock();
+    let (cfg, clock) = (runtime.config().clone(), runtime.clock());
     let store: Arc<dyn StateStore> = runtime.state_store().await?;
     let probe_timeout = Duration::from_millis(cfg.setting_or("ANALYSIS_TIMEOUT_MS", 2000u64)?);
     let mut providers: HashMap<Provider, Arc<dyn AnalysisProvider>> = HashMap::new();
@@ -177,13 +175,7 @@ pub async fn build(
         Arc<dyn registry::ImageRegistry>,
     ) = match cfg.setting("PLATFORM").as_deref().unwrap_or("sim") {
         "sim" => {
-            let fixture_text = match cfg.setting("FLEET_FIXTURE_PATH") {
-                Some(path) => std::fs::read_to_string(&path).map_err(|e| BuildError::Fixture {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?,
-                None => fleet::DEFAULT_FLEET.to_owned(),
-            };
+            let fixture_text = cfg.file_or("FLEET_FIXTURE_PATH", fleet::DEFAULT_FLEET)?;
             let fixture =
                 FleetFixture::from_toml(&fixture_text).map_err(|message| BuildError::Fixture {
                     path: "config/fleet.toml".into(),

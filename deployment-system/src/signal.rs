@@ -7,6 +7,7 @@
 
 use serde_json::{Map, Value};
 use tai_core::runtime::ApiError;
+use tai_core::runtime::error::{optional_bool, refuse_unknown};
 
 pub use crate::spec::{
     AnalysisSpec, Defaults, OnInconclusive, OnRegionFailure, Provider, Queries, StageSpec,
@@ -350,14 +351,7 @@ pub fn parse(body: &Value, defaults: &Defaults) -> Result<DeployRequest, ApiErro
     let obj = body
         .as_object()
         .ok_or_else(|| invalid("invalid_body", "body", "The body must be a JSON object."))?;
-    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        let k: String = k.chars().take(64).collect();
-        return Err(invalid(
-            "parameter_unknown",
-            &k,
-            format!("Received unknown parameter: {k}."),
-        ));
-    }
+    refuse_unknown(obj, KNOWN)?;
     let service = string(obj, "service")?.ok_or_else(|| {
         invalid(
             "parameter_missing",
@@ -478,17 +472,7 @@ pub fn parse(body: &Value, defaults: &Defaults) -> Result<DeployRequest, ApiErro
             ));
         }
     };
-    let dry_run = match obj.get("dry_run") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            return Err(invalid(
-                "parameter_invalid",
-                "dry_run",
-                "dry_run is true or false.",
-            ));
-        }
-    };
+    let dry_run = optional_bool(obj, "dry_run", false)?;
     Ok(DeployRequest {
         service: service.to_owned(),
         version: version.to_owned(),
@@ -530,6 +514,7 @@ fn doc_count(max: u64) -> utoipa::openapi::schema::ObjectBuilder {
 
 impl utoipa::PartialSchema for DeployRequestDoc {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use tai_core::runtime::openapi::integer;
         use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, Type};
         let closed = || Some(AdditionalProperties::FreeForm(false));
         let choice = |values: &[&str]| {
@@ -545,13 +530,7 @@ impl utoipa::PartialSchema for DeployRequestDoc {
         let stage = ObjectBuilder::new()
             .property("name", doc_name(32))
             .required("name")
-            .property(
-                "weight",
-                ObjectBuilder::new()
-                    .schema_type(Type::Integer)
-                    .minimum(Some(1))
-                    .maximum(Some(100)),
-            )
+            .property("weight", integer(1, 100))
             .required("weight")
             .property(
                 "bake_secs",

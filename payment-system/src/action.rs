@@ -19,7 +19,7 @@ use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
 use tai_core::jidoka::{CircuitBreaker, Outcome};
 use tai_core::kanban::SharedQueue;
-use tai_core::pipeline::Action;
+use tai_core::pipeline::{Action, Decided};
 use tai_core::policy::{Decision, Verdict};
 use tracing::Instrument;
 
@@ -285,16 +285,19 @@ impl PaymentAction {
     }
 }
 
+/// A payment attempt the fraud policy decided on.
+type Attempted<'a> = Decided<'a, PaymentAttempt, FraudFacts>;
+
 impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
     type Output = Answer;
     type Error = BackendError;
 
-    async fn act(
-        &self,
-        attempt: &PaymentAttempt,
-        facts: &FraudFacts,
-        verdict: &Verdict,
-    ) -> Result<Answer, BackendError> {
+    async fn act(&self, decided: Attempted<'_>) -> Result<Answer, BackendError> {
+        let Decided {
+            signal: attempt,
+            facts,
+            verdict,
+        } = decided;
         let req = &attempt.request;
         let mut retry_after = None;
         let mut card_token = None;

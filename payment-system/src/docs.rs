@@ -16,7 +16,7 @@ use utoipa::openapi::schema::{
 use utoipa::openapi::{OpenApi, RefOr};
 use utoipa::{PartialSchema, ToSchema};
 
-use tai_core::runtime::openapi::nullable;
+use tai_core::runtime::openapi::{integer, nullable};
 
 use crate::signal;
 
@@ -161,18 +161,12 @@ impl PartialSchema for CardDoc {
             .required("number")
             .property(
                 "exp_month",
-                ObjectBuilder::new()
-                    .schema_type(Type::Integer)
-                    .minimum(Some(1))
-                    .maximum(Some(12)),
+                integer(1, 12),
             )
             .required("exp_month")
             .property(
                 "exp_year",
-                ObjectBuilder::new()
-                    .schema_type(Type::Integer)
-                    .minimum(Some(1000))
-                    .maximum(Some(9999))
+                integer(1000, 9999)
                     .description(Some("A card past its month is declined (402 expired_card)")),
             )
             .required("exp_year")
@@ -305,11 +299,7 @@ fn shared_parameter(path: &str, p: &Parameter) -> Option<Schema> {
             .pattern(Some(crate::idempotency::key_pattern()))
             .max_length(Some(crate::idempotency::KEY_MAX))
             .into(),
-        ("limit", ParameterIn::Query) => ObjectBuilder::new()
-            .schema_type(Type::Integer)
-            .minimum(Some(1))
-            .maximum(Some(PAGE_MAX))
-            .into(),
+        ("limit", ParameterIn::Query) => integer(1, PAGE_MAX).into(),
         ("status", ParameterIn::Query) => ObjectBuilder::new()
             .schema_type(Type::String)
             .enum_values(Some(crate::record::PaymentStatus::ALL.iter().flat_map(
@@ -320,12 +310,7 @@ fn shared_parameter(path: &str, p: &Parameter) -> Option<Schema> {
             .enum_values(Some(crate::events::TYPES.iter().copied()))
             .into(),
         ("created_gte" | "created_lt", ParameterIn::Query) => OneOfBuilder::new()
-            .item(
-                ObjectBuilder::new()
-                    .schema_type(Type::Integer)
-                    .minimum(Some(i64::MIN / 1000 + 1))
-                    .maximum(Some(i64::MAX / 1000)),
-            )
+            .item(integer(i64::MIN / 1000 + 1, i64::MAX / 1000))
             .item(
                 string().format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
                     utoipa::openapi::KnownFormat::DateTime,

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use sha2::Sha256;
-use sqlx::Row;
 use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
 use tai_core::db::{Database, db_error};
@@ -173,6 +172,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// A claim as stored.
+#[derive(sqlx::FromRow)]
 struct Row_ {
     fingerprint: String,
     recovery_point: String,
@@ -205,7 +205,7 @@ impl Idempotency {
     }
 
     async fn read(&self, merchant: &str, key: &str) -> Result<Option<Row_>, BackendError> {
-        let row = sqlx::query(
+        sqlx::query_as(
             "SELECT fingerprint, recovery_point, locked_at, response_status, response_body, expires_at, \
              transaction_id FROM idempotency_keys WHERE merchant_id = $1 AND idempotency_key = $2",
         )
@@ -213,17 +213,7 @@ impl Idempotency {
         .bind(key)
         .fetch_optional(self.db.pool())
         .await
-        .map_err(db_error)?;
-        let Some(r) = row else { return Ok(None) };
-        Ok(Some(Row_ {
-            fingerprint: r.try_get(0).map_err(db_error)?,
-            recovery_point: r.try_get(1).map_err(db_error)?,
-            locked_at: r.try_get(2).map_err(db_error)?,
-            response_status: r.try_get(3).map_err(db_error)?,
-            response_body: r.try_get(4).map_err(db_error)?,
-            expires_at: r.try_get(5).map_err(db_error)?,
-            transaction_id: r.try_get(6).map_err(db_error)?,
-        }))
+        .map_err(db_error)
     }
 
     /// Claims `merchant`'s `key` for a body with `fingerprint`, or says why not.

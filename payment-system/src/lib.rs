@@ -225,13 +225,7 @@ pub async fn build(
     let cfg = runtime.config().clone();
     let clock = runtime.clock();
 
-    let rules_text = match cfg.setting("FRAUD_RULES_PATH") {
-        Some(path) => std::fs::read_to_string(&path).map_err(|e| BuildError::Rules {
-            path: path.clone(),
-            message: e.to_string(),
-        })?,
-        None => fraud::DEFAULT_RULES.to_owned(),
-    };
+    let rules_text = cfg.file_or("FRAUD_RULES_PATH", fraud::DEFAULT_RULES)?;
     let rules = FraudRules::from_toml(&rules_text).map_err(|message| BuildError::Rules {
         path: cfg
             .setting("FRAUD_RULES_PATH")

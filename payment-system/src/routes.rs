@@ -37,14 +37,7 @@ fn optional_body(bytes: &[u8], known: &[&str]) -> Result<Map<String, Value>, Api
         return Ok(Map::new());
     }
     let body: Map<String, Value> = tai_core::runtime::error::parse_json(bytes)?;
-    if let Some(unknown) = body.keys().find(|k| !known.contains(&k.as_str())) {
-        let shown: String = unknown.chars().take(64).collect();
-        return Err(ApiError::invalid(
-            "parameter_unknown",
-            &shown,
-            format!("Received unknown parameter: {shown}."),
-        ));
-    }
+    tai_core::runtime::error::refuse_unknown(&body, known)?;
     Ok(body)
 }
 

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 use tai_core::runtime::ApiError;
+use tai_core::runtime::error::{describe, optional_bool, refuse_unknown};
 
 use crate::card::{Card, CardError, CardNumber, Cvc, check_expiry};
 use crate::money::{AmountError, Currency, parse_amount};
@@ -113,17 +114,6 @@ fn missing(param: &str) -> ApiError {
         param,
         format!("Missing required parameter: {param}."),
     )
-}
-
-fn describe(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn string_field<'a>(
@@ -417,14 +407,7 @@ pub fn parse_declinable(
             format!("The body must be a JSON object, got {}.", describe(body)),
         ));
     };
-    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        let shown: String = unknown.chars().take(64).collect();
-        return Err(invalid(
-            "parameter_unknown",
-            &shown,
-            format!("Received unknown parameter: {shown}."),
-        ));
-    }
+    refuse_unknown(obj, KNOWN)?;
     // currency first: the amount's precision depends on it
     let currency_text = string_field(obj, "currency", true)?.unwrap_or_default();
     let currency = Currency::parse(currency_text).ok_or_else(|| {
@@ -478,17 +461,7 @@ pub fn parse_declinable(
         ));
     }
     let metadata = metadata_field(obj)?;
-    let capture = match obj.get("capture") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(invalid(
-                "parameter_invalid",
-                "capture",
-                format!("capture must be true or false, got {}.", describe(other)),
-            ));
-        }
-    };
+    let capture = optional_bool(obj, "capture", true)?;
     // a well-formed request whose card the network would decline
     let (card, declined) = match card {
         Ok(card) => (card, None),

@@ -139,7 +139,7 @@ fn endpoint(r: &sqlx::any::AnyRow) -> Result<Endpoint, BackendError> {
 }
 
 /// One due delivery, as the worker sends it.
-#[derive(Debug)]
+#[derive(Debug, sqlx::FromRow)]
 struct Due {
     seq: i64,
     endpoint_id: String,
@@ -371,7 +371,7 @@ impl Webhooks {
     }
 
     async fn due(&self, limit: i64) -> Result<Vec<Due>, BackendError> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT d.seq, d.endpoint_id, d.event_id, d.attempts, d.created_at, w.url, w.secret, p.payload \
              FROM webhook_deliveries d \
              JOIN webhook_endpoints w ON w.endpoint_id = d.endpoint_id \
@@ -385,21 +385,7 @@ impl Webhooks {
         .bind(limit)
         .fetch_all(self.db.pool())
         .await
-        .map_err(db_error)?;
-        rows.iter()
-            .map(|r| {
-                Ok(Due {
-                    seq: r.try_get(0).map_err(db_error)?,
-                    endpoint_id: r.try_get(1).map_err(db_error)?,
-                    event_id: r.try_get(2).map_err(db_error)?,
-                    attempts: r.try_get(3).map_err(db_error)?,
-                    created_at: r.try_get(4).map_err(db_error)?,
-                    url: r.try_get(5).map_err(db_error)?,
-                    secret: r.try_get(6).map_err(db_error)?,
-                    payload: r.try_get(7).map_err(db_error)?,
-                })
-            })
-            .collect()
+        .map_err(db_error)
     }
 
     /// Claims a delivery for one attempt; answers false when another worker has it, or

@@ -45,7 +45,7 @@ pub async fn enqueue(
 }
 
 /// One event as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StoredEvent {
     /// Position in the outbox: increasing in insertion order, with gaps; on PostgreSQL a
     /// transaction can commit a lower one after a higher one is visible, so a reader that must
@@ -69,7 +69,7 @@ pub async fn read(
     after_seq: i64,
     limit: i64,
 ) -> Result<Vec<StoredEvent>, BackendError> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT seq, event_id, subject, payload, created_at, published_at FROM tai_outbox \
          WHERE seq > $1 ORDER BY seq LIMIT $2",
     )
@@ -77,19 +77,7 @@ pub async fn read(
     .bind(limit)
     .fetch_all(db.pool())
     .await
-    .map_err(db_error)?;
-    rows.iter().map(stored_event).collect()
-}
-
-fn stored_event(r: &sqlx::any::AnyRow) -> Result<StoredEvent, BackendError> {
-    Ok(StoredEvent {
-        seq: r.try_get(0).map_err(db_error)?,
-        event_id: r.try_get(1).map_err(db_error)?,
-        subject: r.try_get(2).map_err(db_error)?,
-        payload: r.try_get(3).map_err(db_error)?,
-        created_at: r.try_get(4).map_err(db_error)?,
-        published_at: r.try_get(5).map_err(db_error)?,
-    })
+    .map_err(db_error)
 }
 
 /// Publishes the outbox to a sink.
@@ -130,7 +118,7 @@ impl OutboxRelay {
     /// acknowledged; answers how many were published. Stops at the first failure, so a later
     /// event is never marked before an earlier one went out.
     pub async fn pass(&self) -> Result<usize, BackendError> {
-        let rows = sqlx::query(
+        let events: Vec<StoredEvent> = sqlx::query_as(
             "SELECT seq, event_id, subject, payload, created_at, published_at FROM tai_outbox \
              WHERE published_at IS NULL ORDER BY seq LIMIT $1",
         )
@@ -138,7 +126,6 @@ impl OutboxRelay {
         .fetch_all(self.db.pool())
         .await
         .map_err(db_error)?;
-        let events: Vec<StoredEvent> = rows.iter().map(stored_event).collect::<Result<_, _>>()?;
         if events.is_empty() {
             return Ok(0);
         }

@@ -31,18 +31,35 @@ pub trait FactSource<S>: Send + Sync {
     fn gather(&self, signal: &S) -> impl Future<Output = Result<Self::Facts, Self::Error>> + Send;
 }
 
+/// What an action acts on: the signal, the facts gathered for it, and the policy's verdict.
+#[derive(Debug)]
+pub struct Decided<'a, S, F> {
+    /// The request.
+    pub signal: &'a S,
+    /// The facts the policy decided on.
+    pub facts: &'a F,
+    /// The policy's verdict.
+    pub verdict: &'a Verdict,
+}
+
+impl<S, F> Clone for Decided<'_, S, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<S, F> Copy for Decided<'_, S, F> {}
+
 /// Carries a verdict out.
 pub trait Action<S, F>: Send + Sync {
     /// What the action produces (e.g. the stored record).
     type Output: Send;
     /// What it can fail with.
     type Error: Send;
-    /// Acts on `signal` under `verdict`.
+    /// Acts on a decided signal.
     fn act(
         &self,
-        signal: &S,
-        facts: &F,
-        verdict: &Verdict,
+        decided: Decided<'_, S, F>,
     ) -> impl Future<Output = Result<Self::Output, Self::Error>> + Send;
 }
 
@@ -147,7 +164,11 @@ impl<G, P, A> Pipeline<G, P, A> {
         let started = Instant::now();
         let output = self
             .action
-            .act(signal, &facts, &verdict)
+            .act(Decided {
+                signal,
+                facts: &facts,
+                verdict: &verdict,
+            })
             .instrument(tracing::info_span!("action", pipeline = self.name))
             .await
             .map_err(PipelineError::Action)?;
@@ -202,9 +223,9 @@ mod tests {
     impl Action<u32, u32> for Record {
         type Output = usize;
         type Error = String;
-        async fn act(&self, s: &u32, _f: &u32, v: &Verdict) -> Result<usize, String> {
+        async fn act(&self, d: Decided<'_, u32, u32>) -> Result<usize, String> {
             let mut log = self.0.lock().map_err(|e| e.to_string())?;
-            log.push((*s, v.decision));
+            log.push((*d.signal, d.verdict.decision));
             Ok(log.len())
         }
     }

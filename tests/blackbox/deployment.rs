@@ -37,20 +37,21 @@ pub(crate) async fn get(http: &reqwest::Client, svc: &Proc, path: &str) -> Value
     get_json(http, svc.url(path)).await
 }
 
+/// The statuses a deployment ends in.
+pub(crate) const TERMINAL: [&str; 6] = [
+    "SUCCESS",
+    "ROLLED_BACK",
+    "FAILED",
+    "ABORTED",
+    "REJECTED",
+    "SUPERSEDED",
+];
+
 async fn wait_terminal(http: &reqwest::Client, svc: &Proc, id: &str, within: Duration) -> Value {
     eventually(within, &format!("{id} to end"), || async {
         let d = get(http, svc, &format!("/deploy/{id}")).await;
         let s = d["status"].as_str().unwrap_or("");
-        [
-            "SUCCESS",
-            "ROLLED_BACK",
-            "FAILED",
-            "ABORTED",
-            "REJECTED",
-            "SUPERSEDED",
-        ]
-        .contains(&s)
-        .then_some(d)
+        TERMINAL.contains(&s).then_some(d)
     })
     .await
 }

@@ -18,17 +18,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use crate::deployment::{get, post};
+use crate::deployment::{TERMINAL, get, post};
 use tai_blackbox::{Proc, backend, client, eventually, postgres_database, unique};
-
-const TERMINAL: [&str; 6] = [
-    "SUCCESS",
-    "ROLLED_BACK",
-    "FAILED",
-    "ABORTED",
-    "REJECTED",
-    "SUPERSEDED",
-];
 
 fn two_stages(canary_bake: f64, prod_bake: f64) -> Value {
     json!([

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use deployment_system::rollout::Status;
 use serde_json::{Value, json};
 
 /// Start many deployments at once and follow each to its end.
@@ -45,14 +46,11 @@ const IMAGES: [(&str, &str); 7] = [
     ("edge-service", "v3.0.0"),
 ];
 const REGIONS: [&str; 3] = ["us-west-2", "us-east-1", "eu-west-1"];
-const ENDED: [&str; 6] = [
-    "SUCCESS",
-    "ROLLED_BACK",
-    "FAILED",
-    "ABORTED",
-    "REJECTED",
-    "SUPERSEDED",
-];
+
+/// Whether `status` is one a deployment ends in.
+fn ended(status: &str) -> bool {
+    serde_json::from_value::<Status>(json!(status)).is_ok_and(Status::is_terminal)
+}
 
 /// How one deployment went.
 enum Outcome {
@@ -92,7 +90,7 @@ async fn one(http: reqwest::Client, args: &Args, i: usize) -> Outcome {
     let mut last = created["status"].as_str().unwrap_or("?").to_owned();
     let mut body = created;
     loop {
-        if ENDED.contains(&last.as_str()) {
+        if ended(&last) {
             // why it was refused or rolled back: the first reason's code
             let shown = match body["reasons"][0]["code"].as_str() {
                 Some(code) if last != "SUCCESS" => format!("{last} ({code})"),

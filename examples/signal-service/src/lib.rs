@@ -24,7 +24,7 @@ use tai_core::andon::{AndonRule, Level};
 use tai_core::backend::BackendError;
 use tai_core::jidoka::{BreakerConfig, CircuitBreaker, Outcome as Call};
 use tai_core::kanban::{QueueConfig, QueueError, SharedQueue};
-use tai_core::pipeline::{Action, FactSource, Pipeline};
+use tai_core::pipeline::{Action, Decided, FactSource, Pipeline};
 use tai_core::policy::{Decision, Policy, Reason, Verdict};
 use tai_core::runtime::cli::Setting;
 use tai_core::runtime::{ApiError, ApiJson, ConfigError, Runtime};
@@ -300,12 +300,8 @@ struct Accept {
 impl Action<SignalRequest, usize> for Accept {
     type Output = SignalRecord;
     type Error = ApiError;
-    async fn act(
-        &self,
-        s: &SignalRequest,
-        _: &usize,
-        verdict: &Verdict,
-    ) -> Result<SignalRecord, ApiError> {
+    async fn act(&self, d: Decided<'_, SignalRequest, usize>) -> Result<SignalRecord, ApiError> {
+        let (s, verdict) = (d.signal, d.verdict);
         let allowed = verdict.decision != Decision::Deny;
         let record = SignalRecord {
             id: format!("sig_{}", uuid::Uuid::new_v4().simple()),

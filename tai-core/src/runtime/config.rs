@@ -362,6 +362,18 @@ impl RuntimeConfig {
         self.sources.get(name)
     }
 
+    /// The text of the file the setting `name` names, or `builtin` when it names none; a file
+    /// that cannot be read is a [`ConfigError::File`] naming it.
+    pub fn file_or(&self, name: &str, builtin: &str) -> Result<String, ConfigError> {
+        match self.setting(name) {
+            Some(path) => std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
+                message: format!("{name}: {e}"),
+                path,
+            }),
+            None => Ok(builtin.to_owned()),
+        }
+    }
+
     /// Refuses, in the `prod` profile, a part that only the embedded default provides: `what`
     /// names it, `fix` says which setting to change.
     pub fn refuse_in_prod(&self, embedded: bool, what: &str, fix: &str) -> Result<(), ConfigError> {

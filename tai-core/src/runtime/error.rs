@@ -351,6 +351,56 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// What kind of JSON value `v` is, for a message: "a string", "null".
+pub fn describe(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// 400 `parameter_unknown` naming the first field of `obj` that is not in `known` (cut to 64
+/// characters), so that a misspelt field is an error rather than silently ignored.
+pub fn refuse_unknown(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    known: &[&str],
+) -> Result<(), ApiError> {
+    match obj.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => {
+            let shown: String = unknown.chars().take(64).collect();
+            Err(ApiError::invalid(
+                "parameter_unknown",
+                &shown,
+                format!("Received unknown parameter: {shown}."),
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
+/// The optional boolean field `name` of a JSON object: `default` when absent or null, 400
+/// `parameter_invalid` naming it when it is anything but `true` or `false`.
+pub fn optional_bool(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+    default: bool,
+) -> Result<bool, ApiError> {
+    match obj.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(serde_json::Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(ApiError::invalid(
+            "parameter_invalid",
+            name,
+            format!("{name} must be true or false, got {}.", describe(other)),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

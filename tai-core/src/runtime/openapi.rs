@@ -73,6 +73,14 @@ pub fn nullable(t: Type) -> utoipa::openapi::schema::SchemaType {
     utoipa::openapi::schema::SchemaType::from_iter([t, Type::Null])
 }
 
+/// An integer from `min` to `max`, to build on (`.description(…)`).
+pub fn integer(min: i64, max: i64) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(min))
+        .maximum(Some(max))
+}
+
 /// Every operation of a path item (get, put, post, delete, patch).
 pub fn operations_mut(
     item: &mut utoipa::openapi::path::PathItem,
