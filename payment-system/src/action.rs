@@ -18,7 +18,7 @@ use std::time::Duration;
 use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
 use tai_core::jidoka::{CircuitBreaker, Outcome};
-use tai_core::kanban::SharedQueue;
+use tai_core::kanban::{SharedQueue, Worked};
 use tai_core::pipeline::{Action, Decided};
 use tai_core::policy::{Decision, Verdict};
 use tracing::Instrument;
@@ -510,41 +510,29 @@ impl Action<PaymentAttempt, FraudFacts> for PaymentAction {
     }
 }
 
-/// Confirms queued successful charges: marks the record confirmed (only a `SUCCESS` record,
-/// once), then acks.
-pub async fn confirmation_worker(
-    queue: SharedQueue<String>,
-    ledger: Ledger,
-    metrics: Arc<PaymentMetrics>,
-) {
-    loop {
-        let delivery = match queue.pull().await {
-            Ok(Some(d)) => d,
-            Ok(None) => return, // closed and drained
-            Err(e) => {
-                tracing::error!(error = %e, "confirmation queue failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        let settled = match ledger.confirm(&delivery.item).await {
-            Ok(true) => {
-                metrics.confirmation("confirmed");
-                delivery.ack().await
-            }
-            Ok(false) => {
-                metrics.confirmation("nothing_to_confirm");
-                tracing::debug!(transaction_id = %delivery.item, "nothing to confirm (confirmed already, or not a success)");
-                delivery.ack().await
-            }
-            Err(e) => {
-                metrics.confirmation("failed");
-                tracing::warn!(error = %e, "confirmation failed; will be redelivered");
-                delivery.nack().await
-            }
-        };
-        if let Err(e) = settled {
-            tracing::warn!(error = %e, "could not settle a confirmation delivery");
+/// Confirms one queued successful charge: marks the record confirmed (only a `SUCCESS` record,
+/// once). An error hands it back to the queue, to be tried again.
+pub async fn confirm(
+    ledger: &Ledger,
+    metrics: &PaymentMetrics,
+    transaction_id: &str,
+) -> Result<Worked, BackendError> {
+    match ledger.confirm(transaction_id).await {
+        Ok(true) => {
+            metrics.confirmation("confirmed");
+            Ok(Worked::Done)
+        }
+        Ok(false) => {
+            metrics.confirmation("nothing_to_confirm");
+            tracing::debug!(
+                transaction_id,
+                "nothing to confirm (confirmed already, or not a success)"
+            );
+            Ok(Worked::Done)
+        }
+        Err(e) => {
+            metrics.confirmation("failed");
+            Err(e)
         }
     }
 }

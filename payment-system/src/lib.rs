@@ -400,9 +400,10 @@ pub async fn build(
             );
         });
     }
-    let (queue, confirmed, counted) = (confirmations.clone(), ledger.clone(), metrics.clone());
-    runtime.supervise("confirmations", move |_| {
-        action::confirmation_worker(queue.clone(), confirmed.clone(), counted.clone())
+    let (confirmed, counted) = (ledger.clone(), metrics.clone());
+    runtime.worker_pool("confirmations", confirmations.clone(), 1, move |job| {
+        let (ledger, metrics) = (confirmed.clone(), counted.clone());
+        async move { action::confirm(&ledger, &metrics, &job.item).await }
     });
 
     let velocity = runtime

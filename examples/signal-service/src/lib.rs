@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
@@ -23,7 +22,7 @@ use serde_json::{Value, json};
 use tai_core::andon::{AndonRule, Level};
 use tai_core::backend::BackendError;
 use tai_core::jidoka::{BreakerConfig, CircuitBreaker, Outcome as Call};
-use tai_core::kanban::{QueueConfig, QueueError, SharedQueue};
+use tai_core::kanban::{QueueConfig, SharedQueue, Worked};
 use tai_core::pipeline::{Action, Decided, FactSource, Pipeline};
 use tai_core::policy::{Decision, Policy, Reason, Verdict};
 use tai_core::runtime::cli::Setting;
@@ -115,20 +114,12 @@ pub struct SignalRecord {
     pub outcome: Option<Outcome>,
 }
 
-/// One worker's load, for `/status`.
-#[derive(Debug, Default)]
-struct Load {
-    busy: AtomicBool,
-    handled: AtomicU64,
-    failed: AtomicU64,
-}
-
 struct App {
     store: Arc<dyn StateStore>,
     queue: SharedQueue<String>,
     breaker: CircuitBreaker,
     work: Duration,
-    loads: Vec<Load>,
+    workers: usize,
     deny: Vec<String>,
     capacity: usize,
     outcomes: prometheus::IntCounterVec,
@@ -178,9 +169,7 @@ pub async fn build(
         queue: queue.clone(),
         breaker,
         work: Duration::from_millis(cfg.setting_or("WORK_MS", 20u64)?),
-        loads: (0..cfg.setting_or("WORKERS", 4usize)?.max(1))
-            .map(|_| Load::default())
-            .collect(),
+        workers: cfg.setting_or("WORKERS", 4usize)?.max(1),
         deny: deny.clone(),
         capacity,
         outcomes: outcomes.clone(),
@@ -198,27 +187,11 @@ pub async fn build(
             runtime.kaizen().clone(),
         ),
     });
-    for worker in 0..app.loads.len() {
-        let app = app.clone();
-        runtime.supervise(&format!("worker-{worker}"), move |_| {
-            pull_and_work(app.clone(), worker)
-        });
-    }
-    let shown = app.clone();
-    runtime.add_status_section("worker_pool", move || {
-        json!(
-            shown
-                .loads
-                .iter()
-                .enumerate()
-                .map(|(worker, l)| json!({
-                    "worker": worker,
-                    "busy": l.busy.load(Ordering::Relaxed),
-                    "handled": l.handled.load(Ordering::Relaxed),
-                    "failed": l.failed.load(Ordering::Relaxed),
-                }))
-                .collect::<Vec<_>>()
-        )
+    // each worker pulls its next signal once it is free: the load levels itself
+    let working = app.clone();
+    runtime.worker_pool("worker_pool", app.queue.clone(), app.workers, move |job| {
+        let app = working.clone();
+        async move { work(&app, job.worker, &job.item).await }
     });
     let counted = app.clone();
     runtime.add_figures(move |f| {
@@ -360,60 +333,18 @@ async fn enqueue(
         return Ok(());
     };
     let _ = store.delete(&key(id)).await;
-    Err(match e {
-        QueueError::Full { .. } => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            tai_core::runtime::ErrorType::RateLimitError,
-            "queue_full",
-            "The queue is full; try again shortly.",
-        )
-        .with_retry_after(Duration::from_secs(1)),
-        QueueError::Closed(_) => ApiError::unavailable(
-            "shutting_down",
-            "The service is stopping.",
-            Some(Duration::from_secs(1)),
-        ),
-        QueueError::Backend(b) => b.into(),
-    })
+    Err(e.into())
 }
 
-/// One worker: pulls the next signal whenever it is free, until the queue closes.
-async fn pull_and_work(app: Shared, worker: usize) {
-    loop {
-        let next = match app.queue.pull().await {
-            Ok(Some(next)) => next,
-            Ok(None) => return, // closed and drained
-            Err(e) => {
-                tracing::warn!(worker, error = %e, "pulling failed; trying again");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        let load = &app.loads[worker];
-        load.busy.store(true, Ordering::Relaxed);
-        let worked = work(&app, worker, &next.item).await;
-        load.busy.store(false, Ordering::Relaxed);
-        let settled = match worked {
-            Ok(()) => next.ack().await,
-            Err(e) => {
-                tracing::warn!(worker, error = %e.message, "could not record a signal; handed back");
-                next.nack().await
-            }
-        };
-        if let Err(e) = settled {
-            tracing::warn!(worker, error = %e, "could not settle a delivery");
-        }
-    }
-}
-
-async fn work(app: &App, worker: usize, id: &str) -> Result<(), ApiError> {
+/// Works one signal for `worker`: an error (the store's) hands it back to the queue.
+async fn work(app: &App, worker: usize, id: &str) -> Result<Worked, ApiError> {
     let store = app.store.as_ref();
     // gone, or a copy of one handled already
     let Some(mut r) = load(store, id)
         .await?
         .filter(|r| r.status == Status::Queued)
     else {
-        return Ok(());
+        return Ok(Worked::Done);
     };
     r.status = Status::Processing;
     r.attempts += 1;
@@ -462,11 +393,6 @@ async fn work(app: &App, worker: usize, id: &str) -> Result<(), ApiError> {
             },
         ),
     };
-    let load = &app.loads[worker];
-    load.handled.fetch_add(1, Ordering::Relaxed);
-    if status == Status::Failed {
-        load.failed.fetch_add(1, Ordering::Relaxed);
-    }
     app.outcomes
         .with_label_values(&[if status == Status::Done {
             "done"
@@ -476,7 +402,12 @@ async fn work(app: &App, worker: usize, id: &str) -> Result<(), ApiError> {
         .inc();
     r.status = status;
     r.outcome = Some(outcome);
-    save(store, &r).await
+    save(store, &r).await?;
+    Ok(if status == Status::Done {
+        Worked::Done
+    } else {
+        Worked::Failed
+    })
 }
 
 fn valid(s: &SignalRequest) -> Result<(), ApiError> {
@@ -556,14 +487,7 @@ async fn retry(State(app): State<Shared>, Path(id): Path<String>) -> Result<Resp
     if let Err(e) = app.queue.push(id.clone()).await {
         r.status = Status::Failed;
         save(store, &r).await?;
-        return Err(match e {
-            QueueError::Backend(b) => b.into(),
-            other => ApiError::unavailable(
-                "queue_unavailable",
-                other.to_string(),
-                Some(Duration::from_secs(1)),
-            ),
-        });
+        return Err(e.into());
     }
     Ok(answer(StatusCode::ACCEPTED, &r))
 }
@@ -574,7 +498,7 @@ async fn info(State(app): State<Shared>) -> Json<Value> {
     Json(json!({
         "service": "signal-service",
         "version": env!("CARGO_PKG_VERSION"),
-        "workers": app.loads.len(),
+        "workers": app.workers,
         "queue": {"backend": app.queue.backend(), "capacity": app.capacity},
         "policy": {"deny_kinds": app.deny, "shed_priority_0_above": 0.8},
     }))

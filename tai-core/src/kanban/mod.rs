@@ -21,6 +21,7 @@
 mod fallback;
 mod jetstream;
 mod memory;
+mod pool;
 mod rabbitmq;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ use serde::Serialize;
 pub use fallback::FallbackQueue;
 pub use jetstream::JetStreamQueue;
 pub use memory::MemoryQueue;
+pub(crate) use pool::run_worker;
+pub use pool::{Job, PoolLoad, Worked};
 pub use rabbitmq::RabbitMqQueue;
 
 use crate::backend::{BackendError, BoxFuture};

@@ -78,6 +78,29 @@ impl From<crate::backend::BackendError> for ApiError {
     }
 }
 
+/// A refused push: 429 `queue_full` with `Retry-After: 1` (the queue is the service's bound on
+/// work in hand), 503 `shutting_down` once the queue is closed, and the backend's error as
+/// [`BackendError`](crate::backend::BackendError) maps it.
+impl From<crate::kanban::QueueError> for ApiError {
+    fn from(e: crate::kanban::QueueError) -> Self {
+        match e {
+            crate::kanban::QueueError::Full { .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorType::RateLimitError,
+                "queue_full",
+                "The queue is full; try again shortly.",
+            )
+            .with_retry_after(Duration::from_secs(1)),
+            crate::kanban::QueueError::Closed(_) => Self::unavailable(
+                "shutting_down",
+                "The service is stopping.",
+                Some(Duration::from_secs(1)),
+            ),
+            crate::kanban::QueueError::Backend(b) => b.into(),
+        }
+    }
+}
+
 impl ApiError {
     /// An error with every field given.
     pub fn new(

@@ -163,6 +163,48 @@ impl Runtime {
         }
     }
 
+    /// A pool of `workers` workers (at least one) pulling from `queue`, each under the
+    /// supervisor (`<name>` for one worker, `<name>-<i>` for several), with their loads on
+    /// `/status` as `<name>`: each pulls its next item once it is free, `work` answers what it
+    /// made of it, and an `Err` hands the item back to be delivered again. Answers the loads.
+    pub fn worker_pool<T, F, Fut, E>(
+        &mut self,
+        name: &str,
+        queue: crate::kanban::SharedQueue<T>,
+        workers: usize,
+        work: F,
+    ) -> crate::kanban::PoolLoad
+    where
+        T: Clone + Send + Sync + 'static,
+        F: Fn(crate::kanban::Job<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<crate::kanban::Worked, E>> + Send + 'static,
+        E: std::fmt::Display + 'static,
+    {
+        let loads = crate::kanban::PoolLoad::new(workers.max(1));
+        let (work, label): (_, Arc<str>) = (Arc::new(work), name.into());
+        for worker in 0..loads.workers() {
+            let (queue, loads, work, label) =
+                (queue.clone(), loads.clone(), work.clone(), label.clone());
+            let worker_name = if workers <= 1 {
+                name.to_owned()
+            } else {
+                format!("{name}-{worker}")
+            };
+            self.supervise(&worker_name, move |_| {
+                crate::kanban::run_worker(
+                    label.clone(),
+                    queue.clone(),
+                    worker,
+                    loads.clone(),
+                    work.clone(),
+                )
+            });
+        }
+        let shown = loads.clone();
+        self.add_status_section(name, move || shown.snapshot());
+        loads
+    }
+
     fn hot_backend(&self) -> &'static str {
         if self.redis.is_some() {
             "redis"
