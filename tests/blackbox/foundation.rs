@@ -123,7 +123,10 @@ async fn api_keys_guard_mutating_routes_and_prod_refuses_to_start_without_them()
     let http = client();
     let svc = Proc::start(
         "payment-system",
-        &[("TAI_API_KEYS", "sk_test_one,sk_test_two")],
+        &[(
+            "TAI_API_KEYS",
+            "sk_test_one,sk_test_two,sk_test_ro:merc_ro:read",
+        )],
     )
     .await
     .expect("start");
@@ -144,11 +147,29 @@ async fn api_keys_guard_mutating_routes_and_prod_refuses_to_start_without_them()
         .expect("post");
     assert_eq!(r.status(), 401);
     let r = http.get(svc.url("/status")).send().await.expect("get");
-    assert_eq!(r.status(), 200, "reads need no key");
+    assert_eq!(r.status(), 200, "the common routes need no key");
+    // a read-only key reads its merchant's payments and may not create one
+    let r = http
+        .post(svc.url("/payment"))
+        .bearer_auth("sk_test_ro")
+        .json(&serde_json::json!({"amount": 10, "currency": "USD", "customer_id": "c_ro", "merchant_id": "merc_ro"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "insufficient_scope", "{body}");
+    let r = http
+        .get(svc.url("/payments?merchant_id=merc_ro"))
+        .bearer_auth("sk_test_ro")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
     assert!(!svc.log().contains("sk_test_one"), "keys are never logged");
     assert!(
         svc.log()
-            .contains("2 key(s) (0 bound to a merchant), masked")
+            .contains("3 key(s) (1 bound to a merchant), masked")
     );
 
     let mut prod =

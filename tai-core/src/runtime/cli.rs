@@ -97,7 +97,7 @@ pub const CORE_SETTINGS: &[Setting] = &[
     Setting::new(
         "TAI_API_KEYS",
         "",
-        "Bearer keys, comma-separated: KEY (admin) or KEY:MERCHANT; none means open",
+        "Bearer keys, comma-separated: KEY (admin), KEY:MERCHANT, either with :read for GET/HEAD only (KEY::read, KEY:MERCHANT:read); none means open",
     ),
     Setting::new(
         "VAULT_ADDR",

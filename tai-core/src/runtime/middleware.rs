@@ -93,8 +93,19 @@ pub(crate) async fn authenticate(
         })
         .map(str::trim);
     if let Some(key) = presented.and_then(|p| super::auth::find(&common.api_keys, p)) {
+        if !key.scope.allows(req.method()) {
+            tracing::warn!(method = %req.method(), "refused a read-only API key's change");
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorType::AuthenticationError,
+                "insufficient_scope",
+                "This API key may only read (GET, HEAD).",
+            )
+            .into_response();
+        }
         let principal = super::auth::Principal {
             merchant: key.merchant.clone(),
+            scope: key.scope,
         };
         req.extensions_mut().insert(principal);
         return next.run(req).await;

@@ -135,7 +135,23 @@ async fn mutating_routes_need_a_key_when_keys_are_configured() {
     req.headers_mut()
         .insert("authorization", "Bearer k_two".parse().expect("hv"));
     assert_eq!(send(&app, req).await.0, StatusCode::OK);
-    // reads stay open
+    // a read-only key reads, and is refused a change
+    let scoped = self::app(&[("TAI_API_KEYS", "k_one,k_ro::read")]);
+    let mut req = post_json("/echo", r#"{"name":"a"}"#);
+    req.headers_mut()
+        .insert("authorization", "Bearer k_ro".parse().expect("hv"));
+    let (s, _, body) = send(&scoped, req).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"]["code"], "insufficient_scope");
+    let mut req = Request::get("/echo").body(Body::empty()).expect("req");
+    req.headers_mut()
+        .insert("authorization", "Bearer k_ro".parse().expect("hv"));
+    assert_eq!(
+        send(&scoped, req).await.0,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "past authentication: the route only takes POST"
+    );
+    // the common routes stay open
     let (s, _, _) = send(
         &app,
         Request::get("/status").body(Body::empty()).expect("req"),
