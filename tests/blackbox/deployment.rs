@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tai_blackbox::{Proc, backend, client, eventually, get_json, unique};
+use tai_blackbox::{Proc, backend, client, eventually, get_json, metrics_text, unique};
 
 fn stages(bake: f64) -> Value {
     json!([
@@ -90,14 +90,7 @@ async fn a_healthy_release_rolls_out_through_every_stage() {
         "v1.9.0",
         "other regions untouched"
     );
-    let metrics = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = metrics_text(&http, &svc).await;
     assert!(metrics.contains("deployment_success_total 1"), "{metrics}");
     assert!(metrics.contains("deployment_duration_seconds_count 1"));
     assert!(metrics.contains(r#"deployment_stage_duration_seconds_count{stage="canary"} 1"#));
@@ -166,14 +159,7 @@ async fn a_failing_canary_is_rolled_back_with_the_measured_gate_in_the_events() 
         (t["stable"].as_str(), t["canary"].is_null()),
         (Some("v0.9.0"), true)
     );
-    let metrics = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = metrics_text(&http, &svc).await;
     assert!(
         metrics.contains(r#"deployment_rollback_total{cause="gate"} 1"#),
         "counted once the platform serves stable, labelled by cause"

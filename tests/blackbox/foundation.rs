@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tai_blackbox::{Proc, backend, client, eventually, get_json, unique};
+use tai_blackbox::{Proc, backend, client, eventually, get_json, metrics_text, unique};
 
 const SERVICES: [&str; 2] = ["payment-system", "deployment-system"];
 const DOMAIN_ROUTE: [&str; 2] = ["/payment", "/deploy"];
@@ -48,14 +48,7 @@ async fn both_services_serve_the_common_routes() {
         assert_eq!(api["info"]["title"], name);
         assert!(api["paths"]["/status"]["get"].is_object());
 
-        let metrics = http
-            .get(svc.url("/metrics"))
-            .send()
-            .await
-            .expect("m")
-            .text()
-            .await
-            .expect("text");
+        let metrics = metrics_text(&http, &svc).await;
         assert!(
             metrics.contains(r#"http_requests_total{method="GET",route="/status",status="200"} 1"#),
             "{metrics}"
@@ -624,16 +617,6 @@ async fn the_openapi_documents_name_every_route_each_service_serves() {
             );
         }
     }
-}
-
-async fn metrics_text(http: &reqwest::Client, svc: &Proc) -> String {
-    http.get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
 }
 
 /// Supervision: a background worker that panics (made to, through the test hook) is started

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tai_blackbox::{Proc, backend, client, eventually, unique};
+use tai_blackbox::{Proc, backend, client, eventually, metrics_text, unique};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -452,20 +452,8 @@ async fn every_dashboard_query_returns_data_from_the_real_prometheus() {
     // the exposition of both services, to check every metric a dashboard names exists
     let exposition = format!(
         "{}{}",
-        http.get(pay.url("/metrics"))
-            .send()
-            .await
-            .expect("m")
-            .text()
-            .await
-            .expect("t"),
-        http.get(dep.url("/metrics"))
-            .send()
-            .await
-            .expect("m")
-            .text()
-            .await
-            .expect("t")
+        metrics_text(&http, &pay).await,
+        metrics_text(&http, &dep).await
     );
     let metric_name = regex_lite_metric_names;
     for (panel, expr) in dashboard_queries() {

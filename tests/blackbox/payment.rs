@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-use tai_blackbox::{Proc, client, eventually, get_json, unique};
+use tai_blackbox::{Proc, client, eventually, get_json, metrics_text, unique};
 
 struct Answer {
     status: u16,
@@ -204,14 +204,7 @@ async fn quick_start_scenarios_hold_as_written() {
     let id = b.json["transaction_id"].as_str().expect("id");
     let stored: Value = get_json(&http, svc.url(&format!("/payment/{id}"))).await;
     assert_eq!(stored["status"], "FRAUD_BLOCKED");
-    let metrics = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = metrics_text(&http, &svc).await;
     assert!(
         metrics.contains(r#"payment_transaction_total{status="FRAUD_BLOCKED"} 6"#),
         "{metrics}"
@@ -510,14 +503,7 @@ async fn the_gateway_breaker_opens_refuses_without_calling_and_closes_again() {
             .any(|r| r["rule"] == "breaker_open"),
         "{andon}"
     );
-    let metrics = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = metrics_text(&http, &svc).await;
     assert!(metrics.contains("payment_gateway_circuit_breaker_state 1"));
 
     // after the open duration the breaker admits trials; three good ones close it
@@ -787,16 +773,7 @@ async fn malformed_requests_get_4xx_json_errors_and_change_nothing() {
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    let before = metrics_count(
-        &http
-            .get(svc.url("/metrics"))
-            .send()
-            .await
-            .expect("m")
-            .text()
-            .await
-            .expect("t"),
-    );
+    let before = metrics_count(&metrics_text(&http, &svc).await);
 
     let base = json!({"amount": "10.00", "currency": "USD", "customer_id": "cust_before", "merchant_id": "merc_456"});
     let with = |k: &str, v: Value| {
@@ -915,16 +892,7 @@ async fn malformed_requests_get_4xx_json_errors_and_change_nothing() {
         .await
         .expect("t");
     assert_eq!(record_before, record_after);
-    let after = metrics_count(
-        &http
-            .get(svc.url("/metrics"))
-            .send()
-            .await
-            .expect("m")
-            .text()
-            .await
-            .expect("t"),
-    );
+    let after = metrics_count(&metrics_text(&http, &svc).await);
     assert_eq!(before, after, "no payment was counted, so none was stored");
     let status = status_of(&http, &svc).await;
     assert_eq!(status["kaizen"]["errors"], 0, "no 5xx");
@@ -1065,14 +1033,7 @@ async fn stress_payment_loads_a_running_service_and_reports_every_status() {
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .expect("request count");
-    let metrics = client()
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = metrics_text(&client(), &svc).await;
     let counted: u64 = metrics
         .lines()
         .filter(|l| l.starts_with("payment_transaction_total{"))
@@ -1211,14 +1172,7 @@ async fn a_payment_cut_off_by_a_crash_is_finished_after_restart_and_charged_once
     let stored: Value = get_json(&http, svc.url(&format!("/payment/{id}"))).await;
     assert_eq!(stored["status"], "SUCCESS");
     assert_eq!(stored["gateway_response"], replay.json["gateway_response"]);
-    let metrics = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = metrics_text(&http, &svc).await;
     assert!(
         metrics.contains(r#"payment_reconciled_total{status="SUCCESS"} 1"#),
         "{metrics}"

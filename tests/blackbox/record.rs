@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tai_blackbox::{OwnNats, Proc, client, eventually, get_json, postgres_database, psql, unique};
+use tai_blackbox::{
+    OwnNats, Proc, client, eventually, get_json, metrics_text, postgres_database, psql, unique,
+};
 
 fn payment(customer: &str, amount: &str) -> Value {
     json!({"amount": amount, "customer_id": customer, "currency": "USD", "merchant_id": "merc_456"})
@@ -359,14 +361,7 @@ async fn prod_refuses_each_embedded_part_and_says_which_setting_to_change() {
 
 /// A sample of the service's `/metrics`, 0 when the line is not there.
 async fn sample(http: &reqwest::Client, svc: &Proc, line_start: &str) -> f64 {
-    let text = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = metrics_text(http, svc).await;
     text.lines()
         .find_map(|l| l.strip_prefix(line_start))
         .and_then(|v| v.trim().parse().ok())

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tai_blackbox::{Proc, client, eventually, get_json};
+use tai_blackbox::{Proc, client, eventually, get_json, metrics_text};
 
 async fn send(http: &reqwest::Client, svc: &Proc, body: Value) -> (u16, Value) {
     let r = http
@@ -127,14 +127,7 @@ async fn the_policy_rejects_bad_input_is_refused_and_a_failed_signal_can_be_retr
         assert_eq!(code, 400, "{bad} -> {body}");
         assert!(body["error"]["message"].is_string(), "{body}");
     }
-    let metrics = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&http, &svc).await;
     assert!(
         metrics.contains("signals_total{outcome=\"queued\"} 0"),
         "bad input stored nothing: {metrics}"

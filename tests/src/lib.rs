@@ -288,6 +288,17 @@ pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> ser
         .expect("a JSON body")
 }
 
+/// The Prometheus text of `svc`'s `/metrics`, failing the test if it cannot be read.
+pub async fn metrics_text(http: &reqwest::Client, svc: &Proc) -> String {
+    http.get(svc.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the metrics text")
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, or fails after `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
 where

@@ -36,7 +36,7 @@ pub struct JetStreamQueue<T> {
     closed: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
     in_flight: Arc<AtomicUsize>,
-    gauges: Option<(prometheus::IntGauge, prometheus::IntGauge)>,
+    gauges: Option<super::DepthGauges>,
     id_of: Option<fn(&T) -> String>,
     _item: PhantomData<fn() -> T>,
 }
@@ -115,11 +115,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> JetStreamQueue<T> 
 
     /// Exports depth through `family` (see [`crate::kaizen::Kaizen::queue_depth`]).
     pub fn with_gauges(mut self, family: &prometheus::IntGaugeVec) -> Self {
-        let name = self.config.name.clone();
-        self.gauges = Some((
-            family.with_label_values(&[name.as_str(), "ready"]),
-            family.with_label_values(&[name.as_str(), "in_flight"]),
-        ));
+        self.gauges = Some(super::DepthGauges::new(family, &self.config.name, false));
         self
     }
 
@@ -131,9 +127,8 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> JetStreamQueue<T> 
             self.ready.store(ready, Ordering::Relaxed);
             self.in_flight
                 .store(info.num_ack_pending, Ordering::Relaxed);
-            if let Some((r, f)) = &self.gauges {
-                r.set(i64::try_from(ready).unwrap_or(i64::MAX));
-                f.set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));
+            if let Some(g) = &self.gauges {
+                g.set(ready, info.num_ack_pending);
             }
         }
     }

@@ -22,14 +22,7 @@ struct Inner<T> {
     clock: SharedClock,
     state: Mutex<State<T>>,
     notify: Notify,
-    gauges: Option<Gauges>,
-}
-
-#[derive(Debug, Clone)]
-struct Gauges {
-    ready: prometheus::IntGauge,
-    in_flight: prometheus::IntGauge,
-    dead: prometheus::IntGauge,
+    gauges: Option<super::DepthGauges>,
 }
 
 #[derive(Debug)]
@@ -71,13 +64,8 @@ impl<T: Clone + Send + Sync + 'static> MemoryQueue<T> {
     /// Exports depth through `family`, labelled `{queue, state}` (see
     /// [`crate::kaizen::Kaizen::queue_depth`]). Call before cloning.
     pub fn with_gauges(mut self, family: &prometheus::IntGaugeVec) -> Self {
-        let name = self.inner.config.name.clone();
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.gauges = Some(Gauges {
-                ready: family.with_label_values(&[name.as_str(), "ready"]),
-                in_flight: family.with_label_values(&[name.as_str(), "in_flight"]),
-                dead: family.with_label_values(&[name.as_str(), "dead"]),
-            });
+            inner.gauges = Some(super::DepthGauges::new(family, &inner.config.name, true));
         }
         self
     }
@@ -127,9 +115,8 @@ impl<T: Clone + Send + Sync + 'static> MemoryQueue<T> {
 
     fn update_gauges(&self, state: &State<T>) {
         if let Some(g) = &self.inner.gauges {
-            g.ready.set(state.ready.len() as i64);
-            g.in_flight.set(state.in_flight.len() as i64);
-            g.dead.set(state.dead.len() as i64);
+            g.set(state.ready.len(), state.in_flight.len());
+            g.set_dead(state.dead.len());
         }
     }
 

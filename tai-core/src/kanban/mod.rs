@@ -185,3 +185,37 @@ pub async fn drain(queue: &dyn QueueStatus, grace: Duration) -> QueueDepth {
 
 /// A queue shared between producers, workers and `/status`.
 pub type SharedQueue<T> = Arc<dyn WorkQueue<T>>;
+
+/// A queue's depth gauges, labelled `{queue, state}` in
+/// [`crate::kaizen::Kaizen::queue_depth`]'s family.
+#[derive(Debug, Clone)]
+pub(crate) struct DepthGauges {
+    ready: prometheus::IntGauge,
+    in_flight: prometheus::IntGauge,
+    dead: Option<prometheus::IntGauge>,
+}
+
+impl DepthGauges {
+    /// The gauges of `queue`; `dead` for a backend that counts its dead letters.
+    pub(crate) fn new(family: &prometheus::IntGaugeVec, queue: &str, dead: bool) -> Self {
+        Self {
+            ready: family.with_label_values(&[queue, "ready"]),
+            in_flight: family.with_label_values(&[queue, "in_flight"]),
+            dead: dead.then(|| family.with_label_values(&[queue, "dead"])),
+        }
+    }
+
+    /// Shows `ready` and `in_flight` items.
+    pub(crate) fn set(&self, ready: usize, in_flight: usize) {
+        self.ready.set(i64::try_from(ready).unwrap_or(i64::MAX));
+        self.in_flight
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+    }
+
+    /// Shows `dead` items, when the backend counts them.
+    pub(crate) fn set_dead(&self, dead: usize) {
+        if let Some(g) = &self.dead {
+            g.set(i64::try_from(dead).unwrap_or(i64::MAX));
+        }
+    }
+}

@@ -68,7 +68,7 @@ pub struct RabbitMqQueue<T> {
     in_flight: Arc<AtomicUsize>,
     dead: Arc<AtomicUsize>,
     id_of: Option<fn(&T) -> String>,
-    gauges: Option<(prometheus::IntGauge, prometheus::IntGauge)>,
+    gauges: Option<super::DepthGauges>,
     _item: PhantomData<fn() -> T>,
 }
 
@@ -152,11 +152,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
 
     /// Exports depth through `family` (see [`crate::kaizen::Kaizen::queue_depth`]).
     pub fn with_gauges(mut self, family: &prometheus::IntGaugeVec) -> Self {
-        let name = self.config.name.clone();
-        self.gauges = Some((
-            family.with_label_values(&[name.as_str(), "ready"]),
-            family.with_label_values(&[name.as_str(), "in_flight"]),
-        ));
+        self.gauges = Some(super::DepthGauges::new(family, &self.config.name, false));
         self
     }
 
@@ -260,9 +256,11 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
     }
 
     fn show(&self) {
-        if let Some((r, f)) = &self.gauges {
-            r.set(i64::try_from(self.ready.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
-            f.set(i64::try_from(self.in_flight.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        if let Some(g) = &self.gauges {
+            g.set(
+                self.ready.load(Ordering::Relaxed),
+                self.in_flight.load(Ordering::Relaxed),
+            );
         }
     }
 
