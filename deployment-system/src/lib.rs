@@ -259,8 +259,10 @@ pub async fn build(
 
     let registry: Arc<dyn registry::ImageRegistry> = match cfg.setting("IMAGE_REGISTRY_URL") {
         Some(url) => {
-            let oci = OciRegistry::new(&url, probe_timeout).map_err(BuildError::Provider)?;
+            let oci = OciRegistry::new(&url, probe_timeout, clock.clone())
+                .map_err(BuildError::Provider)?;
             defaults.registry = oci.host();
+            runtime.add_breaker(oci.breaker());
             Arc::new(oci)
         }
         None => platform_registry,

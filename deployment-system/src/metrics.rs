@@ -3,11 +3,9 @@
 
 use std::time::Duration;
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge};
 use tai_core::clock::SharedClock;
-use tai_core::kaizen::{Kaizen, RollingWindow, register};
+use tai_core::kaizen::{Kaizen, RollingWindow};
 
 use crate::rollout::model::{Cause, Deployment, Status};
 
@@ -31,83 +29,42 @@ pub struct DeploymentMetrics {
 impl DeploymentMetrics {
     /// Registers the metrics in `kaizen`'s registry.
     pub fn new(kaizen: &Kaizen, clock: SharedClock) -> Self {
-        let r = kaizen.registry();
-        let valid = "constant metric definitions are valid";
-        let metrics = Self {
-            success: register(
-                r,
-                IntCounter::new(
-                    "deployment_success_total",
-                    "Deployments that reached every region",
-                )
-                .expect(valid),
+        let causes: Vec<&str> = Cause::ALL.iter().map(|c| c.as_str()).collect();
+        Self {
+            success: kaizen.counter(
+                "deployment_success_total",
+                "Deployments that reached every region",
             ),
-            rollback: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "deployment_rollback_total",
-                        "Regions seen back on their stable version, by cause (gate, rollback_all, abort)",
-                    ),
-                    &["cause"],
-                )
-                .expect(valid),
+            // every cause exported at 0 from the start: a dashboard shows 0, not no data
+            rollback: kaizen.counter_vec(
+                "deployment_rollback_total",
+                "Regions seen back on their stable version, by cause (gate, rollback_all, abort)",
+                "cause",
+                &causes,
             ),
-            failed: register(
-                r,
-                IntCounter::new(
-                    "deployment_failed_total",
-                    "Deployments that ended FAILED or ABORTED",
-                )
-                .expect(valid),
+            failed: kaizen.counter(
+                "deployment_failed_total",
+                "Deployments that ended FAILED or ABORTED",
             ),
-            duration: register(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "deployment_duration_seconds",
-                        "Time from acceptance to the end of a deployment",
-                    )
-                    .buckets(DURATION_BUCKETS.to_vec()),
-                )
-                .expect(valid),
+            duration: kaizen.histogram(
+                "deployment_duration_seconds",
+                "Time from acceptance to the end of a deployment",
+                DURATION_BUCKETS,
             ),
-            stage: register(
-                r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "deployment_stage_duration_seconds",
-                        "Time a stage took, bake and analysis",
-                    )
-                    .buckets(DURATION_BUCKETS.to_vec()),
-                    &["stage"],
-                )
-                .expect(valid),
+            stage: kaizen.histogram_vec(
+                "deployment_stage_duration_seconds",
+                "Time a stage took, bake and analysis",
+                DURATION_BUCKETS,
+                "stage",
             ),
-            rollback_seconds: register(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "deployment_rollback_duration_seconds",
-                        "Time from the failing measurement (or the abort) to the platform seen serving stable",
-                    )
-                    .buckets(vec![
-                        0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
-                    ]),
-                )
-                .expect(valid),
+            rollback_seconds: kaizen.histogram(
+                "deployment_rollback_duration_seconds",
+                "Time from the failing measurement (or the abort) to the platform seen serving stable",
+                &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0],
             ),
-            in_progress: register(
-                r,
-                IntGauge::new("deployments_in_progress", "Deployments not yet ended").expect(valid),
-            ),
+            in_progress: kaizen.gauge("deployments_in_progress", "Deployments not yet ended"),
             recent: RollingWindow::new(Duration::from_secs(300), 30, clock),
-        };
-        // every cause exported at 0 from the start: a dashboard shows 0, not no data
-        for cause in Cause::ALL {
-            metrics.rollback.with_label_values(&[cause.as_str()]);
         }
-        metrics
     }
 
     /// How many deployments have not ended.

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
+use prometheus::{Histogram, IntCounterVec, IntGauge};
 use tai_core::clock::SharedClock;
-use tai_core::kaizen::{Kaizen, LATENCY_BUCKETS, RollingWindow, register};
+use tai_core::kaizen::{Kaizen, LATENCY_BUCKETS, RollingWindow};
 
 use crate::record::PaymentStatus;
 
@@ -30,89 +30,49 @@ pub struct PaymentMetrics {
 impl PaymentMetrics {
     /// Registers the metrics in `kaizen`'s registry.
     pub fn new(kaizen: &Kaizen, clock: SharedClock) -> Self {
-        let r = kaizen.registry();
-        let valid = "constant metric definitions are valid";
-        let metrics = Self {
-            transactions: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new("payment_transaction_total", "Payments by outcome"),
-                    &["status"],
-                )
-                .expect(valid),
+        // every known label exported at 0 from the start: a dashboard shows 0, not no data
+        let statuses: Vec<&str> = PaymentStatus::ALL.iter().map(|s| s.as_str()).collect();
+        Self {
+            transactions: kaizen.counter_vec(
+                "payment_transaction_total",
+                "Payments by outcome",
+                "status",
+                &statuses,
             ),
-            fraud: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new("payment_fraud_detected_total", "Fraud rules fired, by rule"),
-                    &["rule"],
-                )
-                .expect(valid),
+            fraud: kaizen.counter_vec(
+                "payment_fraud_detected_total",
+                "Fraud rules fired, by rule",
+                "rule",
+                crate::fraud::RULES,
             ),
-            duration: register(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "payment_processing_duration_seconds",
-                        "Time to answer a payment",
-                    )
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                )
-                .expect(valid),
+            duration: kaizen.histogram(
+                "payment_processing_duration_seconds",
+                "Time to answer a payment",
+                LATENCY_BUCKETS,
             ),
-            breaker_state: register(
-                r,
-                IntGauge::new(
-                    "payment_gateway_circuit_breaker_state",
-                    "Gateway breaker: 0 closed, 1 open, 2 half-open",
-                )
-                .expect(valid),
+            breaker_state: kaizen.gauge(
+                "payment_gateway_circuit_breaker_state",
+                "Gateway breaker: 0 closed, 1 open, 2 half-open",
             ),
-            processing_backlog: register(
-                r,
-                IntGauge::new(
-                    "payment_processing_backlog",
-                    "Payments left PROCESSING that the reconciler's last pass could not settle",
-                )
-                .expect(valid),
+            processing_backlog: kaizen.gauge(
+                "payment_processing_backlog",
+                "Payments left PROCESSING that the reconciler's last pass could not settle",
             ),
-            reconciled: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "payment_reconciled_total",
-                        "Payments finished by the reconciler, by final status",
-                    ),
-                    &["status"],
-                )
-                .expect(valid),
+            reconciled: kaizen.counter_vec(
+                "payment_reconciled_total",
+                "Payments finished by the reconciler, by final status",
+                "status",
+                &statuses,
             ),
-            confirmations: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "payment_confirmations_total",
-                        "Confirmation deliveries by outcome: confirmed, nothing_to_confirm (a \
-                         copy, or not a success) or failed (handed back)",
-                    ),
-                    &["outcome"],
-                )
-                .expect(valid),
+            confirmations: kaizen.counter_vec(
+                "payment_confirmations_total",
+                "Confirmation deliveries by outcome: confirmed, nothing_to_confirm (a copy, or \
+                 not a success) or failed (handed back)",
+                "outcome",
+                CONFIRMATION_OUTCOMES,
             ),
             window: RollingWindow::new(Duration::from_secs(60), 12, clock),
-        };
-        // every known label exported at 0 from the start: a dashboard shows 0, not no data
-        for status in PaymentStatus::ALL {
-            metrics.transactions.with_label_values(&[status.as_str()]);
-            metrics.reconciled.with_label_values(&[status.as_str()]);
         }
-        for outcome in CONFIRMATION_OUTCOMES {
-            metrics.confirmations.with_label_values(&[*outcome]);
-        }
-        for rule in crate::fraud::RULES {
-            metrics.fraud.with_label_values(&[*rule]);
-        }
-        metrics
     }
 
     /// Records one answered payment.

@@ -146,17 +146,12 @@ pub async fn build(
         .await?;
     let breaker = CircuitBreaker::new("downstream", BreakerConfig::default(), runtime.clock());
     runtime.add_breaker(breaker.clone());
-    let outcomes = tai_core::kaizen::register(
-        runtime.kaizen().registry(),
-        prometheus::IntCounterVec::new(
-            prometheus::Opts::new("signals_total", "Signals by outcome"),
-            &["outcome"],
-        )
-        .map_err(|e| ConfigError::Refused(e.to_string()))?,
+    let outcomes = runtime.kaizen().counter_vec(
+        "signals_total",
+        "Signals by outcome",
+        "outcome",
+        &["queued", "rejected", "done", "failed"],
     );
-    for o in ["queued", "rejected", "done", "failed"] {
-        outcomes.with_label_values(&[o]);
-    }
     let deny: Vec<String> = cfg
         .setting("DENY_KINDS")
         .unwrap_or_else(|| "spam".into())

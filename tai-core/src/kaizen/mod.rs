@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 pub use window::{RollingWindow, WindowStats};
@@ -132,6 +133,73 @@ impl Kaizen {
         &self.inner.registry
     }
 
+    /// Registers a counter named `name`.
+    ///
+    /// # Panics
+    /// If `name` or `help` is not a valid Prometheus definition (empty help, a name outside
+    /// `[a-zA-Z_:][a-zA-Z0-9_:]*`): a programming error that the first test building the
+    /// metrics shows. A name registered twice is logged, not fatal.
+    pub fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.define(IntCounter::new(name, help), name)
+    }
+
+    /// Registers a counter family with one `label`, each of `values` exported at 0 from the
+    /// start so that a dashboard shows 0 rather than no data. Panics as [`Kaizen::counter`].
+    pub fn counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[&str],
+    ) -> IntCounterVec {
+        let family = self.define(IntCounterVec::new(Opts::new(name, help), &[label]), name);
+        for value in values {
+            family.with_label_values(&[*value]);
+        }
+        family
+    }
+
+    /// Registers a gauge. Panics as [`Kaizen::counter`].
+    pub fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.define(IntGauge::new(name, help), name)
+    }
+
+    /// Registers a histogram with `buckets` (seconds, ascending). Panics as [`Kaizen::counter`].
+    pub fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        self.define(
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())),
+            name,
+        )
+    }
+
+    /// Registers a histogram family with one `label`. Panics as [`Kaizen::counter`].
+    pub fn histogram_vec(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+        label: &str,
+    ) -> HistogramVec {
+        self.define(
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                &[label],
+            ),
+            name,
+        )
+    }
+
+    fn define<M: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        made: prometheus::Result<M>,
+        name: &str,
+    ) -> M {
+        match made {
+            Ok(metric) => register(&self.inner.registry, metric),
+            Err(e) => panic!("metric {name} is not a valid definition: {e}"),
+        }
+    }
+
     /// Records one HTTP request (RED metrics and the rolling window).
     pub fn record_http(&self, route: &str, method: &str, status: u16, latency: Duration) {
         let status_s = status.to_string();
@@ -226,5 +294,40 @@ mod tests {
         );
         let stats = kaizen.http_window().stats();
         assert_eq!((stats.count, stats.errors), (2, 1));
+    }
+
+    #[test]
+    fn service_metrics_are_registered_and_known_labels_start_at_zero() {
+        let kaizen = Kaizen::new("svc", ManualClock::new().shared());
+        let outcomes = kaizen.counter_vec(
+            "svc_outcomes_total",
+            "Outcomes",
+            "outcome",
+            &["ok", "failed"],
+        );
+        kaizen.counter("svc_things_total", "Things").inc_by(3);
+        kaizen.gauge("svc_backlog", "Backlog").set(7);
+        kaizen
+            .histogram("svc_seconds", "Time", LATENCY_BUCKETS)
+            .observe(0.002);
+        kaizen
+            .histogram_vec("svc_stage_seconds", "Stages", &[1.0], "stage")
+            .with_label_values(&["bake"])
+            .observe(0.5);
+        outcomes.with_label_values(&["ok"]).inc();
+        let text = kaizen.encode();
+        for line in [
+            r#"svc_outcomes_total{outcome="ok"} 1"#,
+            r#"svc_outcomes_total{outcome="failed"} 0"#,
+            "svc_things_total 3",
+            "svc_backlog 7",
+            "svc_seconds_count 1",
+            r#"svc_stage_seconds_bucket{stage="bake",le="1"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // a second registration of a name is logged, and the first keeps counting
+        kaizen.counter("svc_things_total", "Things again").inc();
+        assert!(kaizen.encode().contains("svc_things_total 3"));
     }
 }
