@@ -10,8 +10,9 @@
 //!   deliveries loses its connection, and the broker hands them out again;
 //! - **dead letters**: after `max_deliver` attempts an item is rejected and the broker moves it
 //!   to `<name>.dead` instead of letting it loop forever. Attempts are counted in a header: a
-//!   nacked item goes back as a copy carrying its count, and a copy the broker hands out again
-//!   (its worker's connection closed) counts one more;
+//!   nacked item goes back as a copy carrying its count, and so does a copy the broker hands
+//!   out again because its worker's connection closed (the broker marks a redelivery with a
+//!   flag, not a count), so an item that kills every process holding it still ends dead;
 //! - **message ids**: each message carries the id [`RabbitMqQueue::with_ids`] gives it, so a
 //!   consumer reading it beside another backend can drop a copy ([`super::FallbackQueue`]).
 //!
@@ -321,9 +322,8 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
                 Ordering::Relaxed,
             );
             let message = got.delivery;
-            // attempts before this copy, plus one if the broker handed this copy out before
-            // (a worker's connection closed while holding it)
-            let before = message
+            // attempts before this copy (a header of ours, written on each copy)
+            let counted = message
                 .properties
                 .headers()
                 .as_ref()
@@ -334,8 +334,41 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
                     AMQPValue::LongUInt(n) => Some(n),
                     _ => None,
                 })
-                .unwrap_or(0)
-                + u32::from(message.redelivered);
+                .unwrap_or(0);
+            let mut before = counted;
+            if message.redelivered {
+                // The broker handed this copy out before and its holder's connection closed
+                // (a process that died holding it): that was an attempt. The broker says so
+                // with a flag, not a count, so the count goes into a fresh copy, and an item
+                // that kills its worker every time still ends as a dead letter.
+                before = counted + 1;
+                if before >= self.config.max_deliver {
+                    tracing::error!(queue = %self.config.name, attempts = before, "a queue item's holders died with it every time; dead-lettered");
+                    if message
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: false,
+                            ..BasicNackOptions::default()
+                        })
+                        .await
+                        .is_ok()
+                    {
+                        self.dead.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                let mut headers = message.properties.headers().clone().unwrap_or_default();
+                headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(before)));
+                let copy = message.properties.clone().with_headers(headers);
+                if let Ok(true) = publish(&link.channel, &self.queue, &message.data, copy).await {
+                    // the copy is stored: this one goes. Should the ack not reach the broker,
+                    // it comes again beside the copy (at least once, as always).
+                    let _ = message.acker.ack(BasicAckOptions::default()).await;
+                    continue;
+                }
+                // the queue is full or the publish failed: this copy is handed out as it is,
+                // its count right this once
+            }
             let attempt = before + 1;
             match serde_json::from_slice::<T>(&message.data) {
                 Ok(item) => {
