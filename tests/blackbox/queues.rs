@@ -131,10 +131,13 @@ where
 }
 
 async fn jetstream(run: &str) -> SharedQueue<String> {
-    let url = backend("TAI_TEST_NATS_URL");
+    jetstream_at(&backend("TAI_TEST_NATS_URL"), run).await
+}
+
+async fn jetstream_at(url: &str, run: &str) -> SharedQueue<String> {
     Arc::new(
         JetStreamQueue::<String>::connect(
-            &url,
+            url,
             &format!("KANBAN_{run}"),
             &format!("{run}.work"),
             config(run),
@@ -222,4 +225,32 @@ async fn a_copy_on_both_backends_is_handled_once() {
     assert_eq!(q.duplicates_dropped(), 1);
     handled.sort();
     assert_eq!(handled, vec!["x", "y"]);
+}
+
+/// Closed while NATS is down: the pulls end once RabbitMQ is drained, instead of waiting for a
+/// NATS that may not come back (a service stopping during an outage would hang), and what NATS
+/// holds waits there for the next process.
+#[tokio::test]
+async fn a_fallback_queue_closed_during_an_outage_ends_its_pulls() {
+    let mut nats = tai_blackbox::OwnNats::start().await;
+    let run = unique("kanban");
+    let primary = jetstream_at(&nats.url(), &run).await;
+    let q: SharedQueue<String> = Arc::new(FallbackQueue::new(primary, rabbitmq(&run).await, id));
+    q.push("held-by-nats".into()).await.expect("push");
+    nats.stop();
+    q.push("on-rabbitmq".into()).await.expect("to the fallback");
+    let d = next(&q).await;
+    assert_eq!(d.item, "on-rabbitmq");
+    d.ack().await.expect("ack");
+    q.close();
+    let end = tokio::time::timeout(Duration::from_secs(15), q.pull()).await;
+    assert!(
+        matches!(end, Ok(Ok(None))),
+        "the pulls end once the reachable backend is drained: {end:?}"
+    );
+    nats.restart().await;
+    let again = jetstream_at(&nats.url(), &run).await;
+    let d = next(&again).await;
+    assert_eq!(d.item, "held-by-nats", "kept by NATS for the next process");
+    d.ack().await.expect("ack");
 }

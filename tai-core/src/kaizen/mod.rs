@@ -152,11 +152,16 @@ impl Kaizen {
         label: &str,
         values: &[&str],
     ) -> IntCounterVec {
-        let family = self.define(IntCounterVec::new(Opts::new(name, help), &[label]), name);
+        let family = self.counter_family(name, help, &[label]);
         for value in values {
             family.with_label_values(&[*value]);
         }
         family
+    }
+
+    /// Registers a counter family with several `labels`. Panics as [`Kaizen::counter`].
+    pub fn counter_family(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.define(IntCounterVec::new(Opts::new(name, help), labels), name)
     }
 
     /// Registers a gauge. Panics as [`Kaizen::counter`].

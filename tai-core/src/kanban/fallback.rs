@@ -34,6 +34,19 @@ pub struct FallbackQueue<T> {
     receiver: tokio::sync::Mutex<Option<Fed<T>>>,
     counters: Counters,
     breaker: Option<crate::jidoka::CircuitBreaker>,
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+/// After the queue is closed, a backend whose pull gives nothing for this long is taken to be
+/// unreachable, and its feeder stops: what it holds stays there for the next process.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Resolves [`DRAIN_GRACE`] after the queue is closed (never, if it is dropped unclosed).
+async fn closed_for_a_while(mut closing: tokio::sync::watch::Receiver<bool>) {
+    if closing.wait_for(|closed| *closed).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(DRAIN_GRACE).await;
 }
 
 #[derive(Debug, Default, Clone)]
@@ -116,6 +129,7 @@ impl<T: Clone + Send + Sync + 'static> FallbackQueue<T> {
             receiver: tokio::sync::Mutex::new(None),
             counters: Counters::default(),
             breaker: None,
+            closing: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -189,11 +203,16 @@ impl<T: Clone + Send + Sync + 'static> FallbackQueue<T> {
             .enumerate()
         {
             let tx = tx.clone();
+            let closing = self.closing.subscribe();
             tokio::spawn(async move {
                 loop {
                     let delivery = tokio::select! {
                         pulled = queue.pull() => pulled,
                         _ = tx.closed() => return,
+                        _ = closed_for_a_while(closing.clone()) => {
+                            tracing::warn!(queue = queue.name(), backend = queue.backend(), "closed, and this backend gives nothing: taken to be unreachable; its items wait there");
+                            return;
+                        }
                     };
                     match delivery {
                         Ok(Some(d)) => {
@@ -202,6 +221,12 @@ impl<T: Clone + Send + Sync + 'static> FallbackQueue<T> {
                             }
                         }
                         Ok(None) => return, // closed and drained
+                        // closed, and this backend cannot be reached to drain it: what it holds
+                        // stays with it and comes to the next process, and the pulls end
+                        Err(e) if *closing.borrow() => {
+                            tracing::warn!(queue = queue.name(), backend = queue.backend(), error = %e, "closed while unreachable; its items wait there");
+                            return;
+                        }
                         Err(e) => {
                             tracing::warn!(queue = queue.name(), backend = queue.backend(), error = %e, "pulling failed; trying again");
                             tokio::select! {
@@ -239,9 +264,14 @@ impl<T: Clone + Send + Sync + 'static> FallbackQueue<T> {
             if copy {
                 self.counters.dropped_copy();
                 tracing::info!(queue = %self.name, id = %id, "dropped a copy of an item already handled");
-                if let Err(e) = delivery.ack().await {
-                    tracing::warn!(queue = %self.name, error = %e, "could not ack a dropped copy");
-                }
+                // acked on the side: the other pullers wait on this receiver meanwhile
+                let name = self.name.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = delivery.ack().await {
+                        // it comes again, and is dropped again
+                        tracing::warn!(queue = %name, error = %e, "could not ack a dropped copy");
+                    }
+                });
                 continue;
             }
             let Delivery {
@@ -318,6 +348,7 @@ impl<T: Clone + Send + Sync + 'static> QueueStatus for FallbackQueue<T> {
         }
     }
     fn close(&self) {
+        self.closing.send_replace(true);
         self.primary.close();
         self.fallback.close();
     }

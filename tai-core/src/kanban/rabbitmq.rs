@@ -166,7 +166,15 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
         {
             return Ok(link.clone());
         }
-        // what the old connection held comes back from the broker
+        // what the old connection held comes back from the broker; a connection still up
+        // under a broken channel is closed, not left open beside the new one
+        if let Some(old) = slot.take()
+            && old.connection.status().connected()
+        {
+            tokio::spawn(async move {
+                let _ = old.connection.close(200, "replaced".into()).await;
+            });
+        }
         let link = tokio::time::timeout(ANSWER_WITHIN, self.open())
             .await
             .map_err(|_| unavailable(format!("no answer within {ANSWER_WITHIN:?}")))??;

@@ -179,6 +179,8 @@ pub struct Runtime {
     database: Option<crate::db::Database>,
     state: Option<Arc<dyn crate::store::StateStore>>,
     leases: BTreeMap<String, Arc<std::sync::RwLock<crate::lease::LeaseStatus>>>,
+    /// `kanban_fallback_total`, registered with the first fallback queue and shared by all.
+    fallback_counters: Option<prometheus::IntCounterVec>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -337,6 +339,7 @@ impl Runtime {
             redis: None,
             database: None,
             state: None,
+            fallback_counters: None,
             leases: BTreeMap::new(),
         }
     }
@@ -633,20 +636,19 @@ impl Runtime {
                     self.clock.clone(),
                 );
                 self.add_breaker(breaker.clone());
-                let counters = prometheus::IntCounterVec::new(
-                    prometheus::Opts::new(
+                let kaizen = self.kaizen.clone();
+                let counters = self.fallback_counters.get_or_insert_with(|| {
+                    kaizen.counter_family(
                         "kanban_fallback_total",
                         "Items pushed to the fallback queue backend, and copies dropped",
-                    ),
-                    &["queue", "event"],
+                        &["queue", "event"],
+                    )
+                });
+                Arc::new(
+                    FallbackQueue::new(primary, fallback, id_of)
+                        .with_breaker(breaker)
+                        .with_counters(counters),
                 )
-                .ok()
-                .filter(|c| self.kaizen.registry().register(Box::new(c.clone())).is_ok());
-                let mut queue = FallbackQueue::new(primary, fallback, id_of).with_breaker(breaker);
-                if let Some(counters) = counters {
-                    queue = queue.with_counters(&counters);
-                }
-                Arc::new(queue)
             }
             (Some(only), None) | (None, Some(only)) => only,
             (None, None) => {
