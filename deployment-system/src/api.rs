@@ -148,9 +148,7 @@ async fn claim_key(
             return Ok(Err(answer(&d, StatusCode::OK)));
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                ErrorType::InvalidRequestError,
+            return Err(ApiError::conflict(
                 "idempotency_key_in_use",
                 "A request with this Idempotency-Key is still being processed; retry.",
             ));
@@ -309,12 +307,9 @@ async fn operate(app: &App, id: &str, op: Op) -> Result<Json<Value>, ApiError> {
         Err(OpError::NotFound) => Err(lookup(app, id)
             .err()
             .unwrap_or_else(|| ApiError::not_found("No such deployment"))),
-        Err(OpError::Conflict(message)) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            ErrorType::InvalidRequestError,
-            "deployment_state_conflict",
-            message,
-        )),
+        Err(OpError::Conflict(message)) => {
+            Err(ApiError::conflict("deployment_state_conflict", message))
+        }
         Err(OpError::NotLeader) => Err(ApiError::unavailable(
             "controller_unavailable",
             OpError::NotLeader.to_string(),
@@ -471,9 +466,7 @@ pub(crate) async fn faults(
             )
         })?;
     let Fleet::Sim(sim) = &app.fleet else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            ErrorType::InvalidRequestError,
+        return Err(ApiError::conflict(
             "not_supported",
             "The fault drill is the simulated fleet's; on proc, stop HAProxy or an instance instead.",
         ));

@@ -268,12 +268,8 @@ pub async fn build(
         None => platform_registry,
     };
     runtime.set_backend("registry", registry.kind());
-    if let Some(regions) = cfg.setting("DEFAULT_REGIONS") {
-        defaults.regions = regions
-            .split(',')
-            .map(|r| r.trim().to_owned())
-            .filter(|r| !r.is_empty())
-            .collect();
+    if let Some(regions) = cfg.list("DEFAULT_REGIONS") {
+        defaults.regions = regions;
     }
     if let Some(registry_host) = cfg.setting("IMAGE_REGISTRY") {
         defaults.registry = registry_host;

@@ -31,15 +31,6 @@ pub struct Lifecycle {
     pub action: PaymentAction,
 }
 
-fn conflict(code: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        ErrorType::InvalidRequestError,
-        code,
-        message,
-    )
-}
-
 /// A payment whose change was sent and whose outcome is not recorded yet (202).
 fn unknown_outcome(record: &PaymentRecord, op: &str, why: &str) -> Value {
     let mut body = shown(record);
@@ -153,7 +144,7 @@ impl Lifecycle {
 
     fn check_authorized(&self, record: &PaymentRecord, verb: &str) -> Result<(), ApiError> {
         if record.status != PaymentStatus::Authorized {
-            return Err(conflict(
+            return Err(ApiError::conflict(
                 "payment_not_authorized",
                 format!(
                     "Only an AUTHORIZED payment can be {verb}; this one is {}.",
@@ -162,7 +153,7 @@ impl Lifecycle {
             ));
         }
         if let Some(p) = &record.pending {
-            return Err(conflict(
+            return Err(ApiError::conflict(
                 "operation_in_progress",
                 format!(
                     "A {} of this payment is under way; read it again shortly.",
@@ -174,7 +165,7 @@ impl Lifecycle {
             .expires_at
             .is_some_and(|at| at <= self.action.clock.wall())
         {
-            return Err(conflict(
+            return Err(ApiError::conflict(
                 "authorization_expired",
                 "The authorization has expired; it is being voided.",
             ));
@@ -191,7 +182,7 @@ impl Lifecycle {
         if moved {
             Ok(())
         } else {
-            Err(conflict(
+            Err(ApiError::conflict(
                 "payment_changed",
                 "The payment changed while this request was made; read it and try again.",
             ))
@@ -326,7 +317,7 @@ impl Lifecycle {
             .await
             .map_err(ApiError::from)?;
         if !moved {
-            return Err(conflict(
+            return Err(ApiError::conflict(
                 "review_decided",
                 "The review of this payment was decided meanwhile; read it again.",
             ));
@@ -419,7 +410,7 @@ impl Lifecycle {
             .await
             .map_err(ApiError::from)?;
         if !moved {
-            return Err(conflict(
+            return Err(ApiError::conflict(
                 "review_decided",
                 "The review of this payment was decided meanwhile; read it again.",
             ));
@@ -432,7 +423,7 @@ impl Lifecycle {
         if record.status == PaymentStatus::RequiresReview {
             Ok(())
         } else {
-            Err(conflict(
+            Err(ApiError::conflict(
                 "payment_not_in_review",
                 format!(
                     "Only a payment in REQUIRES_REVIEW can be approved or rejected; this one is {}.",
@@ -492,7 +483,7 @@ impl Lifecycle {
                 )));
             }
             Created::NotRefundable(status) => {
-                return Err(conflict(
+                return Err(ApiError::conflict(
                     "payment_not_refundable",
                     format!(
                         "Only a SUCCESS payment can be refunded; this one is {}.",

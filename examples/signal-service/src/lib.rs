@@ -27,7 +27,7 @@ use tai_core::pipeline::{Action, Decided, FactSource, Pipeline};
 use tai_core::policy::{Decision, Policy, Reason, Verdict};
 use tai_core::runtime::cli::Setting;
 use tai_core::runtime::{ApiError, ApiJson, ConfigError, Runtime};
-use tai_core::store::StateStore;
+use tai_core::store::{StateStore, get_json, put_json};
 
 /// The service's own settings (beside tai-core's).
 pub const SETTINGS: &[Setting] = &[
@@ -152,13 +152,9 @@ pub async fn build(
         "outcome",
         &["queued", "rejected", "done", "failed"],
     );
-    let deny: Vec<String> = cfg
-        .setting("DENY_KINDS")
-        .unwrap_or_else(|| "spam".into())
-        .split(',')
-        .map(|k| k.trim().to_owned())
-        .filter(|k| !k.is_empty())
-        .collect();
+    let deny = cfg
+        .list("DENY_KINDS")
+        .unwrap_or_else(|| vec!["spam".into()]);
     let app: Shared = Arc::new(App {
         store: store.clone(),
         queue: queue.clone(),
@@ -300,22 +296,11 @@ fn key(id: &str) -> String {
 }
 
 async fn save(store: &dyn StateStore, r: &SignalRecord) -> Result<(), ApiError> {
-    let bytes = serde_json::to_vec(r).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            tai_core::runtime::ErrorType::ApiError,
-            "encode_failed",
-            e.to_string(),
-        )
-    })?;
-    Ok(store.put(&key(&r.id), bytes, None).await?)
+    Ok(put_json(store, &key(&r.id), r, None).await?)
 }
 
 async fn load(store: &dyn StateStore, id: &str) -> Result<Option<SignalRecord>, ApiError> {
-    let Some(bytes) = store.get(&key(id)).await? else {
-        return Ok(None);
-    };
-    Ok(serde_json::from_slice(&bytes).ok())
+    Ok(get_json(store, &key(id)).await?)
 }
 
 /// Puts `id` on the queue; a full queue is the caller's 429, and the record goes with it.
@@ -364,13 +349,7 @@ async fn work(app: &App, worker: usize, id: &str) -> Result<Worked, ApiError> {
                     Ok(())
                 }
             },
-            |result| {
-                if result.is_ok() {
-                    Call::Success
-                } else {
-                    Call::Failure
-                }
-            },
+            Call::of,
         )
         .await;
     let (status, outcome) = match called {
@@ -438,10 +417,7 @@ async fn create(
     ApiJson(s): ApiJson<SignalRequest>,
 ) -> Result<Response, ApiError> {
     valid(&s)?;
-    let done = app.pipeline.run(&s).await.map_err(|e| match e {
-        tai_core::pipeline::PipelineError::Facts(b) => ApiError::from(b),
-        tai_core::pipeline::PipelineError::Action(a) => a,
-    })?;
+    let done = app.pipeline.run(&s).await?;
     let code = if done.output.status == Status::Queued {
         StatusCode::ACCEPTED
     } else {
@@ -467,9 +443,7 @@ async fn retry(State(app): State<Shared>, Path(id): Path<String>) -> Result<Resp
         .await?
         .ok_or_else(|| ApiError::not_found(format!("No such signal: {id}")))?;
     if r.status != Status::Failed {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            tai_core::runtime::ErrorType::InvalidRequestError,
+        return Err(ApiError::conflict(
             "signal_not_failed",
             format!(
                 "Only a failed signal can be retried; this one is {:?}.",

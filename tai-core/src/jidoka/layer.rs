@@ -28,11 +28,7 @@ pub struct ErrorsAreFailures;
 
 impl<T, E> Classify<T, E> for ErrorsAreFailures {
     fn classify(&self, result: &Result<T, E>) -> Outcome {
-        if result.is_ok() {
-            Outcome::Success
-        } else {
-            Outcome::Failure
-        }
+        Outcome::of(result)
     }
 }
 

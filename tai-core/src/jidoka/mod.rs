@@ -118,6 +118,18 @@ pub enum Outcome {
     Ignored,
 }
 
+impl Outcome {
+    /// `Success` for `Ok`, `Failure` for `Err`: what most calls mean
+    /// (`breaker.call(fut, Outcome::of)`).
+    pub fn of<T, E>(result: &Result<T, E>) -> Self {
+        if result.is_ok() {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        }
+    }
+}
+
 /// A state change, broadcast to subscribers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BreakerEvent {

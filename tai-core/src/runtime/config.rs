@@ -362,6 +362,17 @@ impl RuntimeConfig {
         self.sources.get(name)
     }
 
+    /// The comma-separated setting `name` as a list (each item trimmed, empty ones dropped), or
+    /// `None` when it is not set.
+    pub fn list(&self, name: &str) -> Option<Vec<String>> {
+        self.setting(name).map(|text| {
+            text.split(',')
+                .map(|item| item.trim().to_owned())
+                .filter(|item| !item.is_empty())
+                .collect()
+        })
+    }
+
     /// The text of the file the setting `name` names, or `builtin` when it names none; a file
     /// that cannot be read is a [`ConfigError::File`] naming it.
     pub fn file_or(&self, name: &str, builtin: &str) -> Result<String, ConfigError> {
@@ -511,6 +522,13 @@ mod tests {
         assert!(described.contains("redis://u:****@localhost:6379/2"));
         assert!(!described.contains("pw@"));
         assert!(!described.contains("k1"));
+        let sources = Sources::from_parts(&[("REGIONS", " us-east, ,eu-west ")], "").expect("src");
+        let c = RuntimeConfig::from_sources("svc", "127.0.0.1:3001", sources).expect("config");
+        assert_eq!(
+            c.list("REGIONS"),
+            Some(vec!["us-east".to_owned(), "eu-west".to_owned()])
+        );
+        assert_eq!(c.list("UNSET"), None);
     }
 
     #[test]

@@ -78,6 +78,16 @@ impl From<crate::backend::BackendError> for ApiError {
     }
 }
 
+/// A failed pipeline run: its fact source's or its action's error, each as it maps.
+impl<G: Into<ApiError>, A: Into<ApiError>> From<crate::pipeline::PipelineError<G, A>> for ApiError {
+    fn from(e: crate::pipeline::PipelineError<G, A>) -> Self {
+        match e {
+            crate::pipeline::PipelineError::Facts(g) => g.into(),
+            crate::pipeline::PipelineError::Action(a) => a.into(),
+        }
+    }
+}
+
 /// A refused push: 429 `queue_full` with `Retry-After: 1` (the queue is the service's bound on
 /// work in hand), 503 `shutting_down` once the queue is closed, and the backend's error as
 /// [`BackendError`](crate::backend::BackendError) maps it.
@@ -141,6 +151,16 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             ErrorType::InvalidRequestError,
             "resource_missing",
+            message,
+        )
+    }
+
+    /// 409 `code`: the request does not fit the resource's state now.
+    pub fn conflict(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorType::InvalidRequestError,
+            code,
             message,
         )
     }

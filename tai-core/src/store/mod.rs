@@ -20,6 +20,37 @@ pub use self::sql::SqlStore;
 use crate::backend::{BackendError, BoxFuture};
 use crate::clock::SharedClock;
 
+/// Stores `value` as JSON under `key` (expiring after `ttl`, if given).
+pub async fn put_json<T: serde::Serialize + ?Sized>(
+    store: &dyn StateStore,
+    key: &str,
+    value: &T,
+    ttl: Option<Duration>,
+) -> Result<(), BackendError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| BackendError::Protocol {
+        backend: "state",
+        message: format!("cannot encode {key}: {e}"),
+    })?;
+    store.put(key, bytes, ttl).await
+}
+
+/// Reads the JSON value under `key`: `None` when there is none, an error naming the key when
+/// what is there does not read as a `T`.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    store: &dyn StateStore,
+    key: &str,
+) -> Result<Option<T>, BackendError> {
+    let Some(bytes) = store.get(key).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| BackendError::Protocol {
+            backend: "state",
+            message: format!("{key} does not read: {e}"),
+        })
+}
+
 /// A key-value store with expiry.
 pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// The backend's name for `/status`: `memory` or `redis`.
@@ -261,6 +292,20 @@ mod tests {
         );
         assert!(s.delete("k2").await.expect("mem"));
         assert!(!s.delete("k2").await.expect("mem"));
+    }
+
+    #[tokio::test]
+    async fn json_values_round_trip_and_an_unreadable_one_is_an_error_naming_its_key() {
+        let s = MemoryStore::new(ManualClock::new().shared());
+        let value = BTreeMap::from([("a".to_owned(), 1u32)]);
+        put_json(&s, "j", &value, None).await.expect("put");
+        let back: Option<BTreeMap<String, u32>> = get_json(&s, "j").await.expect("get");
+        assert_eq!(back, Some(value));
+        let none: Option<u32> = get_json(&s, "absent").await.expect("get");
+        assert_eq!(none, None);
+        s.put("bad", b"not json".to_vec(), None).await.expect("put");
+        let e = get_json::<u32>(&s, "bad").await.expect_err("unreadable");
+        assert!(e.to_string().contains("bad does not read"), "{e}");
     }
 
     #[tokio::test]
