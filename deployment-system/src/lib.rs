@@ -242,15 +242,9 @@ pub async fn build(
     }
     let mut prometheus = None;
     if let Some(prom) = cfg.setting("PROMETHEUS_URL") {
-        let error_q = cfg
-            .setting("PROMQL_ERROR_RATE")
-            .unwrap_or_else(|| analysis::DEFAULT_ERROR_RATE_QUERY.to_owned());
-        let p99_q = cfg
-            .setting("PROMQL_P99_SECONDS")
-            .unwrap_or_else(|| analysis::DEFAULT_P99_QUERY.to_owned());
-        let requests_q = cfg
-            .setting("PROMQL_REQUESTS")
-            .unwrap_or_else(|| analysis::DEFAULT_REQUESTS_QUERY.to_owned());
+        let error_q = cfg.text_or("PROMQL_ERROR_RATE", analysis::DEFAULT_ERROR_RATE_QUERY);
+        let p99_q = cfg.text_or("PROMQL_P99_SECONDS", analysis::DEFAULT_P99_QUERY);
+        let requests_q = cfg.text_or("PROMQL_REQUESTS", analysis::DEFAULT_REQUESTS_QUERY);
         let p = PrometheusAnalysis::new(&prom, &error_q, &p99_q, &requests_q, probe_timeout)
             .map_err(BuildError::Provider)?;
         prometheus = Some(p.clone());
@@ -277,12 +271,8 @@ pub async fn build(
 
     let metrics = Arc::new(DeploymentMetrics::new(runtime.kaizen(), clock.clone()));
     let provider_kinds: HashSet<Provider> = providers.keys().copied().collect();
-    let stream = cfg
-        .setting("AUDIT_STREAM")
-        .unwrap_or_else(|| "DEPLOY_EVENTS".into());
-    let subject_prefix = cfg
-        .setting("AUDIT_SUBJECT_PREFIX")
-        .unwrap_or_else(|| "deploy.events".into());
+    let stream = cfg.text_or("AUDIT_STREAM", "DEPLOY_EVENTS");
+    let subject_prefix = cfg.text_or("AUDIT_SUBJECT_PREFIX", "deploy.events");
     let audit = runtime
         .audit_sink(&stream, &format!("{subject_prefix}.>"))
         .await?;

@@ -227,9 +227,7 @@ pub async fn build(
 
     let rules_text = cfg.file_or("FRAUD_RULES_PATH", fraud::DEFAULT_RULES)?;
     let rules = FraudRules::from_toml(&rules_text).map_err(|message| BuildError::Rules {
-        path: cfg
-            .setting("FRAUD_RULES_PATH")
-            .unwrap_or_else(|| "config/fraud_rules.toml (built in)".into()),
+        path: cfg.text_or("FRAUD_RULES_PATH", "config/fraud_rules.toml (built in)"),
         message,
     })?;
 
@@ -296,12 +294,8 @@ pub async fn build(
 
     let queue_capacity = cfg.setting_or("CONFIRM_QUEUE_CAPACITY", 100_000usize)?;
     let queue_config = QueueConfig::new("payment-confirmations", queue_capacity);
-    let stream = cfg
-        .setting("CONFIRM_STREAM")
-        .unwrap_or_else(|| "PAYMENT_CONFIRMATIONS".into());
-    let subject = cfg
-        .setting("CONFIRM_SUBJECT")
-        .unwrap_or_else(|| "payment.confirmations".into());
+    let stream = cfg.text_or("CONFIRM_STREAM", "PAYMENT_CONFIRMATIONS");
+    let subject = cfg.text_or("CONFIRM_SUBJECT", "payment.confirmations");
     // an item is a transaction id, and is its own message id
     let confirmations: SharedQueue<String> = runtime
         .work_queue("queue", queue_config, &stream, &subject, String::clone)
@@ -330,9 +324,7 @@ pub async fn build(
         gateway_timeout + Duration::from_secs(30),
         Duration::from_secs(cfg.setting_or("IDEMPOTENCY_TTL_SECS", 86_400u64)?),
     );
-    let subject_prefix = cfg
-        .setting("EVENTS_SUBJECT_PREFIX")
-        .unwrap_or_else(|| ledger::EVENT_SUBJECT_PREFIX.into());
+    let subject_prefix = cfg.text_or("EVENTS_SUBJECT_PREFIX", ledger::EVENT_SUBJECT_PREFIX);
     let ledger = Ledger::open(db.clone(), clock.clone(), idempotency, &subject_prefix)
         .await?
         .with_holds(
@@ -375,9 +367,7 @@ pub async fn build(
             );
         });
     }
-    let stream = cfg
-        .setting("EVENTS_STREAM")
-        .unwrap_or_else(|| "PAYMENTS_EVENTS".into());
+    let stream = cfg.text_or("EVENTS_STREAM", "PAYMENTS_EVENTS");
     if let Some(relay) = runtime
         .outbox_relay(&stream, &format!("{subject_prefix}.>"), store.clone())
         .await?

@@ -362,6 +362,11 @@ impl RuntimeConfig {
         self.sources.get(name)
     }
 
+    /// The setting `name` as text, or `default` when it is not set.
+    pub fn text_or(&self, name: &str, default: &str) -> String {
+        self.setting(name).unwrap_or_else(|| default.to_owned())
+    }
+
     /// The comma-separated setting `name` as a list (each item trimmed, empty ones dropped), or
     /// `None` when it is not set.
     pub fn list(&self, name: &str) -> Option<Vec<String>> {
@@ -529,6 +534,8 @@ mod tests {
             Some(vec!["us-east".to_owned(), "eu-west".to_owned()])
         );
         assert_eq!(c.list("UNSET"), None);
+        assert_eq!(c.text_or("UNSET", "fallback"), "fallback");
+        assert_eq!(c.text_or("REGIONS", "fallback"), " us-east, ,eu-west ");
     }
 
     #[test]
