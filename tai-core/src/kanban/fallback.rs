@@ -37,16 +37,29 @@ pub struct FallbackQueue<T> {
     closing: tokio::sync::watch::Sender<bool>,
 }
 
-/// After the queue is closed, a backend whose pull gives nothing for this long is taken to be
-/// unreachable, and its feeder stops: what it holds stays there for the next process.
+/// After the queue is closed, a backend whose pull gives nothing for this long while none of
+/// its items is in a worker's hands here is taken to be unreachable (a reachable one ends its
+/// pulls itself once drained), and its feeder stops: what it holds stays there for the next
+/// process.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Resolves [`DRAIN_GRACE`] after the queue is closed (never, if it is dropped unclosed).
-async fn closed_for_a_while(mut closing: tokio::sync::watch::Receiver<bool>) {
+/// Resolves once the queue has been closed for [`DRAIN_GRACE`] with nothing from backend
+/// `from` in hand (never, if it is dropped unclosed).
+async fn closed_for_a_while(
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    seen: Arc<Mutex<Seen>>,
+    from: usize,
+) {
     if closing.wait_for(|closed| *closed).await.is_err() {
         std::future::pending::<()>().await;
     }
-    tokio::time::sleep(DRAIN_GRACE).await;
+    loop {
+        tokio::time::sleep(DRAIN_GRACE).await;
+        // an item in hand may be handed back to it yet: keep pulling while there is one
+        if !lock(&seen).in_hand.values().any(|holder| *holder == from) {
+            return;
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -204,12 +217,13 @@ impl<T: Clone + Send + Sync + 'static> FallbackQueue<T> {
         {
             let tx = tx.clone();
             let closing = self.closing.subscribe();
+            let seen = self.seen.clone();
             tokio::spawn(async move {
                 loop {
                     let delivery = tokio::select! {
                         pulled = queue.pull() => pulled,
                         _ = tx.closed() => return,
-                        _ = closed_for_a_while(closing.clone()) => {
+                        _ = closed_for_a_while(closing.clone(), seen.clone(), from) => {
                             tracing::warn!(queue = queue.name(), backend = queue.backend(), "closed, and this backend gives nothing: taken to be unreachable; its items wait there");
                             return;
                         }

@@ -352,15 +352,15 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
                 before = counted + 1;
                 if before >= self.config.max_deliver {
                     tracing::error!(queue = %self.config.name, attempts = before, "a queue item's holders died with it every time; dead-lettered");
-                    if message
+                    // Ok(false): the channel is gone and nothing was sent; it comes again
+                    let sent = message
                         .acker
                         .nack(BasicNackOptions {
                             requeue: false,
                             ..BasicNackOptions::default()
                         })
-                        .await
-                        .is_ok()
-                    {
+                        .await;
+                    if matches!(sent, Ok(true)) {
                         self.dead.fetch_add(1, Ordering::Relaxed);
                     }
                     continue;
@@ -368,14 +368,33 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
                 let mut headers = message.properties.headers().clone().unwrap_or_default();
                 headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(before)));
                 let copy = message.properties.clone().with_headers(headers);
-                if let Ok(true) = publish(&link.channel, &self.queue, &message.data, copy).await {
-                    // the copy is stored: this one goes. Should the ack not reach the broker,
-                    // it comes again beside the copy (at least once, as always).
-                    let _ = message.acker.ack(BasicAckOptions::default()).await;
-                    continue;
+                match publish(&link.channel, &self.queue, &message.data, copy).await {
+                    Ok(true) => {
+                        // the copy is stored: this one goes. Should the ack not reach the
+                        // broker, it comes again beside the copy (at least once, as always).
+                        let _ = message.acker.ack(BasicAckOptions::default()).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        // the channel may be broken: not handed out from it. Put back (or
+                        // back anyway when the channel closes), and the next pull connects
+                        // again if it must.
+                        tracing::warn!(queue = %self.config.name, error = %e, "could not count a redelivery; put back");
+                        let _ = message
+                            .acker
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                ..BasicNackOptions::default()
+                            })
+                            .await;
+                        tokio::time::sleep(IDLE_POLL).await;
+                        continue;
+                    }
+                    // The queue is full: handed out as it is, its count right this once (it
+                    // must not wait for room, or a full queue whose head is this item would
+                    // never move). Should its holder die again, it counts from here again.
+                    Ok(false) => {}
                 }
-                // the queue is full or the publish failed: this copy is handed out as it is,
-                // its count right this once
             }
             let attempt = before + 1;
             match serde_json::from_slice::<T>(&message.data) {
@@ -473,16 +492,19 @@ impl Held {
     async fn hand_back(&self, counts: &Counts) -> Result<(), QueueError> {
         if self.attempt >= self.max_deliver {
             tracing::error!(queue = %self.queue, attempts = self.attempt, "giving up on a queue item; dead-lettered");
-            counts.dead.fetch_add(1, Ordering::Relaxed);
-            return self
+            let sent = self
                 .acker
                 .nack(BasicNackOptions {
                     requeue: false,
                     ..BasicNackOptions::default()
                 })
                 .await
-                .map(|_| ())
-                .map_err(unavailable);
+                .map_err(unavailable)?;
+            // false: the channel is gone and nothing was sent; the broker hands it out again
+            if sent {
+                counts.dead.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(());
         }
         let mut headers = self.properties.headers().clone().unwrap_or_default();
         headers.insert(
