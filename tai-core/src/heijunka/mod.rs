@@ -10,10 +10,9 @@
 //!   not an approximation), answering with the count including the event just recorded. The fraud
 //!   policy's velocity rule reads it. [`RedisWindowCounter`] keeps it in a sorted set.
 //!
-//! [`layer::RateLimitLayer`] puts a rate limiter in front of any `tower::Service`, keyed per request.
-//!
 //! Both answer with what a client needs to behave: allowed or not, how much is left, and when to
-//! retry, which the HTTP layer turns into `429`, `Retry-After` and `RateLimit-*` headers.
+//! retry, which the HTTP layer ([`crate::runtime::ratelimit::enforce`], on any route) turns into
+//! `429`, `Retry-After` and `RateLimit-*` headers.
 //!
 //! ```
 //! use std::time::Duration;
@@ -31,7 +30,6 @@
 //! ```
 
 mod gcra;
-pub mod layer;
 mod redis;
 mod window;
 

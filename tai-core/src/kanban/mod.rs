@@ -9,7 +9,7 @@
 //!   queue's `ack_wait`, or is nacked, is **redelivered** with its attempt count raised, and after
 //!   `max_deliver` attempts it is set aside as a dead letter instead of looping forever;
 //! - reports its **depth** (ready, in flight, dead) as gauges;
-//! - **drains** on shutdown: [`WorkQueue::close`] stops new work, `pull` keeps handing out what is
+//! - **drains** on shutdown: [`QueueStatus::close`] stops new work, `pull` keeps handing out what is
 //!   left, and [`drain`] waits until every item was acked or the grace time ran out.
 //!
 //! [`MemoryQueue`] is the in-process default; [`JetStreamQueue`], a work-queue stream with a
