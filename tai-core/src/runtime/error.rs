@@ -193,12 +193,6 @@ impl ApiError {
         self
     }
 
-    /// Adds a header.
-    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
-        self.headers.push((name, value));
-        self
-    }
-
     /// The JSON body alone.
     pub fn body(&self) -> serde_json::Value {
         serde_json::to_value(Body {
