@@ -162,6 +162,37 @@ impl Lease {
         self.publish();
     }
 
+    /// Gives the lease up on shutdown, so that a standby takes it at its next try (a quarter
+    /// second) instead of waiting for it to lapse. Only this replica's own lease is touched: it
+    /// is swapped, if still this replica's, for an entry that expires at once. The work the
+    /// lease guarded must have stopped: this replica leads no more either way.
+    pub async fn release(&mut self) {
+        if self.token.take().is_none() {
+            return;
+        }
+        let me = self.instance.as_bytes().to_vec();
+        match self
+            .store
+            .compare_and_swap(
+                &self.key,
+                &me,
+                b"released".to_vec(),
+                Some(Duration::from_millis(1)),
+            )
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(lease = %self.name, instance = %self.instance, "released the {} lease", self.name);
+            }
+            // another holder already: nothing of this replica's to give up
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(lease = %self.name, error = %e, "could not release the lease; it lapses after its time to live");
+            }
+        }
+        self.publish();
+    }
+
     /// Renews or tries to take the lease when it is time to (the holder three times per
     /// time-to-live, a standby four times a second), and reports a change of role.
     pub async fn tick(&mut self) -> Change {
@@ -244,6 +275,32 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::store::MemoryStore;
+
+    #[tokio::test]
+    async fn a_released_lease_is_taken_at_the_next_try_without_waiting_for_it_to_lapse() {
+        let clock = ManualClock::new();
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new(clock.shared()));
+        // long enough that only a release lets the standby in during this test
+        let ttl = Duration::from_secs(600);
+        let mut a = Lease::new(store.clone(), "reconciler", "r:", ttl);
+        let mut b = Lease::new(store.clone(), "reconciler", "r:", ttl);
+        assert!(matches!(a.tick().await, Change::Took { .. }));
+        assert_eq!(b.tick().await, Change::None, "held by a");
+        a.release().await;
+        assert_eq!(a.token(), None, "a leads no more");
+        clock.advance(Duration::from_millis(2));
+        b.last = None; // its next try, without waiting a quarter second
+        let Change::Took { token, .. } = b.tick().await else {
+            panic!("b takes the released lease at its next try");
+        };
+        assert_eq!(token, 2, "with a newer fencing token");
+        // a replica that still thinks it leads cannot release what another holds
+        a.token = Some(1);
+        a.release().await;
+        b.last = None;
+        assert_eq!(b.tick().await, Change::None);
+        assert_eq!(b.token(), Some(2));
+    }
 
     #[tokio::test]
     async fn one_holder_at_a_time_and_a_takeover_draws_a_newer_token() {

@@ -489,3 +489,68 @@ async fn with_rabbitmq_as_fallback_every_confirmation_is_delivered_once_across_a
         (succeeded.len() as f64, 0.0, 0.0)
     );
 }
+
+/// A replica stopped with SIGTERM gives its singleton leases up on the way out: the other
+/// replica leads the reconciler at its next try, not once the lease lapses (ten minutes here,
+/// so only a release can let it in within the test).
+#[tokio::test]
+async fn a_replica_stopped_gracefully_hands_the_reconciler_over_at_once() {
+    let db = postgres_database();
+    let env = [
+        ("DATABASE_URL", db.as_str()),
+        ("RECONCILER_LEASE_MS", "600000"),
+    ];
+    let http = client();
+    let mut replicas = vec![
+        Proc::start("payment-system", &env)
+            .await
+            .expect("replica a"),
+        Proc::start("payment-system", &env)
+            .await
+            .expect("replica b"),
+    ];
+    let leader = eventually(Duration::from_secs(20), "one reconciler leader", || {
+        let (http, urls) = (
+            http.clone(),
+            replicas
+                .iter()
+                .map(|r| r.url("/status"))
+                .collect::<Vec<_>>(),
+        );
+        async move {
+            let mut leading = Vec::new();
+            for (i, url) in urls.iter().enumerate() {
+                if get_json(&http, url).await["leases"]["reconciler"]["role"] == "leader" {
+                    leading.push(i);
+                }
+            }
+            (leading.len() == 1).then(|| leading[0])
+        }
+    })
+    .await;
+    let mut stopped = replicas.remove(leader);
+    let standby = &replicas[0];
+    stopped.terminate();
+    assert_eq!(
+        stopped.wait_exit(Duration::from_secs(30)).await,
+        Some(0),
+        "stops cleanly"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the other replica to lead the reconciler",
+        || {
+            let (http, url) = (http.clone(), standby.url("/status"));
+            async move {
+                (get_json(&http, url).await["leases"]["reconciler"]["role"] == "leader")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        stopped.log().contains("released the reconciler lease"),
+        "{}",
+        stopped.log()
+    );
+}

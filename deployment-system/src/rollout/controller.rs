@@ -205,6 +205,9 @@ impl Controller {
                 _ = tokio::time::sleep(self.tick) => {}
                 _ = shutdown.changed() => {
                     tracing::info!("controller stopping; active rollouts resume from the store on the next start");
+                    // a standby takes the rollouts over now, not after the lease lapses
+                    self.traffic.set(None, BTreeMap::new());
+                    self.lease.release().await;
                     return;
                 }
             }

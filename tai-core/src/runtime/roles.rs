@@ -148,13 +148,25 @@ impl Runtime {
         let (tx, held) = watch::channel(None);
         let tx = Arc::new(tx);
         let every = (ttl / 4).min(Duration::from_millis(250));
-        self.every(&format!("{name}_lease"), every, move || {
+        self.supervise(&format!("{name}_lease"), move |mut shutdown| {
             let (lease, tx) = (lease.clone(), tx.clone());
             async move {
-                let mut lease = lease.lock().await;
-                lease.tick().await;
-                // a token after a tick means the last renewal, at most ttl/3 ago, succeeded
-                tx.send_replace(lease.token().map(|t| (t, Instant::now())));
+                loop {
+                    {
+                        let mut lease = lease.lock().await;
+                        lease.tick().await;
+                        // a token after a tick means the last renewal, at most ttl/3 ago,
+                        // succeeded
+                        tx.send_replace(lease.token().map(|t| (t, Instant::now())));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+                // stopping: lead no more, and let a standby take over now, not after a lapse
+                tx.send_replace(None);
+                lease.lock().await.release().await;
             }
         });
         Leadership {
