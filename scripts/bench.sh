@@ -112,7 +112,7 @@ fi
 if [ "$CUSTOMERS" -gt 0 ]; then
   # long enough for CUSTOMERS distinct customers at the embedded rate just measured
   rate=$(cat "$STATE/embedded.ok")
-  flood_secs=$(python3 -c "import math; print(max(5, math.ceil($CUSTOMERS / max($rate, 1) * 1.1)))")
+  flood_secs=$(python3 -c "import math; print(max(5, math.ceil($CUSTOMERS / max($rate, 1) * 1.3)))")
   echo "flood: ${flood_secs}s of distinct customers against the embedded service"
   run flood "http://127.0.0.1:$PAY/payment" "$STATE/payment.lua" "$PAY_PID" "$flood_secs"
 fi
