@@ -593,7 +593,7 @@ impl Ledger {
             "SELECT transaction_id, record, status, confirmed_at, version, updated_at FROM payments WHERE transaction_id = $1",
         )
         .bind(id)
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.db.readers())
         .await
         .map_err(db_error)?;
         row.as_ref().map(Self::versioned).transpose()

@@ -61,6 +61,9 @@ pub struct SchemaChange {
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: AnyPool,
+    /// SQLite on a file: read-only connections beside the one writer (WAL lets them read while
+    /// it writes), so reads do not queue behind writes. PostgreSQL and `memory` read from `pool`.
+    readers: Option<AnyPool>,
     dialect: Dialect,
     location: String,
 }
@@ -130,6 +133,9 @@ fn resolve(url: &str) -> Result<(Dialect, String, String), BackendError> {
     )))
 }
 
+/// SQLite's read-only connections beside its one writer.
+const SQLITE_READERS: u32 = 2;
+
 impl Database {
     /// Connects to `url` (`sqlite://PATH`, `postgres://…` or `memory`) with at most
     /// `max_connections` connections (PostgreSQL; SQLite uses one: its writes are serial anyway,
@@ -163,7 +169,41 @@ impl Database {
                 }),
             Dialect::Postgres => options.max_connections(max_connections.max(1)),
         };
-        let pool = tokio::time::timeout(Duration::from_secs(10), options.connect(&url))
+        let pool = Self::open(options, &url, &location).await?;
+        // a file's readers open once the writer has set WAL mode up
+        let readers = match dialect {
+            Dialect::Sqlite if location != "memory" => {
+                let readers = AnyPoolOptions::new()
+                    .acquire_timeout(Duration::from_secs(5))
+                    .test_before_acquire(false)
+                    .max_connections(SQLITE_READERS)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute("PRAGMA busy_timeout=5000").await?;
+                            conn.execute("PRAGMA query_only=ON").await?;
+                            Ok(())
+                        })
+                    });
+                Some(Self::open(readers, &url, &location).await?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            pool,
+            readers,
+            dialect,
+            location,
+        })
+    }
+
+    async fn open(
+        options: AnyPoolOptions,
+        url: &str,
+        location: &str,
+    ) -> Result<AnyPool, BackendError> {
+        tokio::time::timeout(Duration::from_secs(10), options.connect(url))
             .await
             .map_err(|_| BackendError::Unavailable {
                 backend: "database",
@@ -172,12 +212,13 @@ impl Database {
             .map_err(|e| BackendError::Unavailable {
                 backend: "database",
                 message: format!("{location}: {e}"),
-            })?;
-        Ok(Self {
-            pool,
-            dialect,
-            location,
-        })
+            })
+    }
+
+    /// The pool for reads outside a transaction: SQLite's read-only connections, which do not
+    /// wait for the writer; the one pool elsewhere. A read sees every committed write.
+    pub fn readers(&self) -> &AnyPool {
+        self.readers.as_ref().unwrap_or(&self.pool)
     }
 
     /// The connection pool, for queries.

@@ -88,7 +88,7 @@ impl StateStore for SqlStore {
             )
             .bind(key)
             .bind(self.now())
-            .fetch_optional(self.db.pool())
+            .fetch_optional(self.db.readers())
             .await
             .map_err(db_error)?;
             let Some(row) = row else { return Ok(None) };
