@@ -67,7 +67,7 @@ pub const CORE_SETTINGS: &[Setting] = &[
     Setting::new(
         "DATABASE_MAX_CONNECTIONS",
         "10",
-        "PostgreSQL pool size (SQLite uses one connection)",
+        "PostgreSQL pool size (SQLite: one writer, two readers)",
     ),
     Setting::new(
         "REDIS_URL",
