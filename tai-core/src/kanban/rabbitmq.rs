@@ -120,6 +120,14 @@ fn queue_arguments(queue: &str, config: &QueueConfig) -> FieldTable {
 /// The header counting the attempts an item had before this copy was published.
 const ATTEMPTS: &str = "x-tai-attempts";
 
+/// A nack that puts the item back (`requeue`) or rejects it into the dead-letter queue.
+fn nack_options(requeue: bool) -> BasicNackOptions {
+    BasicNackOptions {
+        requeue,
+        ..BasicNackOptions::default()
+    }
+}
+
 fn dead_queue(queue: &str) -> String {
     format!("{queue}.dead")
 }
@@ -353,13 +361,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
                 if before >= self.config.max_deliver {
                     tracing::error!(queue = %self.config.name, attempts = before, "a queue item's holders died with it every time; dead-lettered");
                     // Ok(false): the channel is gone and nothing was sent; it comes again
-                    let sent = message
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: false,
-                            ..BasicNackOptions::default()
-                        })
-                        .await;
+                    let sent = message.acker.nack(nack_options(false)).await;
                     if matches!(sent, Ok(true)) {
                         self.dead.fetch_add(1, Ordering::Relaxed);
                     }
@@ -380,13 +382,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
                         // back anyway when the channel closes), and the next pull connects
                         // again if it must.
                         tracing::warn!(queue = %self.config.name, error = %e, "could not count a redelivery; put back");
-                        let _ = message
-                            .acker
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..BasicNackOptions::default()
-                            })
-                            .await;
+                        let _ = message.acker.nack(nack_options(true)).await;
                         tokio::time::sleep(IDLE_POLL).await;
                         continue;
                     }
@@ -423,13 +419,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> RabbitMqQueue<T> {
                 Err(e) => {
                     // a message no worker can read would loop forever: dead-letter it
                     tracing::error!(queue = %self.config.name, error = %e, "unreadable queue item; dead-lettered");
-                    let _ = message
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: false,
-                            ..BasicNackOptions::default()
-                        })
-                        .await;
+                    let _ = message.acker.nack(nack_options(false)).await;
                 }
             }
         }
@@ -494,10 +484,7 @@ impl Held {
             tracing::error!(queue = %self.queue, attempts = self.attempt, "giving up on a queue item; dead-lettered");
             let sent = self
                 .acker
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    ..BasicNackOptions::default()
-                })
+                .nack(nack_options(false))
                 .await
                 .map_err(unavailable)?;
             // false: the channel is gone and nothing was sent; the broker hands it out again
@@ -526,10 +513,7 @@ impl Held {
         // is never left unacked on a live channel
         let back = self
             .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
+            .nack(nack_options(true))
             .await
             .map(|_| ())
             .map_err(unavailable);
