@@ -152,49 +152,85 @@ pub(crate) async fn emit(
     e: NewEvent<'_>,
     data: serde_json::Value,
 ) -> Result<(), BackendError> {
-    let id = event_id(e.object_id, e.kind);
-    let payload = serde_json::json!({
-        "id": id,
-        "type": e.kind,
-        "created": e.now,
-        "data": data,
-    })
-    .to_string();
-    sqlx::query(
-        "INSERT INTO payment_events (event_id, merchant_id, type, object_id, created_at, payload) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&id)
-    .bind(e.merchant_id)
-    .bind(e.kind)
-    .bind(e.object_id)
-    .bind(e.now)
-    .bind(&payload)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    tai_core::outbox::enqueue(
-        conn,
-        &id,
-        &format!("{}.{}", e.subject_prefix, e.kind),
-        payload.as_bytes(),
-        e.now,
-    )
-    .await?;
-    sqlx::query(
+    emit_many(conn, &[(e, data)]).await
+}
+
+/// [`emit`] for several events at once, in three statements whatever their number (a group of
+/// payments settled in one transaction; see [`crate::ledger`]).
+pub(crate) async fn emit_many(
+    conn: &mut sqlx::AnyConnection,
+    events: &[(NewEvent<'_>, serde_json::Value)],
+) -> Result<(), BackendError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<(String, String, String)> = events
+        .iter()
+        .map(|(e, data)| {
+            let id = event_id(e.object_id, e.kind);
+            let payload = serde_json::json!({
+                "id": id,
+                "type": e.kind,
+                "created": e.now,
+                "data": data,
+            })
+            .to_string();
+            let subject = format!("{}.{}", e.subject_prefix, e.kind);
+            (id, payload, subject)
+        })
+        .collect();
+    let one = events.len() == 1;
+    let sql = format!(
+        "INSERT INTO payment_events (event_id, merchant_id, type, object_id, created_at, payload) VALUES {}",
+        tai_core::db::values_rows(events.len(), 6)
+    );
+    let mut q = sqlx::query(&sql);
+    for ((e, _), (id, payload, _)) in events.iter().zip(&rows) {
+        q = q
+            .bind(id.as_str())
+            .bind(e.merchant_id)
+            .bind(e.kind)
+            .bind(e.object_id)
+            .bind(e.now)
+            .bind(payload.as_str());
+    }
+    q.persistent(one)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    let outgoing: Vec<tai_core::outbox::Outgoing<'_>> = events
+        .iter()
+        .zip(&rows)
+        .map(
+            |((e, _), (id, payload, subject))| tai_core::outbox::Outgoing {
+                event_id: id,
+                subject,
+                payload: payload.as_bytes(),
+                created_at: e.now,
+            },
+        )
+        .collect();
+    tai_core::outbox::enqueue_many(conn, &outgoing).await?;
+    // the events just written, joined with the endpoints that asked for them, in event order
+    let ids: Vec<String> = (1..=rows.len()).map(|n| format!("${n}")).collect();
+    let sql = format!(
         "INSERT INTO webhook_deliveries (endpoint_id, event_id, event_type, status, attempts, next_attempt_at, created_at) \
-         SELECT w.endpoint_id, $1, $2, 'pending', 0, $3, $3 FROM webhook_endpoints w \
-         WHERE w.merchant_id = $4 AND (w.all_events = 1 OR EXISTS \
-         (SELECT 1 FROM webhook_endpoint_events t WHERE t.endpoint_id = w.endpoint_id AND t.event_type = $2))",
-    )
-    .bind(&id)
-    .bind(e.kind)
-    .bind(e.now)
-    .bind(e.merchant_id)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    Ok(())
+         SELECT w.endpoint_id, e.event_id, e.type, 'pending', 0, e.created_at, e.created_at \
+         FROM payment_events e JOIN webhook_endpoints w ON w.merchant_id = e.merchant_id \
+         WHERE e.event_id IN ({}) AND (w.all_events = 1 OR EXISTS \
+         (SELECT 1 FROM webhook_endpoint_events t WHERE t.endpoint_id = w.endpoint_id AND t.event_type = e.type)) \
+         ORDER BY e.seq, w.endpoint_id",
+        ids.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for (id, _, _) in &rows {
+        q = q.bind(id.as_str());
+    }
+    q.persistent(one)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(db_error)
 }
 
 /// One page of a merchant's events, oldest first, after the event `starting_after` (an id);

@@ -31,17 +31,58 @@ pub async fn enqueue(
     payload: &[u8],
     now_ms: i64,
 ) -> Result<(), BackendError> {
-    sqlx::query(
-        "INSERT INTO tai_outbox (event_id, subject, payload, created_at) VALUES ($1, $2, $3, $4)",
+    enqueue_many(
+        conn,
+        &[Outgoing {
+            event_id,
+            subject,
+            payload,
+            created_at: now_ms,
+        }],
     )
-    .bind(event_id)
-    .bind(subject)
-    .bind(payload.to_vec())
-    .bind(now_ms)
-    .execute(conn)
     .await
-    .map(|_| ())
-    .map_err(db_error)
+}
+
+/// An event for [`enqueue_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// Unique: the stream deduplicates by it.
+    pub event_id: &'a str,
+    /// The stream subject.
+    pub subject: &'a str,
+    /// The event body.
+    pub payload: &'a [u8],
+    /// When it was written (unix ms).
+    pub created_at: i64,
+}
+
+/// Adds several events inside the caller's transaction in one statement (one round trip),
+/// in the order given.
+pub async fn enqueue_many(
+    conn: &mut sqlx::AnyConnection,
+    events: &[Outgoing<'_>],
+) -> Result<(), BackendError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO tai_outbox (event_id, subject, payload, created_at) VALUES {}",
+        crate::db::values_rows(events.len(), 4)
+    );
+    let mut q = sqlx::query(&sql);
+    for e in events {
+        q = q
+            .bind(e.event_id)
+            .bind(e.subject)
+            .bind(e.payload.to_vec())
+            .bind(e.created_at);
+    }
+    // a statement whose length varies with the batch is not worth a cached prepared statement
+    q.persistent(events.len() == 1)
+        .execute(conn)
+        .await
+        .map(|_| ())
+        .map_err(db_error)
 }
 
 /// One event as stored.

@@ -68,6 +68,29 @@ pub struct Database {
     location: String,
 }
 
+/// The `VALUES` rows of a multi-row statement in the one dialect both engines read: `rows`
+/// groups of `columns` numbered parameters, `($1, $2), ($3, $4)` for two rows of two. One
+/// statement writing many rows costs one round trip (on SQLite, one hop to its worker thread)
+/// where a statement per row costs one each.
+pub fn values_rows(rows: usize, columns: usize) -> String {
+    let mut out = String::with_capacity(rows * columns * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(r * columns + c + 1).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
 /// Turns a database error into the backend error callers map to a 503.
 pub fn db_error(e: sqlx::Error) -> BackendError {
     match e {

@@ -13,8 +13,14 @@
 //! - [`Ledger::settle`]: the outcome of a charge: a compare-and-swap on the payment's version
 //!   (so the live request and the reconciler cannot both settle it), the key's answer and the
 //!   event together.
+//!
+//! Under load, intents and settlements from concurrent requests are written in groups: one
+//! transaction and a handful of multi-row statements for up to [`group::MAX`] payments
+//! ([`group`]), each payment's guarantees as if it were written alone.
 
 use std::time::Duration;
+
+use tokio::sync::mpsc;
 
 use sqlx::Row;
 use tai_core::backend::BackendError;
@@ -23,6 +29,8 @@ use tai_core::db::{Database, SchemaChange, db_error};
 
 use crate::idempotency::{Guard, Idempotency};
 use crate::record::{PaymentRecord, PaymentStatus};
+
+mod group;
 
 /// The payment service's tables (versions 1001 and up; tai-core's own are below 1000).
 pub const SCHEMA: &[SchemaChange] = &[
@@ -192,6 +200,10 @@ pub struct Ledger {
     subject_prefix: String,
     authorization_ttl: chrono::Duration,
     review_ttl: chrono::Duration,
+    /// To the task writing intents and settlements in groups; `None` in that task itself.
+    group: Option<mpsc::Sender<group::Job>>,
+    /// The most payments one group has written so far.
+    largest_group: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn corrupt(id: &str, e: impl std::fmt::Display) -> BackendError {
@@ -199,6 +211,24 @@ fn corrupt(id: &str, e: impl std::fmt::Display) -> BackendError {
         backend: "database",
         message: format!("payment {id}: {e}"),
     }
+}
+
+/// `INSERT INTO payments` of `rows` payments (bound by [`Ledger::bind_payments`]), then `tail`.
+fn payment_rows(rows: usize, tail: &str) -> String {
+    format!(
+        "INSERT INTO payments (transaction_id, merchant_id, customer_id, status, amount, currency, \
+         created_at, updated_at, version, record, expires_at, op) VALUES {} {tail}",
+        tai_core::db::values_rows(rows, 12)
+    )
+}
+
+/// When a payment's hold lapses, as stored: a capture or void under way has its own expiry
+/// (the reconciler finishes it first).
+fn hold_expiry(record: &PaymentRecord) -> Option<i64> {
+    record
+        .expires_at
+        .filter(|_| record.pending.is_none())
+        .map(|t| t.timestamp_millis())
 }
 
 fn status_from(s: &str) -> Option<PaymentStatus> {
@@ -226,14 +256,22 @@ impl Ledger {
         subject_prefix: &str,
     ) -> Result<Self, BackendError> {
         db.migrate(SCHEMA).await?;
-        Ok(Self {
+        let mut ledger = Self {
             db,
             clock,
             idempotency,
             subject_prefix: subject_prefix.to_owned(),
             authorization_ttl: chrono::Duration::days(7),
             review_ttl: chrono::Duration::days(3),
-        })
+            group: None,
+            largest_group: Default::default(),
+        };
+        // the writer keeps what it writes with (database, clock, keys, subject prefix), none of
+        // which changes after this; it ends when the last handle to it is dropped
+        let (tx, rx) = mpsc::channel(group::MAX * 4);
+        tokio::spawn(group::write(ledger.clone(), rx));
+        ledger.group = Some(tx);
+        Ok(ledger)
     }
 
     /// How long an authorization and a review hold last (`AUTHORIZATION_TTL_SECS`,
@@ -290,31 +328,71 @@ impl Ledger {
         conn: &mut sqlx::AnyConnection,
         record: &PaymentRecord,
     ) -> Result<(), BackendError> {
+        self.insert_many(conn, &[record]).await
+    }
+
+    /// New payments (version 1), in one statement.
+    async fn insert_many(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        records: &[&PaymentRecord],
+    ) -> Result<(), BackendError> {
+        let rows: Vec<(&PaymentRecord, i64)> = records.iter().map(|r| (*r, 1)).collect();
+        let sql = payment_rows(rows.len(), "");
+        self.bind_payments(sqlx::query(&sql), &rows)?
+            .persistent(rows.len() == 1)
+            .execute(&mut *conn)
+            .await
+            .map(|_| ())
+            .map_err(db_error)
+    }
+
+    /// Binds the parameters of [`payment_rows`]: each record as it is to be stored, at the
+    /// version given.
+    fn bind_payments<'q>(
+        &self,
+        mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        rows: &'q [(&'q PaymentRecord, i64)],
+    ) -> Result<sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>, BackendError> {
         let now = self.now();
-        sqlx::query(
-            "INSERT INTO payments (transaction_id, merchant_id, customer_id, status, amount, currency, \
-             created_at, updated_at, version, confirmed_at, record, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, NULL, $9, $10)",
-        )
-        .bind(&record.transaction_id)
-        .bind(&record.merchant_id)
-        .bind(&record.customer_id)
-        .bind(record.status.as_str())
-        .bind(record.amount.to_string())
-        .bind(&record.currency)
-        .bind(record.timestamp.timestamp_millis())
-        .bind(now)
-        .bind(serde_json::to_string(record).map_err(|e| corrupt(&record.transaction_id, e))?)
-        .bind(record.expires_at.map(|t| t.timestamp_millis()))
-        .execute(&mut *conn)
-        .await
-        .map(|_| ())
-        .map_err(db_error)
+        for (record, version) in rows {
+            q = q
+                .bind(record.transaction_id.as_str())
+                .bind(record.merchant_id.as_str())
+                .bind(record.customer_id.as_str())
+                .bind(record.status.as_str())
+                .bind(record.amount.to_string())
+                .bind(record.currency.as_str())
+                .bind(record.timestamp.timestamp_millis())
+                .bind(now)
+                .bind(*version)
+                .bind(
+                    serde_json::to_string(record)
+                        .map_err(|e| corrupt(&record.transaction_id, e))?,
+                )
+                .bind(hold_expiry(record))
+                .bind(record.pending.as_ref().map(|p| p.op.clone()));
+        }
+        Ok(q)
     }
 
     /// The answer, in the same transaction: the key's stored answer and the outcome's event.
     /// `settled` says the payment was sent to the gateway (its key guards its transaction).
     async fn announce(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        record: &PaymentRecord,
+        settled: bool,
+    ) -> Result<(), BackendError> {
+        self.answer(conn, record, settled).await?;
+        if let Some(kind) = event_type(record.status) {
+            self.emit(conn, record, kind).await?;
+        }
+        Ok(())
+    }
+
+    /// The key's stored answer, in the caller's transaction (see [`Ledger::announce`]).
+    async fn answer(
         &self,
         conn: &mut sqlx::AnyConnection,
         record: &PaymentRecord,
@@ -352,9 +430,6 @@ impl Ledger {
                 None => {}
             }
         }
-        if let Some(kind) = event_type(record.status) {
-            self.emit(conn, record, kind).await?;
-        }
         Ok(())
     }
 
@@ -387,18 +462,22 @@ impl Ledger {
         merchant_id: &str,
         data: serde_json::Value,
     ) -> Result<(), BackendError> {
-        crate::events::emit(
-            conn,
-            crate::events::NewEvent {
-                kind,
-                object_id,
-                merchant_id,
-                subject_prefix: &self.subject_prefix,
-                now: self.now(),
-            },
-            data,
-        )
-        .await
+        crate::events::emit(conn, self.new_event(kind, object_id, merchant_id), data).await
+    }
+
+    fn new_event<'a>(
+        &'a self,
+        kind: &'a str,
+        object_id: &'a str,
+        merchant_id: &'a str,
+    ) -> crate::events::NewEvent<'a> {
+        crate::events::NewEvent {
+            kind,
+            object_id,
+            merchant_id,
+            subject_prefix: &self.subject_prefix,
+            now: self.now(),
+        }
     }
 
     /// Stores an outcome decided without calling the gateway, with its answer and event.
@@ -412,6 +491,11 @@ impl Ledger {
     /// Stores the intent to charge (`PROCESSING`) and moves the key to `charge_started`, before
     /// the gateway is called; answers the version [`Ledger::settle`] must name.
     pub async fn begin_charge(&self, record: &PaymentRecord) -> Result<i64, BackendError> {
+        group::Job::intent(self, record).await
+    }
+
+    /// [`Ledger::begin_charge`] in a transaction of its own.
+    async fn begin_charge_alone(&self, record: &PaymentRecord) -> Result<i64, BackendError> {
         if record.idempotency_key.is_none() {
             // one statement is its own transaction: no round trips for BEGIN and COMMIT
             let mut conn = self.db.pool().acquire().await.map_err(db_error)?;
@@ -420,25 +504,45 @@ impl Ledger {
         }
         let mut tx = self.db.pool().begin().await.map_err(db_error)?;
         self.insert(&mut tx, record).await?;
-        if let Some(key) = &record.idempotency_key {
-            let token = record.claim_token.as_deref().unwrap_or("");
-            self.idempotency
-                .charge_started(
-                    &mut tx,
-                    &record.merchant_id,
-                    key,
-                    token,
-                    &record.transaction_id,
-                )
-                .await?;
-        }
+        self.charge_started(&mut tx, record).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(1)
+    }
+
+    /// In the intent's transaction: the key, if one, now guards this payment's charge (fails if
+    /// the request's claim lapsed, so nothing is charged under a lost claim).
+    async fn charge_started(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        record: &PaymentRecord,
+    ) -> Result<(), BackendError> {
+        let Some(key) = &record.idempotency_key else {
+            return Ok(());
+        };
+        let token = record.claim_token.as_deref().unwrap_or("");
+        self.idempotency
+            .charge_started(
+                conn,
+                &record.merchant_id,
+                key,
+                token,
+                &record.transaction_id,
+            )
+            .await
     }
 
     /// Moves a payment from `PROCESSING` at `version` to `record`'s final state, with its
     /// answer and event; answers false (and changes nothing) when someone else settled it first.
     pub async fn settle(&self, record: &PaymentRecord, version: i64) -> Result<bool, BackendError> {
+        group::Job::settle(self, record, version).await
+    }
+
+    /// [`Ledger::settle`] in a transaction of its own.
+    async fn settle_alone(
+        &self,
+        record: &PaymentRecord,
+        version: i64,
+    ) -> Result<bool, BackendError> {
         self.transition(
             record,
             version,
@@ -545,13 +649,7 @@ impl Ledger {
         .bind(&record.transaction_id)
         .bind(version)
         .bind(from.as_str())
-        // a capture or void under way has its own expiry: the reconciler finishes it first
-        .bind(
-            record
-                .expires_at
-                .filter(|_| record.pending.is_none())
-                .map(|t| t.timestamp_millis()),
-        )
+        .bind(hold_expiry(record))
         .bind(record.pending.as_ref().map(|p| p.op.clone()))
         .execute(&mut *tx)
         .await
