@@ -68,6 +68,32 @@ async fn store_contract(s: &dyn StateStore, other: &dyn StateStore) {
             .expect(name)
     );
     assert_eq!(s.get("rec").await.expect(name), Some(b"v2".to_vec()));
+
+    // puts at once (the SQL store writes them in groups): all kept; of two to one key, the
+    // one sent later (each send completes at its first poll, in this order)
+    let mut puts: Vec<(String, Vec<u8>)> = (0..50)
+        .map(|i| (format!("many{i}"), format!("v{i}").into_bytes()))
+        .collect();
+    puts.insert(10, ("dup".into(), b"first".to_vec()));
+    puts.insert(30, ("dup".into(), b"second".to_vec()));
+    let answers = futures_util::future::join_all(
+        puts.iter()
+            .map(|(k, v)| s.put(k, v.clone(), Some(Duration::from_secs(60)))),
+    )
+    .await;
+    assert!(answers.iter().all(Result::is_ok), "{name}: {answers:?}");
+    for i in 0..50 {
+        assert_eq!(
+            s.get(&format!("many{i}")).await.expect(name),
+            Some(format!("v{i}").into_bytes()),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        s.get("dup").await.expect(name),
+        Some(b"second".to_vec()),
+        "{name}"
+    );
 }
 
 #[tokio::test]

@@ -5,10 +5,16 @@
 //! both engines), except a fenced write, which reads the fence under a share lock and writes in
 //! one transaction, so a deposed leader's write cannot slip in after a newer token was issued.
 //! Expired keys read as absent and are deleted by [`SqlStore::sweep`].
+//!
+//! Plain puts from concurrent callers are written in groups: one task takes those waiting (up
+//! to 64) and writes them in one multi-row upsert, so a busy service pays one
+//! statement and one commit for many keys instead of one each. A caller is answered after its
+//! group is written; a failed group is written again put by put.
 
 use std::time::Duration;
 
 use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
 
 use super::StateStore;
 use crate::backend::{BackendError, BoxFuture};
@@ -20,6 +26,20 @@ use crate::db::{Database, Dialect, db_error};
 pub struct SqlStore {
     db: Database,
     clock: SharedClock,
+    /// To the task writing puts in groups; `None` in that task and outside a Tokio runtime.
+    puts: Option<mpsc::Sender<Put>>,
+}
+
+/// The most puts one group writes.
+const PUT_GROUP: usize = 64;
+
+/// A put waiting for its group.
+#[derive(Debug)]
+struct Put {
+    key: String,
+    value: Vec<u8>,
+    expires_at: Option<i64>,
+    done: oneshot::Sender<Result<(), BackendError>>,
 }
 
 const UPSERT: &str = "INSERT INTO tai_kv (key, value, num, version, expires_at) VALUES ($1, $2, NULL, 1, $3) \
@@ -29,7 +49,93 @@ const UPSERT: &str = "INSERT INTO tai_kv (key, value, num, version, expires_at) 
 impl SqlStore {
     /// A store in `db`'s `tai_kv` table (created by [`Database::migrate_core`]).
     pub fn new(db: Database, clock: SharedClock) -> Self {
-        Self { db, clock }
+        let mut store = Self {
+            db,
+            clock,
+            puts: None,
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // ends when the last handle to the store is dropped
+            let (tx, rx) = mpsc::channel(PUT_GROUP * 4);
+            tokio::spawn(store.clone().write_puts(rx));
+            store.puts = Some(tx);
+        }
+        store
+    }
+
+    async fn put_alone(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expires_at: Option<i64>,
+    ) -> Result<(), BackendError> {
+        sqlx::query(UPSERT)
+            .bind(key)
+            .bind(value)
+            .bind(expires_at)
+            .execute(self.db.pool())
+            .await
+            .map(|_| ())
+            .map_err(db_error)
+    }
+
+    async fn write_puts(self, mut puts: mpsc::Receiver<Put>) {
+        let mut waiting = Vec::with_capacity(PUT_GROUP);
+        while puts.recv_many(&mut waiting, PUT_GROUP).await > 0 {
+            let group = std::mem::take(&mut waiting);
+            if group.len() > 1 {
+                match self.put_group(&group).await {
+                    Ok(()) => {
+                        for put in group {
+                            let _ = put.done.send(Ok(()));
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, puts = group.len(), "a group of puts failed; writing them one by one")
+                    }
+                }
+            }
+            for put in group {
+                let _ = put
+                    .done
+                    .send(self.put_alone(&put.key, put.value, put.expires_at).await);
+            }
+        }
+    }
+
+    /// One upsert for the group; of several puts to one key, the last one sent is kept.
+    async fn put_group(&self, group: &[Put]) -> Result<(), BackendError> {
+        let mut last = std::collections::HashMap::with_capacity(group.len());
+        for (i, put) in group.iter().enumerate() {
+            last.insert(put.key.as_str(), i);
+        }
+        let rows: Vec<&Put> = group
+            .iter()
+            .enumerate()
+            .filter(|(i, put)| last.get(put.key.as_str()) == Some(i))
+            .map(|(_, put)| put)
+            .collect();
+        let sql = format!(
+            "INSERT INTO tai_kv (key, value, num, version, expires_at) VALUES {} \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, num = NULL, \
+             version = tai_kv.version + 1, expires_at = excluded.expires_at",
+            crate::db::values_rows(rows.len(), 5)
+        );
+        let mut q = sqlx::query(&sql);
+        for put in &rows {
+            q = q
+                .bind(put.key.as_str())
+                .bind(put.value.as_slice())
+                .bind(None::<i64>)
+                .bind(1_i64)
+                .bind(put.expires_at);
+        }
+        q.persistent(false)
+            .execute(self.db.pool())
+            .await
+            .map(|_| ())
+            .map_err(db_error)
     }
 
     fn now(&self) -> i64 {
@@ -105,14 +211,28 @@ impl StateStore for SqlStore {
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            sqlx::query(UPSERT)
-                .bind(key)
-                .bind(value)
-                .bind(self.expiry(ttl))
-                .execute(self.db.pool())
-                .await
-                .map(|_| ())
-                .map_err(db_error)
+            let expires_at = self.expiry(ttl);
+            let Some(writer) = &self.puts else {
+                return self.put_alone(key, value, expires_at).await;
+            };
+            let (done, answer) = oneshot::channel();
+            let put = Put {
+                key: key.to_owned(),
+                value,
+                expires_at,
+                done,
+            };
+            match writer.send(put).await {
+                Ok(()) => answer.await.unwrap_or_else(|_| {
+                    Err(BackendError::Unavailable {
+                        backend: "database",
+                        message: "the state store's writer stopped before answering".into(),
+                    })
+                }),
+                Err(mpsc::error::SendError(put)) => {
+                    self.put_alone(key, put.value, expires_at).await
+                }
+            }
         })
     }
 
