@@ -391,7 +391,8 @@ pub async fn build(
         });
     }
     let (confirmed, counted) = (ledger.clone(), metrics.clone());
-    runtime.worker_pool("confirmations", confirmations.clone(), 1, move |job| {
+    // several workers, so that their confirmations are written together (the ledger's groups)
+    runtime.worker_pool("confirmations", confirmations.clone(), 8, move |job| {
         let (ledger, metrics) = (confirmed.clone(), counted.clone());
         async move { action::confirm(&ledger, &metrics, &job.item).await }
     });

@@ -1,4 +1,5 @@
-//! Group commit: the intents and settlements of concurrent payments written together.
+//! Group commit: the intents, settlements and confirmations of concurrent payments written
+//! together.
 //!
 //! Each payment needs two durable writes on its way through (the intent before the gateway is
 //! called, the outcome after), and a database pays per statement and per transaction, not per
@@ -10,7 +11,8 @@
 //! - the settlements in one upsert that is a compare-and-swap per row (`ON CONFLICT ... DO
 //!   UPDATE ... WHERE version = the version read AND status = 'PROCESSING'`, `RETURNING` the
 //!   ones it moved), then the winners' keys and their events (three statements for all of
-//!   them, [`crate::events::emit_many`]).
+//!   them, [`crate::events::emit_many`]);
+//! - the confirmations (the confirmation workers' marks) in one `UPDATE ... RETURNING`.
 //!
 //! A caller is answered only after the commit, so what it is told is durable, as when it wrote
 //! alone. One payment appears at most once in a group: a second settlement of it (the
@@ -44,6 +46,11 @@ pub(crate) enum Job {
     Settle {
         record: PaymentRecord,
         version: i64,
+        done: oneshot::Sender<Result<bool, BackendError>>,
+    },
+    /// [`Ledger::confirm`].
+    Confirm {
+        id: String,
         done: oneshot::Sender<Result<bool, BackendError>>,
     },
 }
@@ -96,9 +103,26 @@ impl Job {
         answer.await.unwrap_or_else(|_| Err(lost()))
     }
 
+    /// Marks a success confirmed with the next group; alone where there is no writer.
+    pub(crate) async fn confirm(ledger: &Ledger, id: &str) -> Result<bool, BackendError> {
+        let Some(writer) = &ledger.group else {
+            return ledger.confirm_alone(id).await;
+        };
+        let (done, answer) = oneshot::channel();
+        let job = Job::Confirm {
+            id: id.to_owned(),
+            done,
+        };
+        if writer.send(job).await.is_err() {
+            return ledger.confirm_alone(id).await;
+        }
+        answer.await.unwrap_or_else(|_| Err(lost()))
+    }
+
     fn payment(&self) -> &str {
         match self {
             Job::Intent { record, .. } | Job::Settle { record, .. } => &record.transaction_id,
+            Job::Confirm { id, .. } => id,
         }
     }
 
@@ -116,17 +140,24 @@ impl Job {
             } => {
                 let _ = done.send(ledger.settle_alone(&record, version).await);
             }
+            Job::Confirm { id, done } => {
+                let _ = done.send(ledger.confirm_alone(&id).await);
+            }
         }
     }
 
-    /// Answered after its group committed; `won` holds the settlements that moved.
-    fn committed(self, won: &HashSet<String>) {
+    /// Answered after its group committed; `moved` holds the settlements and confirmations
+    /// that changed their payment.
+    fn committed(self, moved: &HashSet<String>) {
         match self {
             Job::Intent { done, .. } => {
                 let _ = done.send(Ok(1));
             }
             Job::Settle { record, done, .. } => {
-                let _ = done.send(Ok(won.contains(&record.transaction_id)));
+                let _ = done.send(Ok(moved.contains(&record.transaction_id)));
+            }
+            Job::Confirm { id, done } => {
+                let _ = done.send(Ok(moved.contains(&id)));
             }
         }
     }
@@ -178,12 +209,14 @@ impl Ledger {
     async fn write_group(&self, jobs: &[Job]) -> Result<HashSet<String>, BackendError> {
         let mut intents = Vec::new();
         let mut settles = Vec::new();
+        let mut confirms = Vec::new();
         for job in jobs {
             match job {
                 Job::Intent { record, .. } => intents.push(record),
                 Job::Settle {
                     record, version, ..
                 } => settles.push((record, *version)),
+                Job::Confirm { id, .. } => confirms.push(id.as_str()),
             }
         }
         // one order for every writer, so that two replicas' groups on PostgreSQL lock rows in
@@ -197,7 +230,7 @@ impl Ledger {
                 self.charge_started(&mut tx, record).await?;
             }
         }
-        let won = self.settle_many(&mut tx, &settles).await?;
+        let mut won = self.settle_many(&mut tx, &settles).await?;
         let mut events = Vec::new();
         for (record, _) in settles
             .iter()
@@ -212,8 +245,39 @@ impl Ledger {
             }
         }
         crate::events::emit_many(&mut tx, &events).await?;
+        won.extend(self.confirm_many(&mut tx, &confirms).await?);
         tx.commit().await.map_err(db_error)?;
         Ok(won)
+    }
+
+    /// [`Ledger::confirm`] for many payments in one statement; answers the ones confirmed now.
+    async fn confirm_many(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        ids: &[&str],
+    ) -> Result<HashSet<String>, BackendError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let params: Vec<String> = (2..ids.len() + 2).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "UPDATE payments SET confirmed_at = $1, version = version + 1 \
+             WHERE status = 'SUCCESS' AND confirmed_at IS NULL AND transaction_id IN ({}) \
+             RETURNING transaction_id",
+            params.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(self.now());
+        for id in ids {
+            q = q.bind(*id);
+        }
+        let rows = q
+            .persistent(ids.len() == 1)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(db_error))
+            .collect()
     }
 
     /// [`Ledger::settle`]'s compare-and-swap for many payments in one statement: each row moves
@@ -325,6 +389,20 @@ mod tests {
             let read = ledger.get(id).await.expect("get").expect("stored");
             assert_eq!(read.record.status, PaymentStatus::Success, "{id}");
             assert_eq!(read.version, 2, "{id}");
+        }
+        // confirmed once each, though asked twice at once
+        let confirms = futures_util::future::join_all(ids.iter().flat_map(|id| {
+            [id, id].map(|id| {
+                let ledger = ledger.clone();
+                async move { ledger.confirm(id).await }
+            })
+        }))
+        .await;
+        for (pair, id) in confirms.chunks(2).zip(&ids) {
+            let done: Vec<bool> = pair.iter().map(|r| *r.as_ref().expect("confirm")).collect();
+            assert_eq!(done, [true, false], "{id}");
+            let read = ledger.get(id).await.expect("get").expect("stored");
+            assert!(read.record.confirmed_at.is_some(), "{id}");
         }
         // a whole group of stale settlements moves nothing
         let stale = futures_util::future::join_all(ids.iter().map(|id| {

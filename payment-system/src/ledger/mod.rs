@@ -904,6 +904,11 @@ impl Ledger {
     /// Marks a successful payment confirmed; answers false for an unknown id, a payment that is
     /// not `SUCCESS`, or one confirmed already.
     pub async fn confirm(&self, id: &str) -> Result<bool, BackendError> {
+        group::Job::confirm(self, id).await
+    }
+
+    /// [`Ledger::confirm`] in a statement of its own.
+    async fn confirm_alone(&self, id: &str) -> Result<bool, BackendError> {
         sqlx::query(
             "UPDATE payments SET confirmed_at = $1, version = version + 1 \
              WHERE transaction_id = $2 AND status = 'SUCCESS' AND confirmed_at IS NULL",
