@@ -640,7 +640,8 @@ async fn a_worker_that_panics_is_restarted_and_keeps_working_and_a_handler_panic
     assert_eq!(reconciler["state"], "running", "{status}");
     assert_eq!(reconciler["restarts"], 0);
     for worker in [
-        "confirmations",
+        "confirmations-0",
+        "confirmations-7",
         "webhook_deliveries",
         "webhook_backlog",
         "state_sweep",
