@@ -217,10 +217,12 @@ async fn common_routes_answer() {
         .oneshot(Request::get("/").body(Body::empty()).expect("req"))
         .await
         .expect("infallible");
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .expect("ct")
-            .starts_with("text/html")
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/html; charset=utf-8",
+        "the Andon board is a page for people"
     );
+    let page = response.into_body().collect().await.expect("b").to_bytes();
+    assert!(page.starts_with(b"<!doctype html>"));
+    assert!(String::from_utf8_lossy(&page).contains("<title>Andon</title>"));
 }

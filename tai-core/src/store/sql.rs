@@ -69,14 +69,9 @@ impl SqlStore {
         value: Vec<u8>,
         expires_at: Option<i64>,
     ) -> Result<(), BackendError> {
-        sqlx::query(UPSERT)
-            .bind(key)
-            .bind(value)
-            .bind(expires_at)
-            .execute(self.db.pool())
-            .await
-            .map(|_| ())
-            .map_err(db_error)
+        let upsert = sqlx::query(UPSERT).bind(key).bind(value).bind(expires_at);
+        upsert.execute(self.db.pool()).await.map_err(db_error)?;
+        Ok(())
     }
 
     async fn write_puts(self, mut puts: mpsc::Receiver<Put>) {
