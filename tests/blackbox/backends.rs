@@ -94,6 +94,35 @@ async fn store_contract(s: &dyn StateStore, other: &dyn StateStore) {
         Some(b"second".to_vec()),
         "{name}"
     );
+
+    // several keys in one read, in the order asked, an absent or expired one as None
+    s.put("brief", b"x".to_vec(), Some(Duration::from_millis(300)))
+        .await
+        .expect(name);
+    let asked = ["many3", "absent", "dup", "many3", "brief"];
+    let read = s.get_many(&asked).await.expect(name);
+    let v3 = Some(b"v3".to_vec());
+    let second = Some(b"second".to_vec());
+    assert_eq!(
+        read,
+        [
+            v3.clone(),
+            None,
+            second.clone(),
+            v3.clone(),
+            Some(b"x".to_vec())
+        ],
+        "{name}"
+    );
+    eventually(Duration::from_secs(5), "brief to expire", || async {
+        let read = s.get_many(&asked).await.expect(name);
+        (read == [v3.clone(), None, second.clone(), v3.clone(), None]).then_some(())
+    })
+    .await;
+    assert_eq!(
+        s.get_many(&[]).await.expect(name),
+        Vec::<Option<Vec<u8>>>::new()
+    );
 }
 
 #[tokio::test]

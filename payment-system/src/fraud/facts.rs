@@ -76,21 +76,34 @@ impl FraudFactSource {
             .await
     }
 
-    async fn recent_currencies(
-        &self,
-        merchant: &str,
-        customer: &str,
-    ) -> Result<BTreeMap<String, DateTime<Utc>>, BackendError> {
+    /// The currencies a customer paid in within the window, from their stored entry.
+    fn recent_currencies(&self, raw: Option<Vec<u8>>) -> BTreeMap<String, DateTime<Utc>> {
         let now = self.clock.wall();
-        let raw = self
-            .recent
-            .get(&keys::currencies(merchant, customer))
-            .await?;
         let mut seen: BTreeMap<String, DateTime<Utc>> = raw
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         seen.retain(|_, at| now - *at < self.currency_window);
-        Ok(seen)
+        seen
+    }
+
+    /// The two blocklist entries and the recent currencies, in one read when they live in one
+    /// store (the embedded default), else one read per store, both at once.
+    async fn entries(
+        &self,
+        network: &str,
+        merchant: &str,
+        currencies: &str,
+    ) -> Result<[Option<Vec<u8>>; 3], BackendError> {
+        if Arc::ptr_eq(&self.store, &self.recent) {
+            let keys = [network, merchant, currencies];
+            let mut read = self.store.get_many(&keys).await?.into_iter();
+            return Ok([read.next(), read.next(), read.next()].map(Option::flatten));
+        }
+        let blocklist = [network, merchant];
+        let (listed, recent) =
+            tokio::join!(self.store.get_many(&blocklist), self.recent.get(currencies));
+        let mut listed = listed?.into_iter();
+        Ok([listed.next().flatten(), listed.next().flatten(), recent?])
     }
 }
 
@@ -105,15 +118,15 @@ impl FactSource<PaymentAttempt> for FraudFactSource {
         let scope = format!("{}:{}", req.merchant_id, req.customer_id);
         let network_entry = keys::blocklist(&req.customer_id);
         let merchant_entry = keys::merchant_blocklist(&req.merchant_id, &req.customer_id);
-        let (velocity, network, merchant, recent) = tokio::join!(
+        let currencies_entry = keys::currencies(&req.merchant_id, &req.customer_id);
+        let (velocity, entries) = tokio::join!(
             self.velocity.hit(&scope),
-            self.store.get(&network_entry),
-            self.store.get(&merchant_entry),
-            self.recent_currencies(&req.merchant_id, &req.customer_id),
+            self.entries(&network_entry, &merchant_entry, &currencies_entry),
         );
-        let blocklisted = network?.is_some() || merchant?.is_some();
+        let [network, merchant, recent] = entries?;
+        let blocklisted = network.is_some() || merchant.is_some();
         let velocity = velocity?;
-        let currencies_seen = recent?;
+        let currencies_seen = self.recent_currencies(recent);
         let other_recent_currency = currencies_seen
             .keys()
             .find(|c| *c != req.currency.code())

@@ -57,6 +57,20 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     fn backend(&self) -> &'static str;
     /// Reads a key.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, BackendError>>;
+    /// Reads several keys, answering their values in the same order; one round trip where the
+    /// backend allows (Redis `MGET`, one SQL `SELECT`), one `get` after another otherwise.
+    fn get_many<'a>(
+        &'a self,
+        keys: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>, BackendError>> {
+        Box::pin(async move {
+            let mut values = Vec::with_capacity(keys.len());
+            for key in keys {
+                values.push(self.get(key).await?);
+            }
+            Ok(values)
+        })
+    }
     /// Writes a key, replacing what was there; `ttl` of `None` keeps it forever.
     fn put<'a>(
         &'a self,

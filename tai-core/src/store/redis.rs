@@ -123,6 +123,22 @@ impl StateStore for RedisStore {
         })
     }
 
+    fn get_many<'a>(
+        &'a self,
+        keys: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>, BackendError>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut cmd = redis::cmd("MGET");
+            for key in keys {
+                cmd.arg(self.k(key));
+            }
+            self.run(cmd).await
+        })
+    }
+
     fn put<'a>(
         &'a self,
         key: &'a str,

@@ -171,6 +171,13 @@ impl SqlStore {
     }
 }
 
+/// A stored value from columns `at` (bytes) and `at + 1` (a counter, read as its digits).
+fn stored_value(row: &sqlx::any::AnyRow, at: usize) -> Result<Option<Vec<u8>>, BackendError> {
+    let value: Option<Vec<u8>> = row.try_get(at).map_err(db_error)?;
+    let num: Option<i64> = row.try_get(at + 1).map_err(db_error)?;
+    Ok(value.or_else(|| num.map(|n| n.to_string().into_bytes())))
+}
+
 /// The smallest string greater than every string starting with `prefix` (keys never hold
 /// U+10FFFF), so a prefix scan is an index range in both engines.
 fn prefix_end(prefix: &str) -> String {
@@ -192,10 +199,38 @@ impl StateStore for SqlStore {
             .fetch_optional(self.db.readers())
             .await
             .map_err(db_error)?;
-            let Some(row) = row else { return Ok(None) };
-            let value: Option<Vec<u8>> = row.try_get(0).map_err(db_error)?;
-            let num: Option<i64> = row.try_get(1).map_err(db_error)?;
-            Ok(value.or_else(|| num.map(|n| n.to_string().into_bytes())))
+            row.as_ref().map_or(Ok(None), |r| stored_value(r, 0))
+        })
+    }
+
+    fn get_many<'a>(
+        &'a self,
+        keys: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>, BackendError>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let params: Vec<String> = (2..keys.len() + 2).map(|n| format!("${n}")).collect();
+            let sql = format!(
+                "SELECT value, num, key FROM tai_kv WHERE key IN ({}) \
+                 AND (expires_at IS NULL OR expires_at > $1)",
+                params.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(self.now());
+            for key in keys {
+                q = q.bind(*key);
+            }
+            let rows = q.fetch_all(self.db.readers()).await.map_err(db_error)?;
+            let mut found = std::collections::HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let key: String = row.try_get(2).map_err(db_error)?;
+                found.insert(key, stored_value(row, 0)?);
+            }
+            Ok(keys
+                .iter()
+                .map(|k| found.get(*k).cloned().flatten())
+                .collect())
         })
     }
 
@@ -367,13 +402,9 @@ impl StateStore for SqlStore {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db_error)?;
-            let current = match row {
+            let current = match &row {
                 None => None,
-                Some(r) => {
-                    let value: Option<Vec<u8>> = r.try_get(0).map_err(db_error)?;
-                    let num: Option<i64> = r.try_get(1).map_err(db_error)?;
-                    value.or_else(|| num.map(|n| n.to_string().into_bytes()))
-                }
+                Some(r) => stored_value(r, 0)?,
             };
             if current.as_deref() != Some(token.to_string().as_bytes()) {
                 tx.rollback().await.map_err(db_error)?;
