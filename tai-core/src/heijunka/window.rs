@@ -1,6 +1,8 @@
 //! An exact sliding-window counter in memory.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,12 @@ use crate::clock::SharedClock;
 ///
 /// One lock guards the map: recording is a few pointer moves, far cheaper than the I/O the
 /// policies around it do, and it makes concurrent hits count exactly.
+///
+/// Kept small, because a flood of distinct keys (customers paying once each) fills it with as
+/// many keys as arrive in a window: a key is held as a 64-bit hash of it (with a per-process
+/// random seed; that two of a million keys in one window share a hash is a chance of about
+/// three in a hundred million, and all it does is count their events together), and a key's one
+/// event is held inline, without an allocation of its own.
 #[derive(Debug)]
 pub struct MemoryWindowCounter {
     window: Duration,
@@ -22,10 +30,73 @@ pub struct MemoryWindowCounter {
 
 #[derive(Debug)]
 struct Keys {
-    events: HashMap<String, VecDeque<Instant>>,
+    events: HashMap<u64, Events>,
+    hashes: RandomState,
     /// Sweep idle keys once the map grows past this; doubling it after each sweep keeps the
     /// cost of sweeping constant per hit, however many keys there are.
     sweep_at: usize,
+}
+
+/// A key's events in the window, oldest first.
+#[derive(Debug)]
+enum Events {
+    None,
+    One(Instant),
+    Many(VecDeque<Instant>),
+}
+
+impl Events {
+    fn len(&self) -> usize {
+        match self {
+            Events::None => 0,
+            Events::One(_) => 1,
+            Events::Many(q) => q.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<Instant> {
+        match self {
+            Events::None => None,
+            Events::One(t) => (i == 0).then_some(*t),
+            Events::Many(q) => q.get(i).copied(),
+        }
+    }
+
+    fn last(&self) -> Option<Instant> {
+        self.len().checked_sub(1).and_then(|i| self.get(i))
+    }
+
+    /// Drops the events that have left the window.
+    fn forget_before(&mut self, now: Instant, window: Duration) {
+        let gone = |t: &Instant| now.duration_since(*t) >= window;
+        match self {
+            Events::None => {}
+            Events::One(t) => {
+                if gone(t) {
+                    *self = Events::None;
+                }
+            }
+            Events::Many(q) => {
+                while q.front().is_some_and(gone) {
+                    q.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Adds an event (the newest), keeping at most [`MAX_EVENTS_PER_KEY`].
+    fn push(&mut self, now: Instant) {
+        match self {
+            Events::None => *self = Events::One(now),
+            Events::One(t) => *self = Events::Many(VecDeque::from([*t, now])),
+            Events::Many(q) => {
+                q.push_back(now);
+                if q.len() > MAX_EVENTS_PER_KEY {
+                    q.pop_front();
+                }
+            }
+        }
+    }
 }
 
 /// Timestamps kept per key at most; counts beyond it are reported as this cap. Bounded so that
@@ -41,6 +112,7 @@ impl MemoryWindowCounter {
             clock,
             keys: Mutex::new(Keys {
                 events: HashMap::new(),
+                hashes: RandomState::new(),
                 sweep_at: 10_000,
             }),
         }
@@ -65,22 +137,15 @@ impl MemoryWindowCounter {
         if keys.events.len() > keys.sweep_at {
             // sweep keys whose every event has left the window
             keys.events.retain(|_, q| {
-                q.back()
-                    .is_some_and(|t| now.duration_since(*t) < self.window)
+                q.last()
+                    .is_some_and(|t| now.duration_since(t) < self.window)
             });
             keys.sweep_at = (keys.events.len() * 2).max(10_000);
         }
-        let events = keys.events.entry(key.to_owned()).or_default();
-        while events
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.window)
-        {
-            events.pop_front();
-        }
-        events.push_back(now);
-        if events.len() > MAX_EVENTS_PER_KEY {
-            events.pop_front();
-        }
+        let hash = keys.hashes.hash_one(key);
+        let events = keys.events.entry(hash).or_insert(Events::None);
+        events.forget_before(now, self.window);
+        events.push(now);
         let count = events.len() as u64;
         let allowed = count <= self.limit;
         // the event that must leave for the count to drop back to the limit
@@ -89,7 +154,7 @@ impl MemoryWindowCounter {
                 let idx = usize::try_from(count - self.limit).unwrap_or(usize::MAX) - 1;
                 events
                     .get(idx)
-                    .map(|t| (*t + self.window).saturating_duration_since(now))
+                    .map(|t| (t + self.window).saturating_duration_since(now))
             })
             .flatten();
         WindowDecision {
