@@ -173,7 +173,9 @@ impl Supervisor {
                     }
                     Err(e) => format!("cancelled: {e}"),
                 };
-                if *shutdown.borrow() {
+                // shutdown asked for, or no longer possible to ask for (the service is gone,
+                // e.g. it could not start): a stop, not a crash
+                if *shutdown.borrow() || shutdown.has_changed().is_err() {
                     this.set_state(&name, WorkerState::Stopped, None);
                     return;
                 }
@@ -307,6 +309,23 @@ mod tests {
             3,
             "not started again after shutdown"
         );
+    }
+
+    #[tokio::test]
+    async fn a_worker_whose_shutdown_signal_is_gone_is_stopped_not_restarted() {
+        // a service that fails to start (its port taken) drops its shutdown sender: its workers
+        // end, and that is a stop, not a crash to restart and report
+        let sup = Supervisor::new(&Registry::new());
+        let (tx, rx) = watch::channel(false);
+        let task = sup.spawn("steady", quick(), rx, |mut stop| async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        drop(tx);
+        task.await.expect("supervisor ends");
+        let w = sup.snapshot()["steady"].clone();
+        assert_eq!(w.state, WorkerState::Stopped, "{w:?}");
+        assert_eq!(w.restarts, 0);
+        assert_eq!(w.last_exit, None, "not reported as an unexpected exit");
     }
 
     #[tokio::test]
