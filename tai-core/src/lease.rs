@@ -8,7 +8,9 @@
 //! (Kleppmann's fencing; the pattern Kubernetes' leader election leaves to its users).
 //!
 //! [`Lease::tick`] reports changes: [`Change::Took`] (with the previous holder when one had held
-//! it: a takeover) and [`Change::Lost`]. [`Lease::status`] is what `/status` shows.
+//! it) and [`Change::Lost`]. [`Lease::status`] is what `/status` shows. Taking a lease from a
+//! holder that lapsed (crashed, hung, cut off) is a takeover, counted; taking one its holder
+//! gave up on shutdown ([`Lease::release`], a rolling restart) is a handover, not counted.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -66,6 +68,8 @@ pub struct Lease {
     name: String,
     key: String,
     fence_key: String,
+    /// Who last gave the lease up on shutdown ([`Lease::release`]).
+    released_key: String,
     instance: String,
     ttl: Duration,
     token: Option<u64>,
@@ -92,6 +96,7 @@ impl Lease {
             name: name.to_owned(),
             key: format!("{prefix}lease"),
             fence_key: format!("{prefix}fence"),
+            released_key: format!("{prefix}released"),
             instance,
             ttl: ttl.max(Duration::from_millis(300)),
             token: None,
@@ -171,6 +176,15 @@ impl Lease {
             return;
         }
         let me = self.instance.as_bytes().to_vec();
+        // who gave it up, written first so that the next holder never finds the lease free
+        // without it: it takes a handover, not a takeover (best effort: the lease goes anyway)
+        if let Err(e) = self
+            .store
+            .put(&self.released_key, me.clone(), Some(self.ttl))
+            .await
+        {
+            tracing::debug!(lease = %self.name, error = %e, "could not note the release");
+        }
         match self
             .store
             .compare_and_swap(
@@ -233,7 +247,23 @@ impl Lease {
                 Ok(true) => match self.store.incr(&self.fence_key).await {
                     Ok(token) => {
                         let from = self.last_holder.take().filter(|h| *h != self.instance);
-                        if let Some(prev) = &from {
+                        let handed_over = match &from {
+                            Some(prev) => {
+                                self
+                                .store
+                                .get(&self.released_key)
+                                .await
+                                .ok()
+                                .flatten()
+                                .is_some_and(|by| by == prev.as_bytes())
+                                // seen in the instant between its release and its expiry
+                                || prev == "released"
+                            }
+                            None => false,
+                        };
+                        if let Some(prev) = from.as_ref().filter(|_| handed_over) {
+                            tracing::info!(lease = %self.name, instance = %self.instance, token, previous = %prev, "took the {} lease handed over", self.name);
+                        } else if let Some(prev) = &from {
                             if let Some(c) = &self.takeovers {
                                 c.inc();
                             }
@@ -290,10 +320,16 @@ mod tests {
         assert_eq!(a.token(), None, "a leads no more");
         clock.advance(Duration::from_millis(2));
         b.last = None; // its next try, without waiting a quarter second
-        let Change::Took { token, .. } = b.tick().await else {
+        let Change::Took { token, from } = b.tick().await else {
             panic!("b takes the released lease at its next try");
         };
         assert_eq!(token, 2, "with a newer fencing token");
+        assert_eq!(from.as_deref(), Some(a.instance()), "from a");
+        assert_eq!(
+            b.status().read().expect("status").takeovers,
+            0,
+            "a lease given up on shutdown is handed over, not taken over"
+        );
         // a replica that still thinks it leads cannot release what another holds
         a.token = Some(1);
         a.release().await;
