@@ -553,4 +553,12 @@ async fn a_replica_stopped_gracefully_hands_the_reconciler_over_at_once() {
         "{}",
         stopped.log()
     );
+    // a handover, not a takeover: a rolling restart is not counted as a holder lost
+    let status = get_json(&http, standby.url("/status")).await;
+    assert_eq!(status["leases"]["reconciler"]["takeovers"], 0, "{status}");
+    assert!(
+        metrics_text(&http, standby)
+            .await
+            .contains("lease_takeovers_total{lease=\"reconciler\"} 0")
+    );
 }
