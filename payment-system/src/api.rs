@@ -69,12 +69,7 @@ pub(crate) async fn create_payment(
     let fp = app.fingerprints.fingerprint(&body);
     let mut claim_token = None;
     if let Some(k) = &key {
-        match app
-            .ledger
-            .idempotency()
-            .claim(&request.merchant_id, k, &fp)
-            .await?
-        {
+        match app.ledger.claim(&request.merchant_id, k, &fp).await? {
             Claim::Proceed { token } => claim_token = Some(token),
             Claim::Replay { status, body } => {
                 let extra = vec![(

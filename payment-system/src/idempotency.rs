@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use sha2::Sha256;
+use sqlx::Row;
 use tai_core::backend::BackendError;
 use tai_core::clock::SharedClock;
 use tai_core::db::{Database, db_error};
@@ -70,6 +71,18 @@ pub struct Idempotency {
     clock: SharedClock,
     in_flight_ttl: Duration,
     keep_for: Duration,
+}
+
+/// A key's first use, waiting to be claimed ([`Idempotency::first_use`]).
+#[derive(Debug, Clone)]
+pub(crate) struct FirstUse {
+    pub(crate) merchant: String,
+    pub(crate) key: String,
+    fingerprint: String,
+    /// The claim's token, if it is inserted.
+    pub(crate) token: String,
+    now: i64,
+    expires_at: i64,
 }
 
 /// Fingerprints request bodies with a server key, so that a stored fingerprint reveals
@@ -227,24 +240,14 @@ impl Idempotency {
         // looked at again
         for _ in 0..3 {
             let now = self.now();
-            let token = uuid::Uuid::new_v4().simple().to_string();
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (merchant_id, idempotency_key, fingerprint, recovery_point, \
-                 locked_at, created_at, expires_at, claim_token) VALUES ($1, $2, $3, 'started', $4, $4, $5, $6) \
-                 ON CONFLICT (merchant_id, idempotency_key) DO NOTHING",
-            )
-            .bind(merchant)
-            .bind(key)
-            .bind(fingerprint)
-            .bind(now)
-            .bind(now + ms(self.keep_for))
-            .bind(&token)
-            .execute(self.db.pool())
-            .await
-            .map_err(db_error)?;
-            if inserted.rows_affected() == 1 {
-                return Ok(Claim::Proceed { token });
+            let first = self.first_use(merchant, key, fingerprint);
+            let mut conn = self.db.pool().acquire().await.map_err(db_error)?;
+            let inserted = self.insert_claims(&mut conn, &[&first]).await?;
+            drop(conn);
+            if !inserted.is_empty() {
+                return Ok(Claim::Proceed { token: first.token });
             }
+            let token = first.token;
             let Some(row) = self.read(merchant, key).await? else {
                 continue;
             };
@@ -318,6 +321,61 @@ impl Idempotency {
             }
         }
         Err(ClaimError::InFlight)
+    }
+
+    /// A key's entry for its first use, to be inserted by [`Idempotency::insert_claims`].
+    pub(crate) fn first_use(&self, merchant: &str, key: &str, fingerprint: &str) -> FirstUse {
+        let now = self.now();
+        FirstUse {
+            merchant: merchant.to_owned(),
+            key: key.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            token: uuid::Uuid::new_v4().simple().to_string(),
+            now,
+            expires_at: now + ms(self.keep_for),
+        }
+    }
+
+    /// Claims keys used for the first time, in one statement; answers the ones claimed (as
+    /// `(merchant, key)`). A key used before is left as it is, for [`Idempotency::claim`] to
+    /// look at.
+    pub(crate) async fn insert_claims(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        claims: &[&FirstUse],
+    ) -> Result<std::collections::HashSet<(String, String)>, BackendError> {
+        let sql = format!(
+            "INSERT INTO idempotency_keys (merchant_id, idempotency_key, fingerprint, recovery_point, \
+             locked_at, created_at, expires_at, claim_token) VALUES {} \
+             ON CONFLICT (merchant_id, idempotency_key) DO NOTHING \
+             RETURNING merchant_id, idempotency_key",
+            tai_core::db::values_rows(claims.len(), 8)
+        );
+        let mut q = sqlx::query(&sql);
+        for c in claims {
+            q = q
+                .bind(c.merchant.as_str())
+                .bind(c.key.as_str())
+                .bind(c.fingerprint.as_str())
+                .bind("started")
+                .bind(c.now)
+                .bind(c.now)
+                .bind(c.expires_at)
+                .bind(c.token.as_str());
+        }
+        let rows = q
+            .persistent(claims.len() == 1)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>(0).map_err(db_error)?,
+                    r.try_get::<String, _>(1).map_err(db_error)?,
+                ))
+            })
+            .collect()
     }
 
     /// Gives claim `token` up when its request failed before its intent to charge was written;

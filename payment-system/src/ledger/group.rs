@@ -1,5 +1,5 @@
-//! Group commit: the intents, settlements and confirmations of concurrent payments written
-//! together.
+//! Group commit: the idempotency claims, intents, settlements and confirmations of concurrent
+//! payments written together.
 //!
 //! Each payment needs two durable writes on its way through (the intent before the gateway is
 //! called, the outcome after), and a database pays per statement and per transaction, not per
@@ -12,7 +12,10 @@
 //!   UPDATE ... WHERE version = the version read AND status = 'PROCESSING'`, `RETURNING` the
 //!   ones it moved), then the winners' keys and their events (three statements for all of
 //!   them, [`crate::events::emit_many`]);
-//! - the confirmations (the confirmation workers' marks) in one `UPDATE ... RETURNING`.
+//! - the confirmations (the confirmation workers' marks) in one `UPDATE ... RETURNING`;
+//! - the idempotency keys used for the first time in one `INSERT ... ON CONFLICT DO NOTHING
+//!   RETURNING` (a key used before is looked at by [`crate::idempotency::Idempotency::claim`],
+//!   outside the group).
 //!
 //! A caller is answered only after the commit, so what it is told is durable, as when it wrote
 //! alone. One payment appears at most once in a group: a second settlement of it (the
@@ -29,6 +32,7 @@ use tai_core::db::db_error;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Ledger, corrupt, event_type, payment_rows};
+use crate::idempotency::FirstUse;
 use crate::record::PaymentRecord;
 
 /// The most payments one group writes.
@@ -46,6 +50,13 @@ pub(crate) enum Job {
     Settle {
         record: PaymentRecord,
         version: i64,
+        done: oneshot::Sender<Result<bool, BackendError>>,
+    },
+    /// [`Ledger::claim`]: a key's first use.
+    Claim {
+        claim: FirstUse,
+        /// `merchant` NUL `key`: one claim of a key per group.
+        slot: String,
         done: oneshot::Sender<Result<bool, BackendError>>,
     },
     /// [`Ledger::confirm`].
@@ -119,10 +130,29 @@ impl Job {
         answer.await.unwrap_or_else(|_| Err(lost()))
     }
 
+    /// Claims a key's first use with the next group; answers whether it was claimed.
+    pub(crate) async fn claim(ledger: &Ledger, claim: FirstUse) -> Result<bool, BackendError> {
+        let Some(writer) = &ledger.group else {
+            return ledger.claim_alone(&claim).await;
+        };
+        let (done, answer) = oneshot::channel();
+        let slot = format!("{}\u{0}{}", claim.merchant, claim.key);
+        let job = Job::Claim { claim, slot, done };
+        match writer.send(job).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(lost())),
+            Err(mpsc::error::SendError(Job::Claim { claim, .. })) => {
+                ledger.claim_alone(&claim).await
+            }
+            Err(_) => Err(lost()),
+        }
+    }
+
+    /// What the job is about: a payment, or a key; a group has one job of each at most.
     fn payment(&self) -> &str {
         match self {
             Job::Intent { record, .. } | Job::Settle { record, .. } => &record.transaction_id,
             Job::Confirm { id, .. } => id,
+            Job::Claim { slot, .. } => slot,
         }
     }
 
@@ -143,6 +173,9 @@ impl Job {
             Job::Confirm { id, done } => {
                 let _ = done.send(ledger.confirm_alone(&id).await);
             }
+            Job::Claim { claim, done, .. } => {
+                let _ = done.send(ledger.claim_alone(&claim).await);
+            }
         }
     }
 
@@ -158,6 +191,9 @@ impl Job {
             }
             Job::Confirm { id, done } => {
                 let _ = done.send(Ok(moved.contains(&id)));
+            }
+            Job::Claim { slot, done, .. } => {
+                let _ = done.send(Ok(moved.contains(&slot)));
             }
         }
     }
@@ -210,6 +246,7 @@ impl Ledger {
         let mut intents = Vec::new();
         let mut settles = Vec::new();
         let mut confirms = Vec::new();
+        let mut claims = Vec::new();
         for job in jobs {
             match job {
                 Job::Intent { record, .. } => intents.push(record),
@@ -217,6 +254,7 @@ impl Ledger {
                     record, version, ..
                 } => settles.push((record, *version)),
                 Job::Confirm { id, .. } => confirms.push(id.as_str()),
+                Job::Claim { claim, .. } => claims.push(claim),
             }
         }
         // one order for every writer, so that two replicas' groups on PostgreSQL lock rows in
@@ -224,6 +262,12 @@ impl Ledger {
         intents.sort_by(|a, b| a.transaction_id.cmp(&b.transaction_id));
         settles.sort_by(|a, b| a.0.transaction_id.cmp(&b.0.transaction_id));
         let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut claimed = HashSet::new();
+        if !claims.is_empty() {
+            for (merchant, key) in self.idempotency.insert_claims(&mut tx, &claims).await? {
+                claimed.insert(format!("{merchant}\u{0}{key}"));
+            }
+        }
         if !intents.is_empty() {
             self.insert_many(&mut tx, &intents).await?;
             for record in &intents {
@@ -246,6 +290,7 @@ impl Ledger {
         }
         crate::events::emit_many(&mut tx, &events).await?;
         won.extend(self.confirm_many(&mut tx, &confirms).await?);
+        won.extend(claimed);
         tx.commit().await.map_err(db_error)?;
         Ok(won)
     }
@@ -435,6 +480,44 @@ mod tests {
             about, expected,
             "one event per payment, none for the losers"
         );
+    }
+
+    #[tokio::test]
+    async fn keys_claimed_at_once_in_a_group_are_each_claimed_once() {
+        use crate::idempotency::{Claim, ClaimError};
+        let clock = ManualClock::new();
+        let ledger = ledger(&clock).await;
+        // keys k0..k19 once each, and k7 and k11 twice: the second of a pair is in flight;
+        // the same key of another merchant is another key
+        let mut asked: Vec<(&str, String)> = (0..20).map(|i| ("m", format!("k{i}"))).collect();
+        asked.insert(9, ("m", "k7".into()));
+        asked.insert(15, ("m", "k11".into()));
+        asked.push(("other", "k0".into()));
+        let answers = futures_util::future::join_all(asked.iter().map(|(m, k)| {
+            let ledger = ledger.clone();
+            async move { ledger.claim(m, k, "fp").await }
+        }))
+        .await;
+        assert!(ledger.largest_group.load(Ordering::Relaxed) > 1);
+        let mut seen = HashSet::new();
+        for ((m, k), answer) in asked.iter().zip(&answers) {
+            if seen.insert((m, k)) {
+                assert!(
+                    matches!(answer, Ok(Claim::Proceed { .. })),
+                    "{m} {k}: {answer:?}"
+                );
+            } else {
+                assert!(
+                    matches!(answer, Err(ClaimError::InFlight)),
+                    "{m} {k} again: {answer:?}"
+                );
+            }
+        }
+        // a key used before is looked at as before: another body is refused
+        assert!(matches!(
+            ledger.claim("m", "k3", "another body").await,
+            Err(ClaimError::Mismatch)
+        ));
     }
 
     #[tokio::test]

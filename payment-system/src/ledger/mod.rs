@@ -907,6 +907,32 @@ impl Ledger {
         group::Job::confirm(self, id).await
     }
 
+    /// Claims `merchant`'s idempotency `key` for a body with `fingerprint`
+    /// ([`Idempotency::claim`]); a key's first use is claimed with the next group.
+    pub async fn claim(
+        &self,
+        merchant: &str,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<crate::idempotency::Claim, crate::idempotency::ClaimError> {
+        let first = self.idempotency.first_use(merchant, key, fingerprint);
+        let token = first.token.clone();
+        if group::Job::claim(self, first).await? {
+            return Ok(crate::idempotency::Claim::Proceed { token });
+        }
+        self.idempotency.claim(merchant, key, fingerprint).await
+    }
+
+    /// A key's first use claimed in a statement of its own; answers whether it was claimed.
+    async fn claim_alone(
+        &self,
+        first: &crate::idempotency::FirstUse,
+    ) -> Result<bool, BackendError> {
+        let mut conn = self.db.pool().acquire().await.map_err(db_error)?;
+        let claimed = self.idempotency.insert_claims(&mut conn, &[first]).await?;
+        Ok(!claimed.is_empty())
+    }
+
     /// [`Ledger::confirm`] in a statement of its own.
     async fn confirm_alone(&self, id: &str) -> Result<bool, BackendError> {
         sqlx::query(
